@@ -1,0 +1,127 @@
+"""pg_cron registration of the two nightly jobs, in whichever database pg_cron lives.
+
+pg_cron runs in one database per server (cron.database_name); jobs for any other
+database are created there with cron.schedule_in_database. In pg_cron 1.4 scheduling
+a name that already exists for the same user rewrites that job but keeps its old
+database, so a name held by a job of another database is refused, never reused.
+"""
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from . import db
+from .errors import StatskitError
+from .render import quote_ident
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    schedule: str
+    command: str
+
+
+@dataclass(frozen=True)
+class RegisteredJob:
+    jobid: int
+    jobname: str
+    schedule: str
+    command: str
+    database: str
+    username: str
+    active: bool
+
+
+def wanted_jobs(settings: Settings) -> list[Job]:
+    """The spec's schedule: the platform job at 00:00 UTC, the user job after it at 01:00."""
+    schema = quote_ident(settings.schema)
+    return [
+        Job(settings.platform_job, "0 0 * * *", f"select {schema}.aggregate_daily_statistics()"),
+        Job(settings.user_job, "0 1 * * *", f"select {schema}.aggregate_user_statistics()"),
+    ]
+
+
+def cron_database(conn: psycopg.Connection) -> str | None:
+    """The database pg_cron lives in, or None when pg_cron is not preloaded on this server."""
+    row = conn.execute("select current_setting('cron.database_name', true)").fetchone()
+    return row[0] if row and row[0] else None
+
+
+def connect_cron(target_dsn: str, target_conn: psycopg.Connection, cron_dsn: str | None) -> psycopg.Connection:
+    """Connect to pg_cron's database (--cron-dsn, else the target's server and login)."""
+    cron_db = cron_database(target_conn)
+    if cron_db is None:
+        raise StatskitError(
+            "pg_cron is not loaded on this server (shared_preload_libraries = 'pg_cron' and a restart); "
+            "install it, or run with --no-cron to skip the nightly jobs"
+        )
+    current_db = target_conn.info.dbname
+    if cron_dsn:
+        dsn = cron_dsn
+    elif cron_db == current_db:
+        dsn = target_dsn
+    else:
+        dsn = db.with_database(target_dsn, cron_db)
+    conn = db.connect(dsn, autocommit=True)
+    has_extension = conn.execute("select 1 from pg_extension where extname = 'pg_cron'").fetchone()
+    if not has_extension:
+        conn.close()
+        raise StatskitError(
+            f"pg_cron is preloaded but the extension is missing in database {cron_db}: "
+            f"run CREATE EXTENSION pg_cron there, or use --no-cron"
+        )
+    return conn
+
+
+def registered_jobs(cron_conn: psycopg.Connection, names: list[str]) -> list[RegisteredJob]:
+    rows = cron_conn.execute(
+        "select jobid, jobname, schedule, command, database, username, active"
+        " from cron.job where jobname = any(%s) order by jobid",
+        [names],
+    ).fetchall()
+    return [RegisteredJob(*row) for row in rows]
+
+
+def plan_jobs(cron_conn: psycopg.Connection, settings: Settings, database: str) -> list[Job]:
+    """Return the jobs that must be (re)scheduled; raise when a name belongs to someone else."""
+    wanted = wanted_jobs(settings)
+    user = cron_conn.execute("select current_user").fetchone()[0]
+    existing = {j.jobname: j for j in registered_jobs(cron_conn, [w.name for w in wanted])}
+    for job in existing.values():
+        if job.database != database or job.username != user:
+            raise StatskitError(
+                f"pg_cron job {job.jobname!r} already belongs to database {job.database!r} (user {job.username!r}); "
+                f"nothing changed. Give this database its own jobs with --job-suffix"
+            )
+    return [
+        w for w in wanted
+        if w.name not in existing
+        or (existing[w.name].schedule, existing[w.name].command, existing[w.name].active) != (w.schedule, w.command, True)
+    ]
+
+
+def schedule_statement(job: Job, database: str) -> sql.Composed:
+    return sql.SQL("select cron.schedule_in_database({}, {}, {}, {})").format(
+        sql.Literal(job.name), sql.Literal(job.schedule), sql.Literal(job.command), sql.Literal(database)
+    )
+
+
+def schedule(cron_conn: psycopg.Connection, jobs: list[Job], database: str) -> None:
+    with cron_conn.transaction():
+        for job in jobs:
+            cron_conn.execute(schedule_statement(job, database))
+
+
+def unschedule(cron_conn: psycopg.Connection, settings: Settings, database: str) -> list[str]:
+    """Remove this database's jobs (by id: pg_cron 1.4's unschedule by name raises when missing)."""
+    names = [w.name for w in wanted_jobs(settings)]
+    removed = []
+    with cron_conn.transaction():
+        for job in registered_jobs(cron_conn, names):
+            if job.database == database:
+                cron_conn.execute("select cron.unschedule(%s::bigint)", [job.jobid])
+                removed.append(job.jobname)
+    return removed

@@ -1,0 +1,137 @@
+"""Render the catalog and templates into plain SQL: migrations and functions."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import jinja2
+
+from .catalog import Catalog, Rollup, load_catalog
+from .errors import StatskitError, UsageError
+from .settings import Settings
+
+# An installed package carries sql/ as toolkit/sql; a checkout (or editable install) has it beside toolkit/.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGED_SQL_DIR = _PACKAGE_DIR / "sql" if (_PACKAGE_DIR / "sql").is_dir() else _PACKAGE_DIR.parent / "sql"
+RENDERED_DIRS = ("migrations", "functions")
+FUNCTION_NAMES = (
+    "aggregate_single_user_statistics",
+    "aggregate_user_statistics",
+    "aggregate_daily_statistics",
+)
+
+
+def default_sql_dir() -> Path:
+    """Return ./sql when run from a checkout (so render writes there), else the packaged copy."""
+    local = Path.cwd() / "sql"
+    if (local / "templates").is_dir() and (local / "catalog.toml").is_file():
+        return local
+    return PACKAGED_SQL_DIR
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def lock_name(settings: Settings, table: str) -> str:
+    """Name of the advisory lock shared by every writer of one rollup table."""
+    return f"{settings.schema}.{table}"
+
+
+def _environment(sql_dir: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(sql_dir / "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["literal"] = quote_literal
+    env.filters["ident"] = quote_ident
+    return env
+
+
+def _resolve_snippets(rollup: Rollup, env: jinja2.Environment, source: str) -> Rollup:
+    """Put the source schema into the catalog's SQL snippets."""
+
+    def fill(text):
+        return env.from_string(text).render(source=source) if text else text
+
+    sources = tuple(
+        dataclasses.replace(s, from_sql=fill(s.from_sql), where=fill(s.where), one_user=fill(s.one_user))
+        for s in rollup.sources
+    )
+    return dataclasses.replace(rollup, sources=sources)
+
+
+def _tidy(text: str) -> str:
+    """Strip trailing blanks and runs of blank lines so re-rendering is byte-stable and clean."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    text = "\n".join(lines).strip("\n") + "\n"
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog | None = None) -> dict[str, str]:
+    """Return {relative path under sql/: text} for every migration and function file."""
+    catalog = catalog or load_catalog(sql_dir / "catalog.toml")
+    env = _environment(sql_dir)
+    source = quote_ident(settings.source_schema)
+    context = {
+        "schema": quote_ident(settings.schema),
+        "source": source,
+        "time_zone": settings.time_zone,
+        "user": _resolve_snippets(catalog.user, env, source),
+        "platform": _resolve_snippets(catalog.platform, env, source),
+        "lock_names": {t: lock_name(settings, t) for t in (catalog.user.table, catalog.platform.table)},
+    }
+    out = {}
+    try:
+        previous = None
+        for migration in catalog.migrations:
+            names = env.list_templates()
+            kind = migration.id if f"migrations/{migration.id}.sql.j2" in names else "add_metrics"
+            for suffix in (".sql", ".rollback.sql"):
+                template = env.get_template(f"migrations/{kind}{suffix}.j2")
+                text = _tidy(template.render(context, migration=migration, previous=previous))
+                if "%" in text:
+                    # yoyo hands migration SQL to psycopg with a parameter dict, so % would be a placeholder.
+                    raise UsageError(f"migration {migration.id} would contain '%', which yoyo cannot run")
+                out[f"migrations/{migration.id}{suffix}"] = text
+            previous = migration
+        for name in FUNCTION_NAMES:
+            out[f"functions/{name}.sql"] = _tidy(env.get_template(f"functions/{name}.sql.j2").render(context))
+    except jinja2.TemplateError as exc:
+        raise StatskitError(f"template error: {exc}") from None
+    return out
+
+
+def _existing(sql_dir: Path) -> dict[str, str]:
+    files = {}
+    for sub in RENDERED_DIRS:
+        for path in sorted((sql_dir / sub).glob("*.sql")):
+            files[f"{sub}/{path.name}"] = path.read_text()
+    return files
+
+
+def stale_files(sql_dir: Path, rendered: dict[str, str]) -> list[str]:
+    """Paths whose committed text differs from the rendering, is missing, or is left over."""
+    existing = _existing(sql_dir)
+    return sorted(p for p in set(existing) | set(rendered) if existing.get(p) != rendered.get(p))
+
+
+def write_rendered(sql_dir: Path, rendered: dict[str, str]) -> list[str]:
+    """Write what changed (and remove leftovers); return the paths touched. Unchanged files keep their mtime."""
+    touched = stale_files(sql_dir, rendered)
+    for rel in touched:
+        path = sql_dir / rel
+        if rel in rendered:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(rendered[rel])
+        else:
+            path.unlink()
+    return touched

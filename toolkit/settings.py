@@ -1,0 +1,69 @@
+"""Deployment settings: schemas, statistics time zone, cron job names, lookback."""
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+from .errors import UsageError
+
+# Identifiers are spliced into SQL, so only plain lowercase names are accepted: no quote,
+# no semicolon, nothing that needs escaping, at most PostgreSQL's 63 bytes.
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+JOB_SUFFIX = re.compile(r"^([a-z0-9][a-z0-9_-]{0,39})?$")
+TIME_ZONE = re.compile(r"^[A-Za-z0-9_+\-/]{1,64}$")
+
+# statskit's own bookkeeping (yoyo's tables, function checksums, settings, backfill ledger)
+# lives here, apart from the rollup and the application's tables.
+STATSKIT_SCHEMA = "statskit"
+
+
+def check_identifier(value: str, what: str) -> str:
+    """Return value when it is a safe SQL identifier, else raise UsageError naming it."""
+    if not isinstance(value, str) or not IDENTIFIER.match(value):
+        raise UsageError(
+            f"invalid {what} {value!r}: use lowercase letters, digits and _, starting with a letter or _"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a deployment is rendered with; stored in statskit.settings at the first migrate."""
+
+    schema: str = "public"
+    source_schema: str = "public"
+    time_zone: str = "UTC"
+    job_suffix: str = ""
+
+    def __post_init__(self):
+        check_identifier(self.schema, "schema")
+        check_identifier(self.source_schema, "source schema")
+        if not TIME_ZONE.match(self.time_zone):
+            raise UsageError(f"invalid time zone {self.time_zone!r}")
+        if not JOB_SUFFIX.match(self.job_suffix):
+            raise UsageError(
+                f"invalid job suffix {self.job_suffix!r}: use lowercase letters, digits, - and _, starting with a letter or digit"
+            )
+
+    def _job_name(self, base: str) -> str:
+        return f"{base}-{self.job_suffix}" if self.job_suffix else base
+
+    @property
+    def platform_job(self) -> str:
+        return self._job_name("aggregate-platform-statistics")
+
+    @property
+    def user_job(self) -> str:
+        return self._job_name("aggregate-user-statistics")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Settings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def merged(self, **overrides) -> "Settings":
+        """Return a copy with every override that is not None applied."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return Settings.from_dict({**self.as_dict(), **given})
