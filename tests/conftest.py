@@ -1,0 +1,90 @@
+"""Fixtures: one private PostgreSQL 15 cluster with pg_cron for the session (the same code that
+serves `statskit demo`), and a fresh database per test with the reference source tables,
+made by pytest-postgresql from a template."""
+
+import os
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from pytest_postgresql import factories
+
+from toolkit import demo_data
+from toolkit.cli import cli
+from toolkit.cluster import CRON_DATABASE, LocalCluster
+from toolkit.migrate import Target, migrate
+
+REPO = Path(__file__).resolve().parent.parent
+SQL_DIR = REPO / "sql"
+TEST_PORT = int(os.environ.get("STATSKIT_TEST_PORT", "54329"))
+
+cluster = LocalCluster(f"test-cluster-{TEST_PORT}", TEST_PORT, durable=False)
+
+
+def pytest_sessionstart(session):
+    cluster.destroy()  # a cluster left by a killed run would carry its databases and jobs
+    cluster.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    cluster.destroy()
+
+
+pg_server = factories.postgresql_noproc(
+    host="127.0.0.1", port=TEST_PORT, user="postgres", dbname="statskit_test",
+    load=[REPO / "toolkit" / "reference_schema.sql"],
+)
+source_db = factories.postgresql("pg_server")
+
+
+def cron_connection() -> psycopg.Connection:
+    return psycopg.connect(cluster.dsn(CRON_DATABASE), autocommit=True)
+
+
+@pytest.fixture
+def dsn(source_db):
+    """DSN of this test's database (reference source tables, no data); its cron jobs go at teardown."""
+    dbname = source_db.info.dbname
+    try:
+        yield cluster.dsn(dbname)
+    finally:
+        with cron_connection() as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [dbname])
+
+
+@pytest.fixture(scope="session")
+def market():
+    return demo_data.generate(users=160, days=60, seed=7)
+
+
+@pytest.fixture
+def loaded_dsn(dsn, market):
+    with psycopg.connect(dsn) as conn:
+        demo_data.load(conn, market)
+    return dsn
+
+
+def deploy(dsn, **overrides):
+    """Run the core migrate with the repository's sql/ and return what it applied."""
+    target = Target.open(dsn, SQL_DIR, overrides)
+    try:
+        return migrate(target)
+    finally:
+        target.close()
+
+
+@pytest.fixture
+def migrated_dsn(loaded_dsn):
+    deploy(loaded_dsn)
+    return loaded_dsn
+
+
+@pytest.fixture
+def run_cli():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
