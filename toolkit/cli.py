@@ -1,14 +1,17 @@
 """The `statskit` command line: parse options, call one core function, print what it returns."""
 
 import functools
+import os
 import sys
+import uuid
 from pathlib import Path
 
 import click
 import psycopg
 
-from . import db, migrate as migrate_core
-from .errors import StatskitError
+from . import backfill as backfill_core, db, demo as demo_core, deployment, migrate as migrate_core, report, verify as verify_core
+from .dates import check_range, parse_date
+from .errors import StatskitError, UsageError
 from .render import default_sql_dir, render_all, stale_files, write_rendered
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
@@ -197,5 +200,210 @@ def rollback(dsn, cron_dsn, no_cron, sql_dir, lock_timeout):
         click.echo(f"unscheduled pg_cron job {name}")
 
 
+@cli.group(invoke_without_command=True)
+@click.option("--users", type=click.IntRange(10, 1_000_000), default=1000, show_default=True, help="Profiles to generate.")
+@click.option("--days", type=click.IntRange(7, 3660), default=90, show_default=True, help="Days of activity, ending yesterday.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Random seed: the same seed gives the same marketplace.")
+@click.option("--port", type=click.IntRange(1024, 65535), default=demo_core.DEMO_PORT, show_default=True,
+              help="Port of the private PostgreSQL cluster.")
+@click.option("--dsn", metavar="DSN", help="Use this (empty) database instead of the private cluster.")
+@sql_dir_option
+@click.pass_context
+def demo(ctx, users, days, seed, port, dsn, sql_dir):
+    """Run statskit end to end on a private PostgreSQL with a synthetic marketplace.
+
+    Creates (first time) and starts a private cluster with pg_cron on its own port and
+    data directory, loads demo data, then runs migrate, backfill and verify and tells
+    what happened. Nothing touches the system's own clusters.
+
+    \b
+    Examples:
+      statskit demo                      # private cluster on port 54915
+      statskit demo --users 5000 --days 120 --seed 7
+      statskit demo shell                # psql into the demo database
+      statskit demo stop | destroy
+    """
+    ctx.meta["statskit.demo_port"] = port
+    if ctx.invoked_subcommand:
+        return
+    if dsn:
+        ctx.meta["statskit.dsn"] = dsn
+    else:
+        click.echo(f"starting a private PostgreSQL with pg_cron on 127.0.0.1:{port} ...")
+        dsn = demo_core.fresh_private_database(demo_core.demo_cluster(port))
+    click.echo(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
+    story = demo_core.run(dsn, users, days, seed, sql_dir or default_sql_dir())
+    _tell(story)
+    if verify_core.overall(story.checks) == "fail":
+        sys.exit(1)
+
+
+def _tell(story):
+    done = story.backfilled
+    click.echo(f"loaded {story.rows_loaded} source rows ({story.first_day} .. {story.last_day})")
+    click.echo(f"migrate: {len(story.applied.migrations)} migrations, {len(story.applied.functions)} functions, "
+               f"{len(story.applied.jobs)} pg_cron jobs")
+    click.echo(f"backfill: {done.days_total} days, {done.rows_written} rows in {done.seconds:.1f} s "
+               f"({done.rows_written / max(done.seconds, 1e-9):.0f} rows/s)")
+    click.echo(f"verify: {report.summary_line(story.checks).split(': ', 1)[1]}")
+    for check in story.checks:
+        if check.status != "pass":
+            click.echo(f"  {check.status}: {check.check}: {check.detail}")
+    for job in story.jobs:
+        click.echo(f"pg_cron: {job.jobname} at '{job.schedule}' runs {job.command} in {job.database}")
+    for role, (user_id, values) in story.kpis.items():
+        click.echo(f"KPIs of a {role} ({user_id}) on {story.last_day}:")
+        for metric, value in values:
+            click.echo(f"  {metric:<20} {'-' if value is None else value}")
+    click.echo(f"look around: psql \"{story.dsn}\"   (or: statskit demo shell)")
+
+
+@demo.command("shell")
+@click.pass_context
+def demo_shell(ctx):
+    """Open psql on the demo database."""
+    cluster = demo_core.demo_cluster(ctx.meta["statskit.demo_port"])
+    if not cluster.running():
+        raise StatskitError("the demo cluster is not running: run statskit demo first")
+    os.execvp("psql", ["psql", cluster.dsn(demo_core.DEMO_DATABASE)])
+
+
+@demo.command("stop")
+@click.pass_context
+def demo_stop(ctx):
+    """Stop the private demo cluster (its data stays)."""
+    demo_core.demo_cluster(ctx.meta["statskit.demo_port"]).stop()
+    click.echo("demo cluster stopped")
+
+
+@demo.command("destroy")
+@click.pass_context
+def demo_destroy(ctx):
+    """Stop the private demo cluster and delete its data directory."""
+    cluster = demo_core.demo_cluster(ctx.meta["statskit.demo_port"])
+    cluster.destroy()
+    click.echo(f"demo cluster removed ({cluster.root})")
+
+
 def main():
     sys.exit(cli(prog_name="statskit"))
+
+
+def _date_option(name, help_text, required=True):
+    return click.option(name, "first" if name == "--from" else "last", required=required, metavar="YYYY-MM-DD",
+                        help=help_text)
+
+
+@cli.command()
+@dsn_option
+@_date_option("--from", "First day to write (inclusive).")
+@_date_option("--to", "Last day to write (inclusive); a day after yesterday is clamped to yesterday.")
+@click.option("--user", "user", metavar="UUID", help="Write only this user's rows.")
+@click.option("--only", type=click.Choice(["users", "platform"]), help="Write only one of the two tables.")
+@click.option("--resume", is_flag=True, help="Skip chunks of days an earlier run already finished.")
+@click.option("--chunk-days", type=click.IntRange(1, 366), default=7, show_default=True,
+              help="Days per transaction: a kill loses at most one chunk.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+def backfill(dsn, first, last, user, only, resume, chunk_days, quiet):
+    """Write the rollup rows of every day from --from to --to.
+
+    Each chunk of days commits on its own; run it again after a kill and the result
+    equals one clean run. Rows outside the range are untouched.
+
+    \b
+    Examples:
+      statskit backfill --from 2026-01-01 --to 2026-04-30 --dsn ...
+      statskit backfill --from 2026-01-01 --to 2026-04-30 --resume --dsn ...
+      statskit backfill --from 2026-03-01 --to 2026-03-31 --user 0b6f...e1 --dsn ...
+    """
+    request = backfill_core.Request(
+        first=parse_date(first, "--from"), last=parse_date(last, "--to"), scope=only or "both",
+        user_id=_parse_uuid(user) if user else None, resume=resume, chunk_days=chunk_days,
+    )
+    check_range(request.first, request.last)
+    with db.connect(dsn, autocommit=True) as conn:
+        request, note = backfill_core.check_request(conn, request)
+        if note and not quiet:
+            click.echo(f"note: {note}", err=True)
+        done = backfill_core.backfill(conn, request, report=_progress_printer(quiet))
+    if not quiet:
+        rate = done.rows_written / done.seconds if done.seconds else 0
+        skipped = f", {done.chunks_skipped} finished chunks skipped" if done.chunks_skipped else ""
+        click.echo(f"backfill done: {done.days_total} days, {done.rows_written} rows written in "
+                   f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
+
+
+def _parse_uuid(text):
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise UsageError(f"--user {text!r}: not a UUID") from None
+
+
+def _progress_printer(quiet):
+    """A bar redrawn in place on a terminal; one plain line per chunk anywhere else (cron, CI)."""
+    terminal = sys.stdout.isatty()
+
+    def report(progress, chunk, skipped):
+        if quiet:
+            return
+        rate = progress.rows_written / progress.seconds if progress.seconds else 0
+        left = progress.days_total - progress.days_done
+        eta = progress.seconds / progress.days_done * left if progress.days_done else 0
+        if terminal:
+            filled = int(30 * progress.days_done / progress.days_total)
+            click.echo(f"\r[{'#' * filled}{'.' * (30 - filled)}] {progress.days_done}/{progress.days_total} days, "
+                       f"{progress.rows_written} rows, {rate:.0f} rows/s, ETA {eta:.0f} s", nl=left == 0)
+        else:
+            state = "skipped (finished earlier)" if skipped else "done"
+            click.echo(f"chunk {chunk[0]}..{chunk[1]} {state}: {progress.days_done}/{progress.days_total} days, "
+                       f"{progress.rows_written} rows, {rate:.0f} rows/s")
+
+    return report
+
+
+@cli.command(epilog="Exit codes: 0 every check passed (warnings allowed), 1 a check failed, "
+             "2 verify could not run (no connection, not migrated, permission denied).")
+@dsn_option
+@click.option("--cron-dsn", metavar="DSN", help="Where pg_cron lives. Default: the target's server and login.")
+@sql_dir_option
+@click.option("--only", metavar="GROUPS", help=f"Comma-separated groups to run, of {','.join(verify_core.CHECK_GROUPS)}.")
+@click.option("--from", "first", metavar="YYYY-MM-DD", help="Data window start. Default: 7 days before --to.")
+@click.option("--to", "last", metavar="YYYY-MM-DD", help="Data window end. Default: yesterday.")
+@click.option("--sample", "sample_users", type=click.IntRange(1, 10000), default=20, show_default=True,
+              help="Users whose stored rows (2 days each) are recomputed and compared.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "junit"]), default="text", show_default=True)
+def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
+    """Prove the deployment right: schema, functions, migrations, cron, data, spot check.
+
+    Read-only: the spot check recomputes sampled rows in a transaction that is rolled back.
+
+    \b
+    Examples:
+      statskit verify --dsn ...                                 # everything, last 7 days
+      statskit verify --only schema,functions --dsn ...
+      statskit verify --format junit --dsn ... > verify.xml     # for CI
+    """
+    groups = tuple(g.strip() for g in only.split(",")) if only else verify_core.CHECK_GROUPS
+    unknown = [g for g in groups if g not in verify_core.CHECK_GROUPS]
+    if unknown:
+        raise UsageError(f"--only {','.join(unknown)}: unknown check group (use {','.join(verify_core.CHECK_GROUPS)})")
+    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+    try:
+        deployment.require_deployment(target.conn)
+        default_first, default_last = verify_core.default_window(target.conn, target.settings)
+        window_last = parse_date(last, "--to") if last else default_last
+        window_first = parse_date(first, "--from") if first else window_last - (default_last - default_first)
+        check_range(window_first, window_last)
+        checks = verify_core.run_checks(target, cron_dsn, groups, window_first, window_last, sample_users)
+        database = target.conn.info.dbname
+    finally:
+        target.close()
+    if fmt == "json":
+        click.echo(report.as_json(checks, database, window_first, window_last), nl=False)
+    elif fmt == "junit":
+        click.echo(report.as_junit(checks, database), nl=False)
+    else:
+        click.echo(report.as_text(checks, colour=sys.stdout.isatty()), nl=False)
+    if verify_core.overall(checks) == "fail":
+        sys.exit(1)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import psycopg
 
 from .catalog import Catalog
-from .errors import NotMigrated, StatskitError
+from .errors import NotMigrated, StatskitError, UsageError
 from .render import quote_ident
 from .settings import STATSKIT_SCHEMA, Settings
 
@@ -128,7 +128,7 @@ def check_source_tables(conn: psycopg.Connection, catalog: Catalog, settings: Se
 def check_time_zone(conn: psycopg.Connection, settings: Settings) -> None:
     known = conn.execute("select 1 from pg_timezone_names where name = %s", [settings.time_zone]).fetchone()
     if not known:
-        raise StatskitError(f"unknown time zone {settings.time_zone!r} (see pg_timezone_names)")
+        raise UsageError(f"unknown time zone {settings.time_zone!r} (see pg_timezone_names)")
 
 
 def require_deployment(conn: psycopg.Connection) -> Settings:

@@ -1,0 +1,203 @@
+"""`statskit migrate`, `--status`, `--dry-run`, `rollback` and the pg_cron jobs, on a real server."""
+
+import shutil
+
+import psycopg
+import pytest
+
+from conftest import SQL_DIR, cron_connection, deploy
+from toolkit.cron import registered_jobs
+
+
+def objects(dsn):
+    """Every table, function and index outside the system schemas: a picture of the database."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "select n.nspname, c.relname, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+            " where n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')"
+            " union all select n.nspname, p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', 'f'"
+            " from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+            " where n.nspname not in ('pg_catalog', 'information_schema') order by 1, 2"
+        ).fetchall()
+
+
+def jobs_for(dbname):
+    with cron_connection() as conn:
+        return {j.jobname: j for j in registered_jobs(conn, ["aggregate-platform-statistics", "aggregate-user-statistics"])
+                if j.database == dbname}
+
+
+def test_migrate_creates_everything_and_a_second_run_changes_nothing(dsn, run_cli):
+    first = run_cli("migrate", "--dsn", dsn)
+    assert first.exit_code == 0, first.output
+    assert "applied migration 0001_statistics_tables" in first.output
+    picture = objects(dsn)
+    assert ("public", "user_statistics_daily", "r") in picture
+    assert ("public", "user_statistics_daily_date_idx", "i") in picture
+    assert ("public", "user_statistics_daily_user_id_date_key", "i") in picture
+    assert ("public", "aggregate_user_statistics(p_user_id uuid, p_date date)", "f") in picture
+    second = run_cli("migrate", "--dsn", dsn)
+    assert second.exit_code == 0 and "up to date, nothing to do" in second.output
+    assert objects(dsn) == picture
+
+
+def test_cron_jobs_are_registered_for_the_target_database(dsn):
+    deploy(dsn)
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    jobs = jobs_for(dbname)
+    assert jobs["aggregate-platform-statistics"].schedule == "0 0 * * *"
+    assert jobs["aggregate-platform-statistics"].command == 'select "public".aggregate_daily_statistics()'
+    assert jobs["aggregate-user-statistics"].schedule == "0 1 * * *"
+    assert jobs["aggregate-user-statistics"].command == 'select "public".aggregate_user_statistics()'
+    assert all(j.active for j in jobs.values())
+    # a job moved by hand is put back by the next migrate
+    with cron_connection() as conn:
+        conn.execute("update cron.job set schedule = '0 5 * * *' where jobid = %s", [jobs["aggregate-user-statistics"].jobid])
+    assert [j.name for j in deploy(dsn).jobs] == ["aggregate-user-statistics"]
+    assert jobs_for(dbname)["aggregate-user-statistics"].schedule == "0 1 * * *"
+
+
+def test_a_job_name_of_another_database_is_refused_and_nothing_changes(dsn, run_cli):
+    with cron_connection() as conn:
+        conn.execute("select cron.schedule_in_database('aggregate-user-statistics', '0 3 * * *', 'select 1', 'postgres')")
+    try:
+        before = objects(dsn)
+        result = run_cli("migrate", "--dsn", dsn)
+        assert result.exit_code == 1
+        assert "already belongs to database 'postgres'" in result.output and "--job-suffix" in result.output
+        assert objects(dsn) == before
+        with cron_connection() as conn:
+            assert conn.execute("select schedule, command, database from cron.job where jobname = 'aggregate-user-statistics'").fetchall() == [
+                ("0 3 * * *", "select 1", "postgres")]
+        # a suffix gives this database its own pair of jobs
+        assert run_cli("migrate", "--dsn", dsn, "--job-suffix", "shop2").exit_code == 0
+        with cron_connection() as conn:
+            names = {r[0] for r in conn.execute("select jobname from cron.job where database <> 'postgres'")}
+        assert names == {"aggregate-platform-statistics-shop2", "aggregate-user-statistics-shop2"}
+    finally:
+        with cron_connection() as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = 'postgres'")
+
+
+def test_dry_run_prints_the_sql_and_changes_nothing(dsn, run_cli):
+    before = objects(dsn)
+    result = run_cli("migrate", "--dry-run", "--dsn", dsn)
+    assert result.exit_code == 0
+    assert 'create table "public".user_statistics_daily' in result.output
+    assert 'create or replace function "public".aggregate_daily_statistics(' in result.output
+    assert "cron.schedule_in_database('aggregate-user-statistics', '0 1 * * *'" in result.output
+    assert objects(dsn) == before
+    assert jobs_for(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]) == {}
+
+
+def test_status_lists_applied_pending_and_jobs(dsn, run_cli):
+    before = run_cli("migrate", "--status", "--dsn", dsn)
+    assert before.exit_code == 0
+    assert "0001_statistics_tables                   pending" in before.output
+    assert "aggregate_user_statistics                missing" in before.output
+    deploy(dsn)
+    after = run_cli("migrate", "--status", "--dsn", dsn).output
+    assert "0001_statistics_tables                   applied" in after
+    assert "aggregate_user_statistics                current" in after
+    assert "aggregate-user-statistics                0 1 * * * active" in after
+
+
+def test_rollback_then_migrate_restores_the_deployment(dsn, run_cli):
+    deploy(dsn)
+    deployed = objects(dsn)
+    result = run_cli("rollback", "--dsn", dsn)
+    assert result.exit_code == 0, result.output
+    assert "rolled back migration 0001_statistics_tables" in result.output
+    assert "unscheduled pg_cron job aggregate-user-statistics" in result.output
+    leftovers = [o for o in objects(dsn) if o[0] == "public" and "statistics" in o[1]]
+    assert leftovers == []
+    assert jobs_for(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]) == {}
+    assert run_cli("migrate", "--dsn", dsn).exit_code == 0
+    assert objects(dsn) == deployed
+
+
+def test_a_changed_function_template_is_reapplied_and_only_that_one(dsn, tmp_path):
+    deploy(dsn)
+    sql_copy = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql_copy)
+    template = sql_copy / "templates" / "functions" / "aggregate_daily_statistics.sql.j2"
+    template.write_text(template.read_text().replace("Write the platform_statistics_daily row", "Write the platform row"))
+    from toolkit.migrate import Target, migrate
+    target = Target.open(dsn, sql_copy)
+    try:
+        done = migrate(target)
+    finally:
+        target.close()
+    assert [name for name, _ in done.functions] == ["aggregate_daily_statistics"]
+    assert done.migrations == [] and done.jobs == []
+    with psycopg.connect(dsn) as conn:
+        comment = conn.execute("select obj_description('aggregate_daily_statistics(date)'::regprocedure)").fetchone()[0]
+    assert comment.startswith("Write the platform row")
+
+
+def test_a_dropped_function_is_recreated(dsn):
+    deploy(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("drop function aggregate_single_user_statistics(uuid, date)")
+    assert [name for name, _ in deploy(dsn).functions] == ["aggregate_single_user_statistics"]
+
+
+def test_a_missing_source_table_stops_migrate_before_any_change(dsn, run_cli):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("drop table caas_scores")
+    before = objects(dsn)
+    result = run_cli("migrate", "--dsn", dsn)
+    assert result.exit_code == 1
+    assert result.output.strip() == "statskit: error: source table public.caas_scores is missing; nothing changed"
+    assert objects(dsn) == before
+
+
+def test_a_missing_source_column_is_named(dsn, run_cli):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("alter table bookings drop column confirmed_at")
+    result = run_cli("migrate", "--dsn", dsn)
+    assert result.exit_code == 1 and "public.bookings lacks column confirmed_at" in result.output
+
+
+def test_rollup_and_sources_in_their_own_schemas(dsn, run_cli):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create schema app")
+        for table in ["caas_scores", "referrals", "messages", "reviews", "transactions", "bookings",
+                      "listing_views", "listings", "profiles"]:
+            conn.execute(f"alter table public.{table} set schema app")
+    result = run_cli("migrate", "--dsn", dsn, "--schema", "stats", "--source-schema", "app", "--job-suffix", "x")
+    assert result.exit_code == 0, result.output
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into app.profiles values (gen_random_uuid(), 'client', '2026-01-01')")
+        assert conn.execute("select stats.aggregate_user_statistics(null, '2026-01-02')").fetchone()[0] == 1
+    moved = run_cli("migrate", "--dsn", dsn, "--schema", "public")
+    assert moved.exit_code == 2 and "cannot move" in moved.output
+
+
+def test_no_cron_leaves_pg_cron_alone(dsn, run_cli):
+    assert run_cli("migrate", "--dsn", dsn, "--no-cron").exit_code == 0
+    assert jobs_for(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]) == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["migrate", "--dsn", "host=127.0.0.1 port=1 user=x password=hunter2 dbname=x"], "cannot connect to x@127.0.0.1:1/x"),
+    (["migrate", "--dsn", "postgresql://x:hunter2@127.0.0.1:1/x"], "cannot connect to x@127.0.0.1:1/x"),
+    (["migrate", "--dsn", "host=127.0.0.1 port='1 password=hunter2"], "invalid DSN"),
+    (["rollback", "--dsn", "host=127.0.0.1 port=1 password=hunter2"], "cannot connect"),
+])
+def test_connection_problems_are_one_line_without_password(run_cli, args, message):
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "hunter2" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_rollback_of_an_empty_database_says_migrate_first(dsn, run_cli):
+    result = run_cli("rollback", "--dsn", dsn)
+    assert result.exit_code == 2 and "run statskit migrate first" in result.output
+
+
+def test_unknown_time_zone_is_refused(dsn, run_cli):
+    result = run_cli("migrate", "--dsn", dsn, "--time-zone", "Mars/Olympus")
+    assert result.exit_code == 2 and "unknown time zone 'Mars/Olympus'" in result.output

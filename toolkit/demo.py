@@ -1,0 +1,97 @@
+"""`statskit demo`: a private PostgreSQL with a synthetic marketplace, migrated, backfilled and verified."""
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import psycopg
+from psycopg import sql
+
+from . import backfill, cron, db, demo_data, migrate, verify
+from .cluster import DEMO_PORT, LocalCluster
+from .errors import StatskitError
+
+DEMO_DATABASE = "statskit_demo"
+
+# The spec's KPI sets, by role: what a user's dashboard shows first.
+KPI_SETS = {
+    "tutor": ("total_earnings", "upcoming_sessions", "completed_sessions", "average_rating", "active_students", "caas_score"),
+    "agent": ("total_earnings", "upcoming_sessions", "completed_sessions", "average_rating", "active_students", "caas_score"),
+    "client": ("active_bookings", "total_spent", "completed_sessions", "average_rating", "monthly_spent", "caas_score"),
+}
+
+
+def demo_cluster(port: int = DEMO_PORT) -> LocalCluster:
+    return LocalCluster("demo", port)
+
+
+@dataclass
+class DemoStory:
+    dsn: str
+    rows_loaded: int
+    first_day: object
+    last_day: object
+    applied: migrate.MigratePlan
+    backfilled: backfill.Progress
+    checks: list
+    jobs: list
+    kpis: dict = field(default_factory=dict)  # role -> (user_id, [(metric, value)])
+
+
+def fresh_private_database(cluster: LocalCluster) -> str:
+    """Start the private cluster and (re)create the demo database in it, with no jobs left behind."""
+    cluster.start()
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute("select cron.unschedule(jobid) from cron.job where database = %s", [DEMO_DATABASE])
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(DEMO_DATABASE)))
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(DEMO_DATABASE)))
+    return cluster.dsn(DEMO_DATABASE)
+
+
+def _refuse_existing_sources(conn: psycopg.Connection) -> None:
+    if conn.execute("select to_regclass('public.profiles') is not null").fetchone()[0]:
+        raise StatskitError(
+            f"database {conn.info.dbname} already has a profiles table: the demo needs an empty database"
+        )
+
+
+def run(dsn: str, users: int, days: int, seed: int, sql_dir) -> DemoStory:
+    """Load a synthetic marketplace into dsn, then migrate, backfill its whole period and verify."""
+    with db.connect(dsn, autocommit=True) as conn:
+        _refuse_existing_sources(conn)
+        last_day = backfill.yesterday(conn, "UTC")
+        market = demo_data.generate(users=users, days=days, seed=seed, last_day=last_day)
+        with conn.transaction():
+            demo_data.create_source_tables(conn)
+        demo_data.load(conn, market)
+        conn.execute("analyze")
+
+    target = migrate.Target.open(dsn, sql_dir)
+    try:
+        applied = migrate.migrate(target)
+        with db.connect(dsn, autocommit=True) as conn:
+            progress = backfill.backfill(conn, backfill.Request(market.first_day, market.last_day, chunk_days=30))
+        first, last = market.last_day - timedelta(days=6), market.last_day
+        checks = verify.run_checks(target, None, verify.CHECK_GROUPS, first, last, 20)
+        with cron.connect_cron(dsn, target.conn, None) as cron_conn:
+            jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
+        story = DemoStory(dsn, market.count(), market.first_day, market.last_day, applied, progress, checks, jobs)
+        story.kpis = _kpis(target.conn, market.last_day)
+    finally:
+        target.close()
+    return story
+
+
+def _kpis(conn: psycopg.Connection, day) -> dict:
+    """The KPI set of the busiest tutor and the busiest client on the last day."""
+    out = {}
+    for role, busiest_by in (("tutor", "completed_sessions"), ("client", "active_bookings + completed_sessions")):
+        metrics = KPI_SETS[role]
+        row = conn.execute(
+            f"select s.user_id, {', '.join('s.' + m for m in metrics)} from user_statistics_daily s"
+            f" join profiles p on p.id = s.user_id where s.date = %s and p.role = %s"
+            f" order by {busiest_by} desc, s.user_id limit 1",
+            [day, role],
+        ).fetchone()
+        if row:
+            out[role] = (row[0], list(zip(metrics, row[1:])))
+    return out

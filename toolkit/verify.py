@@ -1,0 +1,319 @@
+"""`statskit verify`: prove a deployment right, check by check, without changing it.
+
+Every check returns a Check(check, status, detail) with status pass, warn or fail. The
+spot check recomputes sampled rows inside a transaction that is always rolled back: the
+stored values are kept in a temporary table, the one-user function recomputes the row in
+place (it only writes when a number differs), and the rollback undoes any such write.
+"""
+
+import re
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta, timezone
+
+import psycopg
+
+from . import cron, deployment
+from .catalog import Rollup
+from .db import first_line
+from .errors import StatskitError
+from .migrate import Target
+from .render import quote_ident
+from .settings import Settings
+
+CHECK_GROUPS = ("schema", "functions", "migrations", "cron", "data", "sample")
+CRON_STALE_AFTER = timedelta(hours=26)
+USER_JOB_HOUR_UTC = 1
+
+
+@dataclass(frozen=True)
+class Check:
+    check: str
+    status: str  # pass | warn | fail
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _result(name: str, problems: list[str], warnings: list[str] = (), ok: str = "ok") -> Check:
+    if problems:
+        return Check(name, "fail", "; ".join(problems))
+    if warnings:
+        return Check(name, "warn", "; ".join(warnings))
+    return Check(name, "pass", ok)
+
+
+# -- schema -------------------------------------------------------------------------------
+
+def _expected_columns(rollup: Rollup, per_user: bool) -> dict[str, tuple[str, bool, str | None]]:
+    """{column: (type, not null, default)} as format_type and pg_get_expr print them."""
+    columns = {"id": ("bigint", True, None)}
+    if per_user:
+        columns["user_id"] = ("uuid", True, None)
+    columns["date"] = ("date", True, None)
+    for m in rollup.metrics:
+        columns[m.name] = (m.type, not m.nullable, m.default)
+    columns["updated_at"] = ("timestamp with time zone", True, "now()")
+    return columns
+
+
+def _check_table(conn, settings: Settings, rollup: Rollup, per_user: bool) -> list[Check]:
+    table = f"{settings.schema}.{rollup.table}"
+    oid = conn.execute("select to_regclass(%s)::oid", [f"{quote_ident(settings.schema)}.{rollup.table}"]).fetchone()[0]
+    if oid is None:
+        return [Check(f"schema {rollup.table}", "fail", f"table {table} does not exist")]
+    actual = {
+        name: (typ, notnull, default)
+        for name, typ, notnull, default in conn.execute(
+            "select a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)"
+            " from pg_attribute a left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum"
+            " where a.attrelid = %s and a.attnum > 0 and not a.attisdropped",
+            [oid],
+        ).fetchall()
+    }
+    problems, warnings = [], []
+    for name, (typ, notnull, default) in _expected_columns(rollup, per_user).items():
+        if name not in actual:
+            problems.append(f"column {name} is missing")
+            continue
+        got_type, got_notnull, got_default = actual[name]
+        if got_type != typ:
+            problems.append(f"column {name} is {got_type}, expected {typ}")
+        if got_notnull != notnull:
+            problems.append(f"column {name} is {'NOT NULL' if got_notnull else 'nullable'}, expected {'NOT NULL' if notnull else 'nullable'}")
+        if default is not None and got_default != default:
+            problems.append(f"column {name} defaults to {got_default}, expected {default}")
+    extra = sorted(set(actual) - set(_expected_columns(rollup, per_user)))
+    if extra:
+        warnings.append(f"unknown columns: {', '.join(extra)}")
+    checks = [_result(f"schema {rollup.table}", problems, warnings, f"{len(actual)} columns as in the catalog")]
+
+    # A unique index backs both a unique constraint and a plain unique index, so both count.
+    indexes = conn.execute(
+        "select i.indisunique, array_agg(a.attname order by k.ord)"
+        " from pg_index i cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)"
+        " join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum"
+        " where i.indrelid = %s and i.indpred is null group by i.indexrelid, i.indisunique",
+        [oid],
+    ).fetchall()
+    key = ["user_id", "date"] if per_user else ["date"]
+    key_problems = []
+    if not any(unique and sorted(cols) == sorted(key) for unique, cols in indexes):
+        key_problems.append(f"no unique key on ({', '.join(key)})")
+    if per_user and not any(cols[0] == "date" for _, cols in indexes):
+        key_problems.append("no index leading with date")
+    checks.append(_result(f"keys {rollup.table}", key_problems, ok=f"unique ({', '.join(key)})"
+                          + (" and index on (date)" if per_user else "")))
+    return checks
+
+
+# -- functions ----------------------------------------------------------------------------
+
+_BODY = re.compile(r"\$function\$(.*)\$function\$", re.S)
+
+
+def _check_functions(conn, target: Target) -> list[Check]:
+    checks = []
+    for name, signature in deployment.FUNCTION_SIGNATURES.items():
+        row = conn.execute(
+            "select l.lanname, format_type(p.prorettype, null), p.prosrc from pg_proc p"
+            " join pg_language l on l.oid = p.prolang where p.oid = to_regprocedure(%s)",
+            [f"{quote_ident(target.settings.schema)}.{name}({signature})"],
+        ).fetchone()
+        check = f"function {name}"
+        if row is None:
+            checks.append(Check(check, "fail", f"{target.settings.schema}.{name}({signature}) does not exist"))
+            continue
+        language, returns, body = row
+        problems = []
+        if language != "plpgsql":
+            problems.append(f"language {language}, expected plpgsql")
+        if returns != "integer":
+            problems.append(f"returns {returns}, expected integer")
+        rendered_body = _BODY.search(target.rendered[f"functions/{name}.sql"]).group(1)
+        if body != rendered_body:
+            problems.append("deployed body differs from the rendered one (edited by hand?): run statskit migrate")
+        checks.append(_result(check, problems, ok="body matches the rendered SQL"))
+    return checks
+
+
+# -- migrations ---------------------------------------------------------------------------
+
+def _check_migrations(conn, target: Target) -> list[Check]:
+    applied = deployment.applied_migrations(conn)
+    pending = [m for m in target.migration_ids if m not in applied]
+    unknown = [m for m in applied if m not in target.migration_ids]
+    problems = []
+    if pending:
+        problems.append(f"pending: {', '.join(pending)} (run statskit migrate)")
+    if unknown:
+        problems.append(f"applied but unknown to this statskit version: {', '.join(unknown)}")
+    return [_result("migrations", problems, ok=f"{len(applied)} applied, none pending")]
+
+
+# -- cron ---------------------------------------------------------------------------------
+
+def _check_cron(cron_conn, target: Target) -> list[Check]:
+    database = target.conn.info.dbname
+    registered = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
+    checks = []
+    for wanted in cron.wanted_jobs(target.settings):
+        mine = [j for j in registered if j.jobname == wanted.name and j.database == database]
+        if not mine:
+            checks.append(Check(f"cron job {wanted.name}", "fail", f"not registered for database {database}"))
+            checks.append(Check(f"cron health {wanted.name}", "fail", "job not registered"))
+            continue
+        job = mine[0]
+        problems = []
+        if job.schedule != wanted.schedule:
+            problems.append(f"schedule {job.schedule!r}, expected {wanted.schedule!r}")
+        if job.command.strip().rstrip(";") != wanted.command:
+            problems.append(f"command {job.command!r}, expected {wanted.command!r}")
+        if not job.active:
+            problems.append("inactive")
+        checks.append(_result(f"cron job {wanted.name}", problems, ok=f"{job.schedule}, active, in {database}"))
+        checks.append(_cron_health(cron_conn, job))
+    return checks
+
+
+def _cron_health(cron_conn, job: cron.RegisteredJob) -> Check:
+    name = f"cron health {job.jobname}"
+    last = cron_conn.execute(
+        "select status, return_message, coalesce(end_time, start_time) from cron.job_run_details"
+        " where jobid = %s order by runid desc limit 1",
+        [job.jobid],
+    ).fetchone()
+    if last is None:
+        return Check(name, "warn", "no run yet")
+    status, message, when = last
+    if status == "failed":
+        return Check(name, "fail", f"last run failed at {when:%Y-%m-%d %H:%M}: {(message or '').strip()}")
+    if status != "succeeded":
+        return Check(name, "warn", f"last run is {status} (started {when:%Y-%m-%d %H:%M})")
+    age = datetime.now(timezone.utc) - when
+    if age > CRON_STALE_AFTER:
+        return Check(name, "fail", f"last success {age.total_seconds() / 3600:.0f} h ago, more than 26 h")
+    return Check(name, "pass", f"last run succeeded {age.total_seconds() / 3600:.1f} h ago")
+
+
+# -- data ---------------------------------------------------------------------------------
+
+def default_window(conn, settings: Settings) -> tuple[date, date]:
+    """The last 7 complete days in the statistics time zone."""
+    yesterday = conn.execute("select (now() at time zone %s)::date - 1", [settings.time_zone]).fetchone()[0]
+    return yesterday - timedelta(days=6), yesterday
+
+
+def _check_data(conn, target: Target, first: date, last: date) -> list[Check]:
+    s = target.settings
+    schema, source = quote_ident(s.schema), quote_ident(s.source_schema)
+    user_table, platform_table = target.catalog.user.table, target.catalog.platform.table
+    yesterday = default_window(conn, s)[1]
+    rows_yesterday = conn.execute(f"select count(*) from {schema}.{user_table} where date = %s", [yesterday]).fetchone()[0]
+    # A window that ends with a yesterday the nightly job has not written yet is a freshness question, not a hole.
+    holes_last = last - timedelta(days=1) if last == yesterday and rows_yesterday == 0 else last
+    missing = conn.execute(
+        f"select d::date, count(*) from generate_series(%s::date, %s::date, interval '1 day') d"
+        f" join {source}.profiles p on p.created_at < (d::date + 1)::timestamp at time zone %s"
+        f" where not exists (select 1 from {schema}.{user_table} s where s.user_id = p.id and s.date = d::date)"
+        f" group by 1 order by 1",
+        [first, holes_last, s.time_zone],
+    ).fetchall()
+    missing_days = conn.execute(
+        f"select d::date from generate_series(%s::date, %s::date, interval '1 day') d"
+        f" where not exists (select 1 from {schema}.{platform_table} s where s.date = d::date) order by 1",
+        [first, holes_last],
+    ).fetchall()
+    duplicates = conn.execute(
+        f"select count(*) from (select user_id, date from {schema}.{user_table} where date between %s and %s"
+        f" group by 1, 2 having count(*) > 1) dup",
+        [first, last],
+    ).fetchone()[0]
+    window = f"{first}..{last}"
+    checks = [
+        _result("data user rows", [f"{n} missing on {d}" for d, n in missing[:5]]
+                + ([f"and {len(missing) - 5} more days"] if len(missing) > 5 else []),
+                ok=f"every user has a row for every day of {window}"),
+        _result("data platform rows", [f"no row for {', '.join(str(d) for (d,) in missing_days)}"] if missing_days else [],
+                ok=f"every day of {window} has a row"),
+        _result("data duplicates", [f"{duplicates} duplicated (user, day) keys"] if duplicates else [],
+                ok="no duplicate keys"),
+    ]
+    hour = datetime.now(timezone.utc).hour
+    if rows_yesterday:
+        checks.append(Check("data freshness", "pass", f"rows for {yesterday} exist"))
+    elif hour >= USER_JOB_HOUR_UTC + 1:
+        checks.append(Check("data freshness", "warn", f"no rows for {yesterday} although the user job runs at 01:00 UTC"))
+    else:
+        checks.append(Check("data freshness", "pass", f"rows for {yesterday} are not due before 01:00 UTC"))
+    return checks
+
+
+# -- sample -------------------------------------------------------------------------------
+
+def _check_sample(conn, target: Target, first: date, last: date, users: int) -> list[Check]:
+    s = target.settings
+    schema = quote_ident(s.schema)
+    table = target.catalog.user.table
+    metrics = [m.name for m in target.catalog.user.metrics]
+    mismatches = []
+    with conn.transaction(force_rollback=True):
+        conn.execute(
+            f"create temporary table statskit_sample on commit drop as"
+            f" with days as (select distinct date from {schema}.{table} where date between %s and %s"
+            f"               order by date desc limit 2),"
+            f" picked as (select user_id from {schema}.{table} where date = (select max(date) from days)"
+            f"            order by md5(user_id::text) limit %s)"
+            f" select s.* from {schema}.{table} s join days using (date) join picked using (user_id)",
+            [first, last, users],
+        )
+        sampled = conn.execute("select count(*) from statskit_sample").fetchone()[0]
+        if sampled == 0:
+            return [Check("sample", "warn", f"no stored rows in {first}..{last} to recompute")]
+        conn.execute(f"select {schema}.aggregate_single_user_statistics(user_id, date) from statskit_sample")
+        for metric in metrics:
+            rows = conn.execute(
+                f"select s.user_id, s.date, s.{metric}, now_.{metric} from statskit_sample s"
+                f" join {schema}.{table} now_ using (user_id, date)"
+                f" where s.{metric} is distinct from now_.{metric} order by s.date, s.user_id",
+            ).fetchall()
+            mismatches += [f"{metric} of {u} on {d}: stored {old}, recomputed {new}" for u, d, old, new in rows]
+    if mismatches:
+        more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+        return [Check("sample", "fail", "; ".join(mismatches[:3]) + more)]
+    return [Check("sample", "pass", f"{sampled} stored rows recomputed, every metric equal")]
+
+
+# -- all ----------------------------------------------------------------------------------
+
+def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
+               first: date, last: date, sample_users: int) -> list[Check]:
+    """Run the named groups of checks; a group that cannot run at all is one failed check."""
+    conn = target.conn
+    runners = {
+        "schema": lambda: _check_table(conn, target.settings, target.catalog.user, per_user=True)
+        + _check_table(conn, target.settings, target.catalog.platform, per_user=False),
+        "functions": lambda: _check_functions(conn, target),
+        "migrations": lambda: _check_migrations(conn, target),
+        "cron": lambda: _with_cron(target, cron_dsn),
+        "data": lambda: _check_data(conn, target, first, last),
+        "sample": lambda: _check_sample(conn, target, first, last, sample_users),
+    }
+    checks: list[Check] = []
+    for group in CHECK_GROUPS:
+        if group in groups:
+            try:
+                checks += runners[group]()
+            except (psycopg.Error, StatskitError) as exc:
+                checks.append(Check(group, "fail", f"could not run: {first_line(exc)}"))
+    return checks
+
+
+def _with_cron(target: Target, cron_dsn: str | None) -> list[Check]:
+    with cron.connect_cron(target.dsn, target.conn, cron_dsn) as cron_conn:
+        return _check_cron(cron_conn, target)
+
+
+def overall(checks: list[Check]) -> str:
+    statuses = {c.status for c in checks}
+    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"
