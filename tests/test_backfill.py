@@ -1,0 +1,136 @@
+"""`statskit backfill`: exact rows, kill-safe, resumable, one-line errors for bad input."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from datetime import date, timedelta
+
+import psycopg
+import pytest
+
+from spec_oracle import differences, expected_user_rows, stored_user_rows
+
+FIRST, LAST = date(2026, 3, 1), date(2026, 3, 31)
+
+
+def snapshot(dsn):
+    """Every stored row without its identity and timestamp columns, for comparing whole runs."""
+    with psycopg.connect(dsn) as conn:
+        users = conn.execute(
+            "select to_jsonb(s) - 'id' - 'updated_at' from user_statistics_daily s order by user_id, date").fetchall()
+        platform = conn.execute(
+            "select to_jsonb(s) - 'id' - 'updated_at' from platform_statistics_daily s order by date").fetchall()
+    return users, platform
+
+
+def test_backfill_writes_every_day_with_the_specs_numbers(migrated_dsn, run_cli):
+    result = run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", migrated_dsn)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"backfill done: 31 days, \d+ rows written", result.output)
+    with psycopg.connect(migrated_dsn) as conn:
+        assert conn.execute("select count(distinct date), min(date), max(date) from platform_statistics_daily").fetchone() == (31, FIRST, LAST)
+        for day in (FIRST, date(2026, 3, 16), LAST):
+            assert differences(expected_user_rows(conn, day), stored_user_rows(conn, day)) == []
+
+
+def test_a_second_run_rewrites_the_same_numbers_and_leaves_other_days_alone(migrated_dsn, run_cli):
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        conn.execute("select aggregate_daily_statistics('2026-02-27')")
+    run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", migrated_dsn)
+    first = snapshot(migrated_dsn)
+    again = run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", migrated_dsn)
+    assert "0 rows written" in again.output
+    assert snapshot(migrated_dsn) == first
+    with psycopg.connect(migrated_dsn) as conn:
+        assert conn.execute("select count(*) from platform_statistics_daily where date < %s", [FIRST]).fetchone()[0] == 1
+
+
+def test_resume_skips_finished_chunks(migrated_dsn, run_cli):
+    run_cli("backfill", "--from", FIRST, "--to", date(2026, 3, 14), "--chunk-days", 7, "--dsn", migrated_dsn)
+    resumed = run_cli("backfill", "--from", FIRST, "--to", date(2026, 3, 21), "--chunk-days", 7, "--resume", "--dsn", migrated_dsn)
+    assert resumed.output.count("skipped (finished earlier)") == 2
+    assert "chunk 2026-03-15..2026-03-21 done" in resumed.output
+    assert "2 finished chunks skipped" in resumed.output
+
+
+def test_user_touches_only_that_users_rows(migrated_dsn, run_cli):
+    with psycopg.connect(migrated_dsn) as conn:
+        user = conn.execute("select id from profiles where created_at < '2026-03-01' order by id limit 1").fetchone()[0]
+    result = run_cli("backfill", "--from", FIRST, "--to", LAST, "--user", user, "--dsn", migrated_dsn)
+    assert result.exit_code == 0, result.output
+    with psycopg.connect(migrated_dsn) as conn:
+        assert conn.execute("select count(*), count(distinct user_id) from user_statistics_daily").fetchone() == (31, 1)
+        assert conn.execute("select count(*) from platform_statistics_daily").fetchone()[0] == 0
+
+
+def test_only_platform(migrated_dsn, run_cli):
+    assert run_cli("backfill", "--from", FIRST, "--to", LAST, "--only", "platform", "--dsn", migrated_dsn).exit_code == 0
+    with psycopg.connect(migrated_dsn) as conn:
+        assert conn.execute("select count(*) from user_statistics_daily").fetchone()[0] == 0
+        assert conn.execute("select count(*) from platform_statistics_daily").fetchone()[0] == 31
+
+
+def test_output_without_a_terminal_has_no_control_characters(migrated_dsn, run_cli):
+    output = run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", migrated_dsn).output
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", output)
+    assert len([line for line in output.splitlines() if line.startswith("chunk ")]) == 5
+
+
+def test_a_to_date_in_the_future_is_clamped_and_said(migrated_dsn, run_cli):
+    with psycopg.connect(migrated_dsn) as conn:
+        yesterday = conn.execute("select (now() at time zone 'UTC')::date - 1").fetchone()[0]
+    result = run_cli("backfill", "--from", yesterday - timedelta(days=1), "--to", yesterday + timedelta(days=30), "--dsn", migrated_dsn)
+    assert result.exit_code == 0
+    assert f"clamped to {yesterday}" in result.output
+    with psycopg.connect(migrated_dsn) as conn:
+        assert conn.execute("select max(date) from platform_statistics_daily").fetchone()[0] == yesterday
+
+
+BAD_INPUT = [
+    ("impossible date", ["--from", "2026-02-30", "--to", "2026-03-01"], 2, "--from 2026-02-30: impossible date"),
+    ("not a date", ["--from", "last week", "--to", "2026-03-01"], 2, "not a date, use YYYY-MM-DD"),
+    ("reversed range", ["--from", "2026-03-05", "--to", "2026-03-01"], 2, "reversed range: --from 2026-03-05 is after --to 2026-03-01"),
+    ("future range", ["--from", "2999-01-01", "--to", "2999-01-02"], 2, "--from 2999-01-01 is in the future"),
+    ("bad uuid", ["--from", "2026-03-01", "--to", "2026-03-02", "--user", "bob"], 2, "--user 'bob': not a UUID"),
+    ("unknown user", ["--from", "2026-03-01", "--to", "2026-03-02", "--user", "00000000-0000-4000-8000-000000000000"], 2, "no such profile"),
+    ("bad scope", ["--from", "2026-03-01", "--to", "2026-03-02", "--only", "everything"], 2, "Invalid value for '--only'"),
+]
+
+
+@pytest.mark.parametrize("args, code, message", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_one_line_and_writes_nothing(migrated_dsn, run_cli, args, code, message):
+    result = run_cli("backfill", *args, "--dsn", migrated_dsn)
+    assert result.exit_code == code
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert snapshot(migrated_dsn) == ([], [])
+
+
+def test_a_database_never_migrated_says_run_migrate_first(loaded_dsn, run_cli):
+    result = run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", loaded_dsn)
+    assert result.exit_code == 2
+    assert result.output.strip() == "statskit: error: database statskit_test has no statskit deployment: run statskit migrate first"
+
+
+def test_sigkill_mid_run_then_rerun_equals_one_clean_run(migrated_dsn, run_cli):
+    run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", migrated_dsn)
+    clean = snapshot(migrated_dsn)
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "toolkit", "backfill", "--from", str(FIRST), "--to", str(LAST), "--chunk-days", "1",
+         "--dsn", migrated_dsn],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines = [process.stdout.readline() for _ in range(3)]  # three chunks committed, the fourth under way
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+    assert all(line.startswith("chunk ") for line in lines)
+    partial = snapshot(migrated_dsn)
+    assert 3 <= len(partial[1]) < 31
+    resumed = run_cli("backfill", "--from", FIRST, "--to", LAST, "--chunk-days", "1", "--resume", "--dsn", migrated_dsn)
+    assert resumed.exit_code == 0 and "finished chunks skipped" in resumed.output
+    assert snapshot(migrated_dsn) == clean

@@ -1,0 +1,47 @@
+"""`statskit demo` on a database the test gives it (the private cluster path is the same code the
+session's test server runs on: toolkit.cluster)."""
+
+import psycopg
+import pytest
+
+from conftest import cluster, cron_connection
+
+
+@pytest.fixture
+def empty_dsn():
+    name = "statskit_demo_test"
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute(f"drop database if exists {name} with (force)")
+        admin.execute(f"create database {name}")
+    try:
+        yield cluster.dsn(name)
+    finally:
+        with cron_connection() as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute(f"drop database if exists {name} with (force)")
+
+
+def test_demo_runs_end_to_end_and_tells_the_story(empty_dsn, run_cli):
+    result = run_cli("demo", "--dsn", empty_dsn, "--users", 80, "--days", 20, "--seed", 3)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "migrate: 1 migrations, 3 functions, 2 pg_cron jobs" in out
+    assert "backfill: 20 days," in out
+    assert "verify: WARN — 15 passed, 2 warnings, 0 failed" in out  # the jobs have not run yet
+    assert "KPIs of a tutor" in out and "KPIs of a client" in out
+    with psycopg.connect(empty_dsn) as conn:
+        days, users = conn.execute("select count(distinct date), count(distinct user_id) from user_statistics_daily").fetchone()
+    assert days == 20 and users > 0
+
+
+def test_demo_is_deterministic_for_a_seed():
+    from toolkit import demo_data
+    assert demo_data.generate(50, 10, seed=9).rows == demo_data.generate(50, 10, seed=9).rows
+    assert demo_data.generate(50, 10, seed=9).rows != demo_data.generate(50, 10, seed=10).rows
+
+
+def test_demo_refuses_a_database_with_source_tables(dsn, run_cli):
+    result = run_cli("demo", "--dsn", dsn)
+    assert result.exit_code == 1
+    assert "already has a profiles table: the demo needs an empty database" in result.output

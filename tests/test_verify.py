@@ -1,0 +1,150 @@
+"""`statskit verify`: a clean deployment passes; each hand-made fault fails and is named."""
+
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import psycopg
+import pytest
+
+from conftest import cron_connection
+
+WINDOW = ["--from", "2026-03-25", "--to", "2026-03-31"]
+
+
+@pytest.fixture
+def deployed(migrated_dsn, run_cli):
+    """Migrated, backfilled over the window, and both jobs with a recent successful run."""
+    assert run_cli("backfill", "--from", "2026-03-25", "--to", "2026-03-31", "--quiet", "--dsn", migrated_dsn).exit_code == 0
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:  # what last night's jobs wrote
+        conn.execute("select aggregate_daily_statistics(), aggregate_user_statistics()")
+    dbname = psycopg.conninfo.conninfo_to_dict(migrated_dsn)["dbname"]
+    with cron_connection() as conn:
+        conn.execute(
+            "insert into cron.job_run_details (jobid, runid, database, username, command, status, return_message, start_time, end_time)"
+            " select jobid, nextval('cron.runid_seq'), database, username, command, 'succeeded', '1 row',"
+            " now() - interval '2 hours', now() - interval '2 hours' from cron.job where database = %s",
+            [dbname],
+        )
+    try:
+        yield migrated_dsn
+    finally:
+        with cron_connection() as conn:
+            conn.execute("delete from cron.job_run_details where database = %s", [dbname])
+
+
+def verify(run_cli, dsn, *extra):
+    return run_cli("verify", "--dsn", dsn, *WINDOW, *extra)
+
+
+def test_a_clean_deployment_passes(deployed, run_cli):
+    result = verify(run_cli, deployed)
+    assert result.exit_code == 0, result.output
+    assert "verify: PASS — 17 passed, 0 warnings, 0 failed" in result.output
+    assert re.search(r"sample +pass  \d+ stored rows recomputed, every metric equal", result.output)
+
+
+def in_target(statement):
+    def apply(dsn):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(statement)
+    return apply
+
+
+def in_cron(statement):
+    def apply(dsn):
+        with cron_connection() as conn:
+            conn.execute(statement, [psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]])
+    return apply
+
+
+FAULTS = [
+    ("dropped column", in_target("alter table user_statistics_daily drop column five_star_reviews"),
+     "schema user_statistics_daily", "column five_star_reviews is missing"),
+    ("retyped column", in_target("alter table user_statistics_daily alter column total_hours type numeric(12,4)"),
+     "schema user_statistics_daily", "column total_hours is numeric(12,4), expected numeric(10,2)"),
+    ("missing unique key", in_target("alter table platform_statistics_daily drop constraint platform_statistics_daily_date_key"),
+     "keys platform_statistics_daily", "no unique key on (date)"),
+    ("dropped function", in_target("drop function aggregate_daily_statistics(date)"),
+     "function aggregate_daily_statistics", "does not exist"),
+    ("function edited by hand", in_target(
+        "do $$ begin execute replace(pg_get_functiondef('aggregate_single_user_statistics(uuid,date)'::regprocedure),"
+        " 'r.rating = 5', 'r.rating >= 4'); end $$"),
+     "function aggregate_single_user_statistics", "deployed body differs from the rendered one"),
+    ("job moved to another hour", in_cron("update cron.job set schedule = '0 4 * * *' where database = %s and jobname = 'aggregate-user-statistics'"),
+     "cron job aggregate-user-statistics", "schedule '0 4 * * *', expected '0 1 * * *'"),
+    ("job unscheduled", in_cron("select cron.unschedule(jobid) from cron.job where database = %s and jobname = 'aggregate-platform-statistics'"),
+     "cron job aggregate-platform-statistics", "not registered"),
+    ("last run failed", in_cron(
+        "insert into cron.job_run_details (jobid, runid, database, username, command, status, return_message, start_time, end_time)"
+        " select jobid, nextval('cron.runid_seq'), database, username, command, 'failed', 'ERROR:  division by zero',"
+        " now() - interval '1 hour', now() - interval '1 hour' from cron.job where database = %s and jobname = 'aggregate-user-statistics'"),
+     "cron health aggregate-user-statistics", "last run failed at"),
+    ("missing day of rows", in_target("delete from user_statistics_daily where date = '2026-03-27'"),
+     "data user rows", "missing on 2026-03-27"),
+    ("missing platform day", in_target("delete from platform_statistics_daily where date = '2026-03-26'"),
+     "data platform rows", "no row for 2026-03-26"),
+    ("stored metric changed by hand", in_target(
+        "update user_statistics_daily set total_earnings = total_earnings + 1"
+        " where date = '2026-03-31' and user_id = (select user_id from user_statistics_daily where date = '2026-03-31' order by md5(user_id::text) limit 1)"),
+     "sample", "total_earnings of"),
+]
+
+
+@pytest.mark.parametrize("apply, check, detail", [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
+def test_each_fault_fails_verify_and_is_named(deployed, run_cli, apply, check, detail):
+    apply(deployed)
+    result = verify(run_cli, deployed)
+    assert result.exit_code == 1, result.output
+    failing = [line for line in result.output.splitlines() if line.startswith(check) and "  fail  " in line]
+    assert failing and detail in failing[0], result.output
+
+
+def test_json_and_junit_carry_the_same_verdicts(deployed, run_cli):
+    in_target("delete from user_statistics_daily where date = '2026-03-27'")(deployed)
+    as_json = json.loads(verify(run_cli, deployed, "--format", "json").output)
+    suite = ET.fromstring(verify(run_cli, deployed, "--format", "junit").output).find("testsuite")
+    assert as_json["status"] == "fail" and as_json["summary"]["fail"] == 1
+    failed_json = {c["check"] for c in as_json["checks"] if c["status"] == "fail"}
+    failed_junit = {case.get("name") for case in suite.iter("testcase") if case.find("failure") is not None}
+    assert failed_json == failed_junit == {"data user rows"}
+    assert int(suite.get("tests")) == len(as_json["checks"]) and suite.get("failures") == "1"
+    assert set(as_json["checks"][0]) == {"check", "status", "detail"}
+
+
+def test_verify_changes_nothing(deployed, run_cli):
+    in_target("update user_statistics_daily set total_reviews = 99 where date = '2026-03-31'")(deployed)
+    with psycopg.connect(deployed) as conn:
+        before = conn.execute("select sum(total_reviews), count(*) from user_statistics_daily").fetchone()
+    assert verify(run_cli, deployed).exit_code == 1
+    with psycopg.connect(deployed) as conn:
+        assert conn.execute("select sum(total_reviews), count(*) from user_statistics_daily").fetchone() == before
+        assert conn.execute("select to_regclass('pg_temp.statskit_sample')").fetchone()[0] is None
+
+
+def test_no_run_yet_is_a_warning_not_a_failure(migrated_dsn, run_cli):
+    run_cli("backfill", "--from", "2026-03-25", "--to", "2026-03-31", "--quiet", "--dsn", migrated_dsn)
+    result = verify(run_cli, migrated_dsn)
+    assert result.exit_code == 0
+    assert re.search(r"cron health aggregate-user-statistics +warn  no run yet", result.output)
+
+
+def test_only_runs_the_named_groups(deployed, run_cli):
+    result = verify(run_cli, deployed, "--only", "schema,migrations")
+    assert result.exit_code == 0
+    assert {line.split()[0] for line in result.output.splitlines()[:-1]} == {"schema", "keys", "migrations"}
+    bad = verify(run_cli, deployed, "--only", "schema,vibes")
+    assert bad.exit_code == 2 and "unknown check group" in bad.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dsn", "host=127.0.0.1 port=1 password=hunter2"], "cannot connect"),
+])
+def test_verify_that_cannot_run_exits_2(run_cli, args, message):
+    result = run_cli("verify", *args)
+    assert result.exit_code == 2 and message in result.output and "hunter2" not in result.output
+
+
+def test_verify_of_a_database_never_migrated_exits_2(loaded_dsn, run_cli):
+    result = run_cli("verify", "--dsn", loaded_dsn)
+    assert result.exit_code == 2 and "run statskit migrate first" in result.output
