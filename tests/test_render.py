@@ -91,3 +91,15 @@ def test_a_catalog_with_an_invalid_identifier_is_rejected(sql_copy, run_cli):
     result = run_cli("render", "--sql-dir", sql_copy)
     assert result.exit_code == 2
     assert "invalid metric name" in result.output
+
+
+def test_generated_docs_are_current_and_cover_every_command():
+    from toolkit.catalog import load_catalog
+    from toolkit.cli import cli
+    from toolkit.docs import render_docs
+    docs = render_docs(load_catalog(SQL_DIR / "catalog.toml"))
+    assert stale_files(SQL_DIR.parent / "docs", docs, ()) == []
+    for name, command in cli.commands.items():
+        assert command.help, name
+        assert f"## `statskit {name}`" in docs["commands.md"]
+    assert docs["metrics.md"].count("\n| `") == 30 + 16

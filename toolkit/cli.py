@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 import psycopg
 
-from . import backfill as backfill_core, db, demo as demo_core, deployment, migrate as migrate_core, report, verify as verify_core
+from . import backfill as backfill_core, db, demo as demo_core, docs, deployment, migrate as migrate_core, report, verify as verify_core
 from .dates import check_range, parse_date
 from .errors import StatskitError, UsageError
-from .render import default_sql_dir, render_all, stale_files, write_rendered
+from .catalog import load_catalog
+from .render import RENDERED_GLOBS, default_sql_dir, render_all, stale_files, write_rendered
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""
@@ -93,17 +94,21 @@ def render(sql_dir, check):
       statskit render --check    # in CI: fail when someone forgot to render
     """
     sql_dir = sql_dir or default_sql_dir()
-    rendered = render_all(sql_dir)
+    targets = [(sql_dir, render_all(sql_dir), RENDERED_GLOBS)]
+    docs_dir = sql_dir.parent / "docs"
+    if docs_dir.is_dir():  # a checkout: the generated docs live beside sql/
+        targets.append((docs_dir, docs.render_docs(load_catalog(sql_dir / "catalog.toml")), ()))
+    total = sum(len(files) for _, files, _ in targets)
     if check:
-        stale = stale_files(sql_dir, rendered)
+        stale = [str(folder / rel) for folder, files, owned in targets for rel in stale_files(folder, files, owned)]
         if stale:
-            raise StatskitError(f"rendered SQL is stale, run statskit render: {', '.join(stale)}")
-        click.echo(f"rendered SQL is up to date ({len(rendered)} files in {sql_dir})")
+            raise StatskitError(f"rendered files are stale, run statskit render: {', '.join(stale)}")
+        click.echo(f"rendered files are up to date ({total} files)")
         return
-    touched = write_rendered(sql_dir, rendered)
-    for rel in touched:
-        click.echo(f"wrote {sql_dir / rel}")
-    click.echo(f"{len(touched)} of {len(rendered)} files changed")
+    touched = [folder / rel for folder, files, owned in targets for rel in write_rendered(folder, files, owned)]
+    for path in touched:
+        click.echo(f"wrote {path}")
+    click.echo(f"{len(touched)} of {total} files changed")
 
 
 @cli.command()

@@ -13,7 +13,8 @@ from .settings import Settings
 # An installed package carries sql/ as toolkit/sql; a checkout (or editable install) has it beside toolkit/.
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_SQL_DIR = _PACKAGE_DIR / "sql" if (_PACKAGE_DIR / "sql").is_dir() else _PACKAGE_DIR.parent / "sql"
-RENDERED_DIRS = ("migrations", "functions")
+# Leftover files here are stale renderings (a migration or function the catalog no longer has).
+RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql")
 FUNCTION_NAMES = (
     "aggregate_single_user_statistics",
     "aggregate_user_statistics",
@@ -110,25 +111,24 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
     return out
 
 
-def _existing(sql_dir: Path) -> dict[str, str]:
-    files = {}
-    for sub in RENDERED_DIRS:
-        for path in sorted((sql_dir / sub).glob("*.sql")):
-            files[f"{sub}/{path.name}"] = path.read_text()
-    return files
+def _existing(folder: Path, rendered: dict[str, str], owned: tuple[str, ...]) -> dict[str, str]:
+    """The files render owns in folder: those it renders now, and any leftover matching `owned`."""
+    paths = {rel for rel in rendered if (folder / rel).is_file()}
+    paths |= {str(p.relative_to(folder)) for pattern in owned for p in folder.glob(pattern)}
+    return {rel: (folder / rel).read_text() for rel in sorted(paths)}
 
 
-def stale_files(sql_dir: Path, rendered: dict[str, str]) -> list[str]:
+def stale_files(folder: Path, rendered: dict[str, str], owned: tuple[str, ...] = RENDERED_GLOBS) -> list[str]:
     """Paths whose committed text differs from the rendering, is missing, or is left over."""
-    existing = _existing(sql_dir)
+    existing = _existing(folder, rendered, owned)
     return sorted(p for p in set(existing) | set(rendered) if existing.get(p) != rendered.get(p))
 
 
-def write_rendered(sql_dir: Path, rendered: dict[str, str]) -> list[str]:
+def write_rendered(folder: Path, rendered: dict[str, str], owned: tuple[str, ...] = RENDERED_GLOBS) -> list[str]:
     """Write what changed (and remove leftovers); return the paths touched. Unchanged files keep their mtime."""
-    touched = stale_files(sql_dir, rendered)
+    touched = stale_files(folder, rendered, owned)
     for rel in touched:
-        path = sql_dir / rel
+        path = folder / rel
         if rel in rendered:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(rendered[rel])
