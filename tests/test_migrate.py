@@ -201,3 +201,31 @@ def test_rollback_of_an_empty_database_says_migrate_first(dsn, run_cli):
 def test_unknown_time_zone_is_refused(dsn, run_cli):
     result = run_cli("migrate", "--dsn", dsn, "--time-zone", "Mars/Olympus")
     assert result.exit_code == 2 and "unknown time zone 'Mars/Olympus'" in result.output
+
+
+def test_a_server_without_pg_cron_stops_migrate_unless_no_cron(run_cli, tmp_path):
+    from toolkit.cluster import LocalCluster
+    bare = LocalCluster("no-cron", 54339, durable=False, with_cron=False)
+    bare.start()
+    try:
+        result = run_cli("migrate", "--dsn", bare.dsn("postgres"))
+        assert result.exit_code == 1
+        # checked before the source tables: nothing to change yet, and the message says what to do
+        with psycopg.connect(bare.dsn("postgres"), autocommit=True) as conn:
+            conn.execute((SQL_DIR.parent / "toolkit" / "reference_schema.sql").read_text())
+        before = objects(bare.dsn("postgres"))
+        result = run_cli("migrate", "--dsn", bare.dsn("postgres"))
+        assert result.exit_code == 1 and "pg_cron is not loaded on this server" in result.output and "--no-cron" in result.output
+        assert objects(bare.dsn("postgres")) == before
+        assert run_cli("migrate", "--dsn", bare.dsn("postgres"), "--no-cron").exit_code == 0
+    finally:
+        bare.destroy()
+
+
+def test_dsn_comes_from_the_environment(dsn, run_cli, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/wrong")
+    monkeypatch.setenv("STATSKIT_DSN", dsn)
+    assert run_cli("migrate", "--status").exit_code == 0
+    monkeypatch.delenv("STATSKIT_DSN")
+    result = run_cli("migrate", "--status")
+    assert result.exit_code == 2 and "nobody@127.0.0.1:1/wrong" in result.output

@@ -148,3 +148,17 @@ def test_verify_that_cannot_run_exits_2(run_cli, args, message):
 def test_verify_of_a_database_never_migrated_exits_2(loaded_dsn, run_cli):
     result = run_cli("verify", "--dsn", loaded_dsn)
     assert result.exit_code == 2 and "run statskit migrate first" in result.output
+
+
+def test_permission_denied_means_verify_cannot_run(deployed, run_cli):
+    with psycopg.connect(deployed, autocommit=True) as conn:
+        conn.execute("drop role if exists outsider")
+        conn.execute("create role outsider login")
+    try:
+        outsider = deployed.replace("user=postgres", "user=outsider")
+        result = run_cli("verify", "--dsn", outsider, *WINDOW)
+        assert result.exit_code == 2, result.output
+        assert "permission denied" in result.output
+    finally:
+        with psycopg.connect(deployed, autocommit=True) as conn:
+            conn.execute("drop role outsider")

@@ -29,7 +29,9 @@ class StatskitGroup(click.Group):
             self._fail(ctx, str(exc), exc.exit_code)
         except psycopg.Error as exc:
             dsn = ctx.meta.get("statskit.dsn", "")
-            self._fail(ctx, db.mask_secrets(db.first_line(exc), dsn), 1)
+            # Permission denied means the database cannot be used with this login: like no connection.
+            code = 2 if isinstance(exc, psycopg.errors.InsufficientPrivilege) else 1
+            self._fail(ctx, db.mask_secrets(db.first_line(exc), dsn), code)
 
     @staticmethod
     def _fail(ctx, message, code):

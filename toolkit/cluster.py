@@ -77,12 +77,14 @@ def port_in_use(port: int) -> bool:
 class LocalCluster:
     """One private cluster: <base>/<name>/data, its log beside it."""
 
-    def __init__(self, name: str, port: int, base_dir: Path | None = None, durable: bool = True):
+    def __init__(self, name: str, port: int, base_dir: Path | None = None, durable: bool = True,
+                 with_cron: bool = True):
         self.root = (base_dir or default_base_dir()) / name
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
         self.port = port
         self.durable = durable
+        self.with_cron = with_cron
         self._bindir = None
 
     @property
@@ -125,6 +127,8 @@ class LocalCluster:
         )
         self._check(result, "initdb")
         settings = dict(_SERVER_SETTINGS, port=str(self.port))
+        if not self.with_cron:
+            settings = {k: v for k, v in settings.items() if k != "shared_preload_libraries" and not k.startswith("cron.")}
         if not self.durable:
             settings.update(_FAST_SETTINGS)
         with open(self.datadir / "postgresql.conf", "a") as conf:
@@ -140,8 +144,9 @@ class LocalCluster:
             result = self._run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60")
             self._check(result, "starting PostgreSQL")
         self._wait_ready()
-        with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute("create extension if not exists pg_cron")
+        if self.with_cron:
+            with psycopg.connect(self.dsn(), autocommit=True) as conn:
+                conn.execute("create extension if not exists pg_cron")
 
     def _wait_ready(self, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds

@@ -23,3 +23,4 @@ class NotMigrated(StatskitError):
     """The database has no statskit deployment yet."""
 
     exit_code = 2
+

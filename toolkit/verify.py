@@ -304,6 +304,8 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
         if group in groups:
             try:
                 checks += runners[group]()
+            except psycopg.errors.InsufficientPrivilege:
+                raise  # verify cannot run at all (exit 2), rather than one check failing
             except (psycopg.Error, StatskitError) as exc:
                 checks.append(Check(group, "fail", f"could not run: {first_line(exc)}"))
     return checks

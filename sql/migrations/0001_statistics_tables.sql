@@ -53,6 +53,7 @@ create table "public".user_statistics_daily (
 create index user_statistics_daily_date_idx on "public".user_statistics_daily (date);
 
 comment on table "public".user_statistics_daily is 'One row per user and statistics date: what the user''s dashboard shows for that day. Written by aggregate_user_statistics; never edit by hand.';
+comment on column "public".user_statistics_daily.id is 'Surrogate key';
 comment on column "public".user_statistics_daily.user_id is 'profiles.id of the user these numbers belong to';
 comment on column "public".user_statistics_daily.date is 'The statistics date D';
 comment on column "public".user_statistics_daily.updated_at is 'When the numbers of this row last changed';
@@ -116,6 +117,7 @@ create table "public".platform_statistics_daily (
 );
 
 comment on table "public".platform_statistics_daily is 'One row per statistics date: marketplace-wide totals. Written by aggregate_daily_statistics; never edit by hand.';
+comment on column "public".platform_statistics_daily.id is 'Surrogate key';
 comment on column "public".platform_statistics_daily.date is 'The statistics date D';
 comment on column "public".platform_statistics_daily.updated_at is 'When the numbers of this row last changed';
 comment on column "public".platform_statistics_daily.total_users is 'Profiles created as of D';
