@@ -65,6 +65,7 @@ class Migration:
 class Catalog:
     migrations: tuple[Migration, ...]
     source_tables: dict[str, tuple[str, ...]]
+    kpis: dict[str, tuple[str, ...]]  # role -> user metrics, in dashboard order
     user: Rollup
     platform: Rollup
 
@@ -131,13 +132,19 @@ def load_catalog(path: Path) -> Catalog:
         migrations = tuple(Migration(m["id"], m["description"]) for m in raw["migrations"])
         ids = {m.id for m in migrations}
         first = migrations[0].id
+        user = _read_rollup(raw["user"], first, ids, per_user=True)
+        kpis = {role: tuple(metrics) for role, metrics in raw["kpis"].items()}
+        unknown = sorted({m for metrics in kpis.values() for m in metrics} - {m.name for m in user.metrics})
+        if unknown:
+            raise UsageError(f"catalog: KPI sets name unknown metrics {', '.join(unknown)}")
         return Catalog(
             migrations=migrations,
             source_tables={
                 check_identifier(table, "source table"): tuple(check_identifier(c, "source column") for c in columns)
                 for table, columns in raw["source_tables"].items()
             },
-            user=_read_rollup(raw["user"], first, ids, per_user=True),
+            kpis=kpis,
+            user=user,
             platform=_read_rollup(raw["platform"], first, ids, per_user=False),
         )
     except (KeyError, IndexError) as exc:

@@ -1,6 +1,7 @@
 """The `statskit` command line: parse options, call one core function, print what it returns."""
 
 import functools
+import json
 import os
 import sys
 import uuid
@@ -9,7 +10,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from . import backfill as backfill_core, db, demo as demo_core, docs, deployment, migrate as migrate_core, report, verify as verify_core
+from . import backfill as backfill_core, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, report, verify as verify_core
 from .dates import check_range, parse_date
 from .errors import StatskitError, UsageError
 from .catalog import load_catalog
@@ -259,9 +260,8 @@ def _tell(story):
     for job in story.jobs:
         click.echo(f"pg_cron: {job.jobname} at '{job.schedule}' runs {job.command} in {job.database}")
     for role, (user_id, values) in story.kpis.items():
-        click.echo(f"KPIs of a {role} ({user_id}) on {story.last_day}:")
-        for metric, value in values:
-            click.echo(f"  {metric:<20} {'-' if value is None else value}")
+        click.echo(f"KPIs of a {role} ({user_id}) on {story.last_day}, against the week before:")
+        click.echo(_metric_grid(values, story.metric_types, sys.stdout.isatty()))
     click.echo(f"look around: psql \"{story.dsn}\"   (or: statskit demo shell)")
 
 
@@ -340,11 +340,11 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, quiet):
                    f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
 
 
-def _parse_uuid(text):
+def _parse_uuid(text, what="--user"):
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise UsageError(f"--user {text!r}: not a UUID") from None
+        raise UsageError(f"{what} {text!r}: not a UUID") from None
 
 
 def _progress_printer(quiet):
@@ -414,3 +414,99 @@ def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
         click.echo(report.as_text(checks, colour=sys.stdout.isatty()), nl=False)
     if verify_core.overall(checks) == "fail":
         sys.exit(1)
+
+
+TREND_MARKS = {"up": ("▲", "green"), "down": ("▼", "red"), "neutral": ("•", None)}
+
+
+def _number(value, sql_type, signed=False):
+    """Counts as integers; money, hours, ratings and scores with 2 decimals."""
+    if value is None:
+        return "-"
+    sign = "+" if signed else ""
+    return f"{int(value):{sign}d}" if sql_type == "integer" else f"{value:{sign}.2f}"
+
+
+def _metric_grid(values, types, colour):
+    header = f"{'metric':<22} {'value':>12} {'previous':>12} {'change':>12} {'change %':>9}  trend"
+    lines = [header]
+    for v in values:
+        mark, fg = TREND_MARKS[v.trend]
+        if colour and fg:
+            mark = click.style(mark, fg=fg)
+        pct = "-" if v.change_pct is None else f"{v.change_pct:+.2f}%"
+        kind = types[v.metric]
+        lines.append(f"{v.metric:<22} {_number(v.value, kind):>12} {_number(v.previous_value, kind):>12} "
+                     f"{_number(v.change, kind, signed=True):>12} {pct:>9}  {mark} {v.trend}")
+    return "\n".join(lines)
+
+
+def _dashboard_options(command):
+    command = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)(command)
+    command = click.option("--compare", type=click.Choice(dashboard.COMPARISONS), default="day", show_default=True,
+                           help="Compare with the day before, 7 days before, or one month before.")(command)
+    return click.option("--date", "day", metavar="YYYY-MM-DD", help="Statistics date. Default: yesterday.")(command)
+
+
+@cli.command()
+@dsn_option
+@sql_dir_option
+@click.argument("user_id")
+@click.argument("metric")
+@_dashboard_options
+def metric(dsn, sql_dir, user_id, metric, day, compare, fmt):
+    """Show one metric of one user with its comparison (value, previous, change, trend).
+
+    \b
+    Example:
+      statskit metric 0b6f...e1 total_earnings --compare week --dsn ...
+    """
+    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+    try:
+        deployment.require_deployment(target.conn)
+        day, value = dashboard.user_metric(target, _parse_uuid(user_id, "USER_ID"), metric,
+                                           parse_date(day, "--date") if day else None, compare)
+        types = dashboard.metric_types(target)
+    finally:
+        target.close()
+    if fmt == "json":
+        click.echo(json.dumps({"user_id": user_id, "date": str(day), "compare": compare, **value.as_dict()}, indent=2))
+    else:
+        click.echo(_metric_grid([value], types, sys.stdout.isatty()))
+
+
+@cli.command()
+@dsn_option
+@sql_dir_option
+@click.argument("user_id", required=False)
+@click.option("--platform", is_flag=True, help="Show every platform metric instead of a user's KPI set.")
+@_dashboard_options
+def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
+    """Show a user's KPI set (by role) or the platform's metrics, each with its comparison.
+
+    \b
+    Examples:
+      statskit kpis 0b6f...e1 --dsn ...                 # a tutor: earnings, sessions, rating, ...
+      statskit kpis --platform --compare month --dsn ...
+    """
+    if bool(user_id) == platform:
+        raise UsageError("give a USER_ID or --platform (one of the two)")
+    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+    try:
+        deployment.require_deployment(target.conn)
+        when = parse_date(day, "--date") if day else None
+        if platform:
+            day, values = dashboard.platform_kpis(target, when, compare)
+            title, subject = f"platform on {day}, compared with the {compare} before", {"platform": True}
+        else:
+            day, role, values = dashboard.user_kpis(target, _parse_uuid(user_id, "USER_ID"), when, compare)
+            title, subject = f"{role} {user_id} on {day}, compared with the {compare} before", {"user_id": user_id, "role": role}
+        types = dashboard.metric_types(target)
+    finally:
+        target.close()
+    if fmt == "json":
+        click.echo(json.dumps({**subject, "date": str(day), "compare": compare,
+                               "metrics": [v.as_dict() for v in values]}, indent=2))
+    else:
+        click.echo(title)
+        click.echo(_metric_grid(values, types, sys.stdout.isatty()))

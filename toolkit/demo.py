@@ -6,19 +6,11 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from . import backfill, cron, db, demo_data, migrate, verify
+from . import backfill, cron, dashboard, db, demo_data, migrate, verify
 from .cluster import DEMO_PORT, LocalCluster
 from .errors import StatskitError
 
 DEMO_DATABASE = "statskit_demo"
-
-# The spec's KPI sets, by role: what a user's dashboard shows first.
-KPI_SETS = {
-    "tutor": ("total_earnings", "upcoming_sessions", "completed_sessions", "average_rating", "active_students", "caas_score"),
-    "agent": ("total_earnings", "upcoming_sessions", "completed_sessions", "average_rating", "active_students", "caas_score"),
-    "client": ("active_bookings", "total_spent", "completed_sessions", "average_rating", "monthly_spent", "caas_score"),
-}
-
 
 def demo_cluster(port: int = DEMO_PORT) -> LocalCluster:
     return LocalCluster("demo", port)
@@ -34,7 +26,8 @@ class DemoStory:
     backfilled: backfill.Progress
     checks: list
     jobs: list
-    kpis: dict = field(default_factory=dict)  # role -> (user_id, [(metric, value)])
+    kpis: dict = field(default_factory=dict)  # role -> (user_id, [dashboard.MetricValue])
+    metric_types: dict = field(default_factory=dict)
 
 
 def fresh_private_database(cluster: LocalCluster) -> str:
@@ -75,23 +68,22 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir) -> DemoStory:
         with cron.connect_cron(dsn, target.conn, None) as cron_conn:
             jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
         story = DemoStory(dsn, market.count(), market.first_day, market.last_day, applied, progress, checks, jobs)
-        story.kpis = _kpis(target.conn, market.last_day)
+        story.kpis = _kpis(target, market.last_day)
+        story.metric_types = dashboard.metric_types(target)
     finally:
         target.close()
     return story
 
 
-def _kpis(conn: psycopg.Connection, day) -> dict:
-    """The KPI set of the busiest tutor and the busiest client on the last day."""
+def _kpis(target: migrate.Target, day) -> dict:
+    """The KPI sets of the busiest tutor and the busiest client on the last day, against the week before."""
     out = {}
     for role, busiest_by in (("tutor", "completed_sessions"), ("client", "active_bookings + completed_sessions")):
-        metrics = KPI_SETS[role]
-        row = conn.execute(
-            f"select s.user_id, {', '.join('s.' + m for m in metrics)} from user_statistics_daily s"
-            f" join profiles p on p.id = s.user_id where s.date = %s and p.role = %s"
-            f" order by {busiest_by} desc, s.user_id limit 1",
+        row = target.conn.execute(
+            f"select s.user_id from user_statistics_daily s join profiles p on p.id = s.user_id"
+            f" where s.date = %s and p.role = %s order by {busiest_by} desc, s.user_id limit 1",
             [day, role],
         ).fetchone()
         if row:
-            out[role] = (row[0], list(zip(metrics, row[1:])))
+            out[role] = (row[0], dashboard.user_kpis(target, row[0], day, "week")[2])
     return out

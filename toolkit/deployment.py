@@ -7,7 +7,7 @@ import psycopg
 
 from .catalog import Catalog
 from .errors import NotMigrated, StatskitError, UsageError
-from .render import quote_ident
+from .render import FUNCTIONS, quote_ident
 from .settings import STATSKIT_SCHEMA, Settings
 
 YOYO_MIGRATION_TABLE = "_yoyo_migration"
@@ -26,12 +26,6 @@ create table if not exists {STATSKIT_SCHEMA}.function_checksums (
 );
 """
 
-# The signature of each rendered function, to find it in pg_proc.
-FUNCTION_SIGNATURES = {
-    "aggregate_single_user_statistics": "uuid, date",
-    "aggregate_user_statistics": "uuid, date",
-    "aggregate_daily_statistics": "date",
-}
 
 
 def checksum(text: str) -> str:
@@ -75,7 +69,7 @@ def function_checksums(conn: psycopg.Connection) -> dict[str, str]:
 
 
 def function_exists(conn: psycopg.Connection, settings: Settings, name: str) -> bool:
-    signature = f"{quote_ident(settings.schema)}.{name}({FUNCTION_SIGNATURES[name]})"
+    signature = f"{quote_ident(settings.schema)}.{name}({FUNCTIONS[name].arguments})"
     return conn.execute("select to_regprocedure(%s) is not null", [signature]).fetchone()[0]
 
 
@@ -89,7 +83,7 @@ def function_states(conn: psycopg.Connection, settings: Settings, rendered: dict
     """Compare each rendered function with what was applied (by checksum) and what exists."""
     applied = function_checksums(conn)
     states = []
-    for name in FUNCTION_SIGNATURES:
+    for name in FUNCTIONS:
         text = rendered[f"functions/{name}.sql"]
         if not function_exists(conn, settings, name):
             states.append(FunctionState(name, "missing"))

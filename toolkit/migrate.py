@@ -21,7 +21,7 @@ from . import cron, db, deployment
 from .catalog import Catalog, load_catalog
 from .deployment import YOYO_MIGRATION_TABLE
 from .errors import StatskitError, UsageError
-from .render import quote_ident, render_all
+from .render import FUNCTIONS, quote_ident, render_all
 from .settings import STATSKIT_SCHEMA, Settings
 
 
@@ -209,8 +209,8 @@ def rollback(target: Target, cron_dsn: str | None = None, use_cron: bool = True,
             if result.remaining:
                 return result
             with target.conn.transaction():
-                for name, signature in deployment.FUNCTION_SIGNATURES.items():
-                    target.conn.execute(f"drop function if exists {quote_ident(target.settings.schema)}.{name}({signature})")
+                for name, spec in reversed(FUNCTIONS.items()):
+                    target.conn.execute(f"drop function if exists {quote_ident(target.settings.schema)}.{name}({spec.arguments})")
                     result.dropped_functions.append(name)
                 target.conn.execute(f"delete from {STATSKIT_SCHEMA}.function_checksums")
                 target.conn.execute(f"delete from {STATSKIT_SCHEMA}.settings")

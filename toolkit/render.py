@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -15,11 +16,23 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_SQL_DIR = _PACKAGE_DIR / "sql" if (_PACKAGE_DIR / "sql").is_dir() else _PACKAGE_DIR.parent / "sql"
 # Leftover files here are stale renderings (a migration or function the catalog no longer has).
 RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql")
-FUNCTION_NAMES = (
-    "aggregate_single_user_statistics",
-    "aggregate_user_statistics",
-    "aggregate_daily_statistics",
-)
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    arguments: str  # identity arguments, to find it in pg_proc
+    returns: str  # as format_type prints it ("record" for RETURNS TABLE)
+
+
+# Every rendered function (sql/functions/<name>.sql), in the order migrate creates them (callers after callees).
+FUNCTIONS = {
+    "aggregate_single_user_statistics": FunctionSpec("uuid, date", "integer"),
+    "aggregate_user_statistics": FunctionSpec("uuid, date", "integer"),
+    "aggregate_daily_statistics": FunctionSpec("date", "integer"),
+    "user_metric": FunctionSpec("uuid, text, date, text", "record"),
+    "platform_metric": FunctionSpec("text, date, text", "record"),
+    "user_kpis": FunctionSpec("uuid, date, text", "record"),
+}
 
 
 def default_sql_dir() -> Path:
@@ -88,6 +101,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "time_zone": settings.time_zone,
         "user": _resolve_snippets(catalog.user, env, source),
         "platform": _resolve_snippets(catalog.platform, env, source),
+        "kpis": catalog.kpis,
         "lock_names": {t: lock_name(settings, t) for t in (catalog.user.table, catalog.platform.table)},
     }
     out = {}
@@ -104,7 +118,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
                     raise UsageError(f"migration {migration.id} would contain '%', which yoyo cannot run")
                 out[f"migrations/{migration.id}{suffix}"] = text
             previous = migration
-        for name in FUNCTION_NAMES:
+        for name in FUNCTIONS:
             out[f"functions/{name}.sql"] = _tidy(env.get_template(f"functions/{name}.sql.j2").render(context))
     except jinja2.TemplateError as exc:
         raise StatskitError(f"template error: {exc}") from None

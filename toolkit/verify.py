@@ -17,7 +17,7 @@ from .catalog import Rollup
 from .db import first_line
 from .errors import StatskitError
 from .migrate import Target
-from .render import quote_ident
+from .render import FUNCTIONS, quote_ident
 from .settings import Settings
 
 CHECK_GROUPS = ("schema", "functions", "migrations", "cron", "data", "sample")
@@ -114,7 +114,8 @@ _BODY = re.compile(r"\$function\$(.*)\$function\$", re.S)
 
 def _check_functions(conn, target: Target) -> list[Check]:
     checks = []
-    for name, signature in deployment.FUNCTION_SIGNATURES.items():
+    for name, spec in FUNCTIONS.items():
+        signature = spec.arguments
         row = conn.execute(
             "select l.lanname, format_type(p.prorettype, null), p.prosrc from pg_proc p"
             " join pg_language l on l.oid = p.prolang where p.oid = to_regprocedure(%s)",
@@ -128,8 +129,8 @@ def _check_functions(conn, target: Target) -> list[Check]:
         problems = []
         if language != "plpgsql":
             problems.append(f"language {language}, expected plpgsql")
-        if returns != "integer":
-            problems.append(f"returns {returns}, expected integer")
+        if returns != spec.returns:
+            problems.append(f"returns {returns}, expected {spec.returns}")
         rendered_body = _BODY.search(target.rendered[f"functions/{name}.sql"]).group(1)
         if body != rendered_body:
             problems.append("deployed body differs from the rendered one (edited by hand?): run statskit migrate")

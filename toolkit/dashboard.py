@@ -1,0 +1,97 @@
+"""Serve the dashboard from the rollup: one metric with its comparison, and KPI sets by role."""
+
+from dataclasses import asdict, dataclass
+from datetime import date
+from decimal import Decimal
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import class_row
+
+from .errors import StatskitError, UsageError
+from .migrate import Target
+from .render import quote_ident
+
+COMPARISONS = ("day", "week", "month")
+
+
+@dataclass
+class MetricValue:
+    metric: str
+    value: Decimal | None
+    previous_value: Decimal | None
+    change: Decimal | None
+    change_pct: Decimal | None
+    trend: str
+
+    def as_dict(self) -> dict:
+        return {k: float(v) if isinstance(v, Decimal) else v for k, v in asdict(self).items()}
+
+
+def _day(target: Target, day: date | None) -> date:
+    if day is not None:
+        return day
+    return target.conn.execute("select (now() at time zone %s)::date - 1", [target.settings.time_zone]).fetchone()[0]
+
+
+def _call(target: Target, query: str, params: list) -> list[MetricValue]:
+    cur = target.conn.cursor(row_factory=class_row(MetricValue))
+    try:
+        return cur.execute(query, params).fetchall()
+    except psycopg.errors.InvalidParameterValue as exc:  # SQLSTATE 22023: unknown metric or comparison
+        raise UsageError(exc.diag.message_primary) from None
+
+
+def _require_rollup(target: Target, table: str, day: date, user_id: UUID | None = None) -> None:
+    where = "date = %s" + (" and user_id = %s" if user_id else "")
+    params = [day] + ([user_id] if user_id else [])
+    found = target.conn.execute(
+        f"select 1 from {quote_ident(target.settings.schema)}.{table} where {where}", params
+    ).fetchone()
+    if not found:
+        raise StatskitError(f"no rollup for {day} yet — run statskit backfill --from {day} --to {day}")
+
+
+def _require_user(target: Target, user_id: UUID) -> str:
+    row = target.conn.execute(
+        f"select role from {quote_ident(target.settings.source_schema)}.profiles where id = %s", [user_id]
+    ).fetchone()
+    if row is None:
+        raise UsageError(f"unknown user {user_id}: no such profile")
+    return row[0]
+
+
+def user_metric(target: Target, user_id: UUID, metric: str, day: date | None, compare: str) -> tuple[date, MetricValue]:
+    day = _day(target, day)
+    _require_user(target, user_id)
+    _require_rollup(target, target.catalog.user.table, day, user_id)
+    schema = quote_ident(target.settings.schema)
+    rows = _call(target, f"select %s as metric, * from {schema}.user_metric(%s, %s, %s, %s)",
+                 [metric, user_id, metric, day, compare])
+    return day, rows[0]
+
+
+def user_kpis(target: Target, user_id: UUID, day: date | None, compare: str) -> tuple[date, str, list[MetricValue]]:
+    day = _day(target, day)
+    role = _require_user(target, user_id)
+    _require_rollup(target, target.catalog.user.table, day, user_id)
+    schema = quote_ident(target.settings.schema)
+    return day, role, _call(target, f"select * from {schema}.user_kpis(%s, %s, %s)", [user_id, day, compare])
+
+
+def platform_kpis(target: Target, day: date | None, compare: str) -> tuple[date, list[MetricValue]]:
+    day = _day(target, day)
+    _require_rollup(target, target.catalog.platform.table, day)
+    schema = quote_ident(target.settings.schema)
+    names = [m.name for m in target.catalog.platform.metrics]
+    return day, _call(
+        target,
+        f"select name as metric, m.* from unnest(%s::text[]) with ordinality as k(name, position)"
+        f" cross join lateral {schema}.platform_metric(k.name, %s, %s) m order by k.position",
+        [names, day, compare],
+    )
+
+
+def metric_types(target: Target) -> dict[str, str]:
+    """SQL type of every metric, user and platform, for formatting."""
+    return {m.name: m.type for m in target.catalog.user.metrics + target.catalog.platform.metrics}
