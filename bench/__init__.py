@@ -1,0 +1,1 @@
+"""Benchmarks for statskit, run on demand: `python -m bench --help`."""

@@ -1,0 +1,190 @@
+"""Benchmark the aggregation functions: `python -m bench --users 10000 100000 --markdown docs/performance.md`.
+
+For each size: generate the source tables (set-based, seeded), migrate, then time the set-based
+day, the same day user by user through aggregate_single_user_statistics (sampled and scaled
+when large, and said so), the platform day, and a re-run of a stored day with the rows and WAL
+it rewrote. Every ratio compares numbers measured in the same run on the same data.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import psycopg
+
+from toolkit.cluster import LocalCluster
+from toolkit.migrate import Target, migrate
+
+from .generate import generate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def timed(conn, query, params=()):
+    started = time.perf_counter()
+    result = conn.execute(query, params).fetchone()
+    return time.perf_counter() - started, result
+
+
+def table_writes(conn, table):
+    """(rows updated, dead tuples, WAL position) with this backend's statistics flushed."""
+    conn.execute("select pg_stat_force_next_flush()")
+    conn.execute("select pg_stat_clear_snapshot()")
+    updated, dead = conn.execute(
+        "select n_tup_upd, n_dead_tup from pg_stat_user_tables where relname = %s", [table]).fetchone()
+    return updated, dead, conn.execute("select pg_current_wal_lsn()").fetchone()[0]
+
+
+def wal_bytes(conn, start, end):
+    return conn.execute("select pg_wal_lsn_diff(%s, %s)", [end, start]).fetchone()[0]
+
+
+def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
+    dbname = f"bench_{users}"
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute(f"drop database if exists {dbname} with (force)")
+        admin.execute(f"create database {dbname}")
+    dsn = cluster.dsn(dbname)
+    first_day = date(2026, 1, 1)
+    last_day = first_day + timedelta(days=days - 1)
+    row = {"users": users}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started = time.perf_counter()
+        counts = generate(conn, users, days, bookings_per_user, seed, first_day)
+        row["generate_s"] = time.perf_counter() - started
+        row["source_rows"] = sum(counts.values())
+        row["bookings"] = counts["bookings"]
+    target = Target.open(dsn, REPO / "sql")
+    try:
+        migrate(target, use_cron=False)
+    finally:
+        target.close()
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        fresh_days = [last_day - timedelta(days=i) for i in range(3)]
+        runs = [timed(conn, "select aggregate_user_statistics(null, %s)", [d]) for d in fresh_days]
+        row["set_based_s"] = statistics.median(t for t, _ in runs)
+        row["rows_per_day"] = runs[0][1][0]
+
+        loop_day = last_day - timedelta(days=3)
+        eligible = conn.execute("select count(*) from profiles where created_at < %s::date + 1", [loop_day]).fetchone()[0]
+        sample = min(loop_sample, eligible)
+        seconds, _ = timed(
+            conn,
+            "select count(aggregate_single_user_statistics(id, %s)) from"
+            " (select id from profiles where created_at < %s::date + 1 order by md5(id::text) limit %s) sampled",
+            [loop_day, loop_day, sample])
+        row["one_user_ms"] = seconds / sample * 1000
+        row["loop_sampled"] = sample < eligible
+        row["loop_s"] = seconds / sample * eligible
+        row["speedup"] = row["loop_s"] / row["set_based_s"]
+
+        platform_runs = [timed(conn, "select aggregate_daily_statistics(%s)", [d])[0] for d in fresh_days]
+        row["platform_s"] = statistics.median(platform_runs)
+
+        before = table_writes(conn, "user_statistics_daily")
+        row["rerun_s"], rerun = timed(conn, "select aggregate_user_statistics(null, %s)", [last_day])
+        after = table_writes(conn, "user_statistics_daily")
+        row["rerun_rows_written"] = rerun[0]
+        row["rerun_updated"] = after[0] - before[0]
+        row["rerun_dead"] = after[1] - before[1]
+        row["rerun_wal"] = wal_bytes(conn, before[2], after[2])
+
+        unwritten_day = last_day + timedelta(days=1)  # for the WAL of a first write, to compare with
+        start = table_writes(conn, "user_statistics_daily")
+        conn.execute("select aggregate_user_statistics(null, %s)", [unwritten_day])
+        row["first_write_wal"] = wal_bytes(conn, start[2], table_writes(conn, "user_statistics_daily")[2])
+
+        # Late data for 1% of users: a re-run rewrites about that many rows, not the whole day.
+        late = max(1, users // 100)
+        conn.execute(
+            "insert into reviews (id, booking_id, reviewer_id, reviewee_id, rating, created_at)"
+            " select 900000000 + row_number() over (), null, id, id, 5, %s::date + interval '12 hours'"
+            " from (select id from profiles where created_at < %s::date order by id limit %s) p",
+            [last_day, last_day, late])
+        before = table_writes(conn, "user_statistics_daily")
+        row["late_s"], late_written = timed(conn, "select aggregate_user_statistics(null, %s)", [last_day])
+        after = table_writes(conn, "user_statistics_daily")
+        row["late_users"] = late
+        row["late_rows_written"] = late_written[0]
+        row["late_updated"] = after[0] - before[0]
+        row["late_wal"] = wal_bytes(conn, before[2], after[2])
+    return row
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def markdown(rows, args, server_version, seconds) -> str:
+    mib = 1024 * 1024
+    out = [
+        "| users | source rows | generate | set-based day | rows/s | one user | user-by-user day | speed-up | platform day |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        loop = f"{r['loop_s']:.1f} s" + (" (scaled)" if r["loop_sampled"] else "")
+        out.append(
+            f"| {r['users']:,} | {r['source_rows']:,} | {r['generate_s']:.1f} s | {r['set_based_s']:.2f} s "
+            f"| {r['rows_per_day'] / r['set_based_s']:,.0f} | {r['one_user_ms']:.2f} ms | {loop} "
+            f"| {r['speedup']:.0f}× | {r['platform_s']:.3f} s |")
+    out += [
+        "",
+        "Re-running a stored day (rows whose numbers did not change are not rewritten):",
+        "",
+        "| users | re-run | rows written | tuples updated | WAL | WAL of a first write | late data for 1% of users: rows written | tuples updated | WAL |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['users']:,} | {r['rerun_s']:.2f} s | {r['rerun_rows_written']} | {r['rerun_updated']} "
+            f"| {r['rerun_wal'] / mib:.2f} MiB | {r['first_write_wal'] / mib:.1f} MiB "
+            f"| {r['late_rows_written']:,} ({r['late_users']:,} users) | {r['late_updated']:,} | {r['late_wal'] / mib:.2f} MiB |")
+    out += [
+        "",
+        f"Command: `python -m bench --users {' '.join(str(u) for u in args.users)} --days {args.days} "
+        f"--bookings-per-user {args.bookings_per_user} --loop-sample {args.loop_sample}` "
+        f"({seconds:.0f} s in all). Machine: {machine()}; PostgreSQL {server_version} with default settings "
+        f"but fsync off (a throwaway benchmark cluster). Set-based and platform times are the median of three "
+        f"days; the user-by-user day is {args.loop_sample:,} users through aggregate_single_user_statistics "
+        f"in one statement, scaled to all users where marked.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, nargs="+", default=[10000, 100000])
+    parser.add_argument("--days", type=int, default=120)
+    parser.add_argument("--bookings-per-user", type=int, default=20)
+    parser.add_argument("--seed", type=float, default=0.42)
+    parser.add_argument("--loop-sample", type=int, default=2000, help="users timed one by one, then scaled")
+    parser.add_argument("--port", type=int, default=54916)
+    parser.add_argument("--markdown", type=Path, help="write the tables here, between the BENCH markers")
+    args = parser.parse_args()
+
+    cluster = LocalCluster("bench", args.port, durable=False)
+    cluster.start()
+    started = time.perf_counter()
+    rows = []
+    for users in args.users:
+        rows.append(bench_size(cluster, users, args.days, args.bookings_per_user, args.seed, args.loop_sample))
+        print(rows[-1], flush=True)
+    with psycopg.connect(cluster.dsn()) as conn:
+        version = conn.execute("show server_version").fetchone()[0].split()[0]
+    table = markdown(rows, args, version, time.perf_counter() - started)
+    print(table)
+    if args.markdown:
+        text = args.markdown.read_text()
+        head, rest = text.split("<!-- BENCH:START -->", 1)
+        _, tail = rest.split("<!-- BENCH:END -->", 1)
+        args.markdown.write_text(f"{head}<!-- BENCH:START -->\n{table}<!-- BENCH:END -->{tail}")
+
+
+if __name__ == "__main__":
+    main()
