@@ -40,15 +40,32 @@ def test_check_catches_a_hand_edit_and_a_leftover_file(sql_copy, run_cli):
     assert run_cli("render", "--check", "--sql-dir", sql_copy).exit_code == 0
     function = sql_copy / "functions" / "aggregate_daily_statistics.sql"
     function.write_text(function.read_text().replace("round(avg(r.rating), 2)", "avg(r.rating)"))
-    (sql_copy / "migrations" / "9999_stray.sql").write_text("select 1;\n")
+    (sql_copy / "functions" / "old_function.sql").write_text("select 1;\n")
     result = run_cli("render", "--check", "--sql-dir", sql_copy)
     assert result.exit_code == 1
     assert "functions/aggregate_daily_statistics.sql" in result.output
-    assert "migrations/9999_stray.sql" in result.output
+    assert "functions/old_function.sql" in result.output
     fixed = run_cli("render", "--sql-dir", sql_copy)
     assert fixed.exit_code == 0 and "2 of 8 files changed" in fixed.output
-    assert not (sql_copy / "migrations" / "9999_stray.sql").exists()
+    assert not (sql_copy / "functions" / "old_function.sql").exists()
     assert run_cli("render", "--check", "--sql-dir", sql_copy).exit_code == 0
+
+
+@pytest.mark.parametrize("edit", ["hand edit", "leftover", "catalog change"])
+def test_render_never_rewrites_or_deletes_a_released_migration(sql_copy, run_cli, edit):
+    migration = sql_copy / "migrations" / "0001_statistics_tables.sql"
+    if edit == "hand edit":
+        migration.write_text(migration.read_text() + "-- tweak\n")
+    elif edit == "leftover":
+        (sql_copy / "migrations" / "0002_gone.sql").write_text("select 1;\n")
+    else:  # retyping a released column in place instead of through a new migration
+        catalog = sql_copy / "catalog.toml"
+        catalog.write_text(catalog.read_text().replace('name = "total_hours"\ngroup = "sessions"\ntype = "numeric(10,2)"',
+                                                       'name = "total_hours"\ngroup = "sessions"\ntype = "numeric(12,2)"'))
+    before = {p: p.read_text() for p in (sql_copy / "migrations").glob("*.sql")}
+    result = run_cli("render", "--sql-dir", sql_copy)
+    assert result.exit_code == 1 and "never edit a released migration" in result.output
+    assert {p: p.read_text() for p in (sql_copy / "migrations").glob("*.sql")} == before
 
 
 def test_every_catalog_metric_reaches_table_function_and_comment():

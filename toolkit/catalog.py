@@ -1,5 +1,6 @@
 """Load and check the metric catalog (sql/catalog.toml)."""
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ class Metric:
     sql: str
     meaning: str
     added_in: str
+    removed_in: str | None = None
+    retyped_in: str | None = None
+    was: str | None = None  # the type before retyped_in
 
     @property
     def nullable(self) -> bool:
@@ -41,18 +45,34 @@ class Metric:
 
 @dataclass(frozen=True)
 class Rollup:
-    """A statistics table with the sources and metrics that fill it."""
+    """A statistics table with the sources and metrics that fill it.
+
+    `history` holds every metric ever released, so old migrations render as they were;
+    `metrics` are the current ones, which the functions write.
+    """
 
     table: str
     comment: str
     sources: tuple[Source, ...]
-    metrics: tuple[Metric, ...]
+    history: tuple[Metric, ...]
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        return tuple(m for m in self.history if m.removed_in is None)
 
     def metrics_of(self, source: Source) -> list[Metric]:
         return [m for m in self.metrics if m.source == source.name]
 
     def metrics_added_in(self, migration_id: str) -> list[Metric]:
-        return [m for m in self.metrics if m.added_in == migration_id]
+        """Metrics a migration adds, with the type they had then."""
+        return [dataclasses.replace(m, type=m.was) if m.retyped_in else m
+                for m in self.history if m.added_in == migration_id]
+
+    def metrics_removed_in(self, migration_id: str) -> list[Metric]:
+        return [m for m in self.history if m.removed_in == migration_id]
+
+    def metrics_retyped_in(self, migration_id: str) -> list[Metric]:
+        return [m for m in self.history if m.retyped_in == migration_id]
 
 
 @dataclass(frozen=True)
@@ -99,8 +119,11 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
         if m["source"] not in source_names:
             raise UsageError(f"catalog: metric {name} names unknown source {m['source']}")
         added_in = m.get("added_in", first_migration)
-        if added_in not in migration_ids:
-            raise UsageError(f"catalog: metric {name} is added_in unknown migration {added_in}")
+        for key in ("added_in", "removed_in", "retyped_in"):
+            if m.get(key, added_in) not in migration_ids:
+                raise UsageError(f"catalog: metric {name} is {key} unknown migration {m[key]}")
+        if ("retyped_in" in m) != ("was" in m):
+            raise UsageError(f"catalog: metric {name} needs both retyped_in and was (its old type)")
         metrics.append(
             Metric(
                 name=name,
@@ -111,9 +134,12 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
                 sql=m["sql"],
                 meaning=m["meaning"],
                 added_in=added_in,
+                removed_in=m.get("removed_in"),
+                retyped_in=m.get("retyped_in"),
+                was=m.get("was"),
             )
         )
-    names = [m.name for m in metrics]
+    names = [m.name for m in metrics if m.removed_in is None]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise UsageError(f"catalog: {table} defines {', '.join(duplicated)} twice")

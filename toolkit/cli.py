@@ -108,7 +108,19 @@ def render(sql_dir, check):
             raise StatskitError(f"rendered files are stale, run statskit render: {', '.join(stale)}")
         click.echo(f"rendered files are up to date ({total} files)")
         return
+    released = [rel for rel in stale_files(sql_dir, targets[0][1])
+                if rel.startswith("migrations/") and (sql_dir / rel).exists()]
+    if released:
+        raise StatskitError(
+            f"released migration {released[0]} would change or disappear: never edit a released migration, "
+            f"add a new [[migrations]] entry to the catalog instead (delete the file first only if it was never applied anywhere)"
+        )
     touched = [folder / rel for folder, files, owned in targets for rel in write_rendered(folder, files, owned)]
+    for rel in (rel for rel, text in targets[0][1].items() if rel.startswith("migrations/") and "-- WARNING:" in text
+                and sql_dir / rel in touched):
+        for line in targets[0][1][rel].splitlines():
+            if line.startswith("-- WARNING:"):
+                click.echo(f"warning: {rel}: {line.removeprefix('-- WARNING: ')}", err=True)
     for path in touched:
         click.echo(f"wrote {path}")
     click.echo(f"{len(touched)} of {total} files changed")

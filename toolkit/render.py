@@ -109,7 +109,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         previous = None
         for migration in catalog.migrations:
             names = env.list_templates()
-            kind = migration.id if f"migrations/{migration.id}.sql.j2" in names else "add_metrics"
+            kind = migration.id if f"migrations/{migration.id}.sql.j2" in names else "change_metrics"
             for suffix in (".sql", ".rollback.sql"):
                 template = env.get_template(f"migrations/{kind}{suffix}.j2")
                 text = _tidy(template.render(context, migration=migration, previous=previous))
