@@ -1,0 +1,22 @@
+"""A tiny run of the benchmark, so bench/ keeps working; its numbers are not judged, its counts are."""
+
+from bench.__main__ import bench_size, markdown
+from conftest import cluster
+
+
+def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
+    row = bench_size(cluster, users=300, days=15, bookings_per_user=20, seed=0.5, loop_sample=40)
+    try:
+        assert row["rows_per_day"] > 0 and row["bookings"] > 1000
+        assert row["loop_sampled"] and row["speedup"] > 0
+        assert (row["rerun_rows_written"], row["rerun_updated"], row["rerun_dead"]) == (0, 0, 0)
+        assert row["late_rows_written"] == row["late_updated"] == row["late_users"] == 3
+
+        class Args:
+            users, days, bookings_per_user, loop_sample = [300], 15, 20, 40
+        table = markdown([row], Args, "15", 1.0)
+        assert table.startswith("| users |") and "| 300 |" in table
+    finally:
+        import psycopg
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute("drop database if exists bench_300 with (force)")
