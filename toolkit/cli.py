@@ -137,7 +137,9 @@ def render(sql_dir, check):
 @click.option("--time-zone", help="Statistics time zone: day boundaries follow it. Default: UTC.")
 @click.option("--job-suffix", help="Suffix for the pg_cron job names, so several databases on one server each have their own jobs.")
 @click.option("--lock-timeout", type=float, default=300, show_default=True, help="Seconds to wait for another migrate.")
-def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix, lock_timeout):
+@click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
+def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
+            lock_timeout, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
     Checks first (server version, source tables and columns, pg_cron, job names) and
@@ -155,13 +157,16 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
         if show_status:
             _print_status(migrate_core.status(target, cron_dsn, not no_cron))
             return
-        done = migrate_core.migrate(target, cron_dsn, not no_cron, dry_run=dry_run, lock_timeout=lock_timeout)
+        done = migrate_core.migrate(target, cron_dsn, not no_cron, dry_run=dry_run, lock_timeout=lock_timeout,
+                                    break_lock=break_lock)
     finally:
         target.close()
     if dry_run:
         click.echo(done.script(), nl=False)
         return
     where = db.describe(dsn)
+    for note in done.notes:
+        click.echo(f"note: {note}", err=True)
     if done.empty:
         click.echo(f"{where}: up to date, nothing to do")
         return

@@ -5,6 +5,7 @@ Flyway's repeatable migrations: statskit stores a checksum of each rendered func
 and re-creates exactly the ones whose text changed or that went missing.
 """
 
+import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class MigratePlan:
     functions: list[tuple[str, str]] = field(default_factory=list)  # (name, sql) to create or replace
     jobs: list[cron.Job] = field(default_factory=list)  # to (re)schedule
     cron_database: str | None = None  # None: --no-cron
+    notes: list[str] = field(default_factory=list)  # things done on the way that the user should hear of
 
     @property
     def empty(self) -> bool:
@@ -108,10 +110,16 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     return result
 
 
+LOCK_HOLDER = "statskit migrate "
+
+
 def _yoyo_backend(dsn: str) -> PostgresqlPsycopgBackend:
     # yoyo hands URI query arguments to psycopg.connect, so the DSN's parts go there as they are;
-    # its own tables land in the statskit schema through `schema` (yoyo sets search_path).
-    uri = parse_uri("postgresql+psycopg://")._replace(args={**conninfo_to_dict(dsn), "schema": STATSKIT_SCHEMA})
+    # its own tables land in the statskit schema through `schema` (yoyo sets search_path). The
+    # application name carries the pid yoyo writes into its lock row, so a lock whose holder is
+    # no longer connected can be told from one that is.
+    args = {**conninfo_to_dict(dsn), "schema": STATSKIT_SCHEMA, "application_name": f"{LOCK_HOLDER}{os.getpid()}"}
+    uri = parse_uri("postgresql+psycopg://")._replace(args=args)
     backend = PostgresqlPsycopgBackend(uri, YOYO_MIGRATION_TABLE)
     backend.init_database()  # creates yoyo's lock table, as yoyo.get_backend does
     return backend
@@ -135,6 +143,23 @@ def _ensure_bookkeeping(conn: psycopg.Connection, settings: Settings) -> None:
         conn.execute(f"create schema if not exists {quote_ident(settings.schema)}")
 
 
+def clear_stale_lock(conn: psycopg.Connection, break_lock: bool = False) -> list[str]:
+    """Delete yoyo's lock row when its holder is gone (or when told to); say what was cleared.
+
+    yoyo's lock is a table row, not an advisory lock, so it outlives a killed migrate.
+    """
+    if not deployment.table_exists(conn, f"{STATSKIT_SCHEMA}.yoyo_lock"):
+        return []
+    stale = conn.execute(
+        f"delete from {STATSKIT_SCHEMA}.yoyo_lock l where %s or not exists ("
+        "  select 1 from pg_stat_activity a where a.application_name = %s || l.pid)"
+        " returning pid, ctime",
+        [break_lock, LOCK_HOLDER],
+    ).fetchall()
+    return [f"cleared the migrate lock of process {pid} (taken {ctime:%Y-%m-%d %H:%M} UTC"
+            f"{'' if break_lock else ', no longer connected'})" for pid, ctime in stale]
+
+
 @contextmanager
 def _locked(target: Target, lock_timeout: float):
     backend = _yoyo_backend(target.dsn)
@@ -145,7 +170,8 @@ def _locked(target: Target, lock_timeout: float):
         except LockTimeout:
             raise StatskitError(
                 f"another statskit migrate holds the lock on {target.conn.info.dbname} "
-                f"(table {STATSKIT_SCHEMA}.yoyo_lock); waited {lock_timeout:.0f} s"
+                f"(table {STATSKIT_SCHEMA}.yoyo_lock) and is still connected; waited {lock_timeout:.0f} s. "
+                f"If it is stuck, stop it, or run statskit migrate --break-lock"
             ) from None
     finally:
         backend.connection.close()
@@ -156,7 +182,7 @@ def _open_cron(target: Target, cron_dsn: str | None, use_cron: bool):
 
 
 def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True,
-            dry_run: bool = False, lock_timeout: float = 300) -> MigratePlan:
+            dry_run: bool = False, lock_timeout: float = 300, break_lock: bool = False) -> MigratePlan:
     """Check everything first, then apply pending migrations, changed functions and cron jobs."""
     deployment.check_source_tables(target.conn, target.catalog, target.settings)
     cron_conn = _open_cron(target, cron_dsn, use_cron)
@@ -165,8 +191,10 @@ def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True,
         if dry_run:
             return checked
         _ensure_bookkeeping(target.conn, target.settings)
+        notes = clear_stale_lock(target.conn, break_lock)
         with _locked(target, lock_timeout) as backend, _migration_files(target) as migrations:
             todo = plan(target, cron_conn)  # again under the lock: another migrate may have finished
+            todo.notes = notes
             backend.apply_migrations(backend.to_apply(migrations))
             with target.conn.transaction():
                 for name, text in todo.functions:
