@@ -15,9 +15,9 @@ from test_backfill import snapshot
 from test_migrate import objects
 
 
-def statskit(*args, **popen):
+def statskit(*args, env=None):
     return subprocess.Popen([sys.executable, "-m", "toolkit", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+                            stderr=subprocess.PIPE, text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
 
 
 def test_two_migrates_at_once_both_succeed_and_apply_once(loaded_dsn):
@@ -124,3 +124,25 @@ def test_a_server_restart_mid_backfill_is_one_line_and_a_rerun_completes(migrate
     rerun = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-31", "--resume", "--quiet", "--dsn", migrated_dsn)
     assert rerun.wait(timeout=120) == 0
     assert snapshot(migrated_dsn) == clean
+
+
+def test_backfill_says_whom_it_waits_for_and_a_lock_timeout_is_one_line(migrated_dsn):
+    holder = psycopg.connect(migrated_dsn, application_name="nightly-by-hand")
+    holder.execute("select pg_advisory_xact_lock(hashtext('statskit'), hashtext('public.user_statistics_daily'))")
+    try:
+        timed_out = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-02", "--only", "users", "--quiet",
+                             "--dsn", migrated_dsn, env={**os.environ, "PGOPTIONS": "-c lock_timeout=300"})
+        _, err = timed_out.communicate(timeout=60)
+        assert timed_out.returncode == 1
+        lines = err.strip().splitlines()
+        assert lines[0].startswith(f"note: waiting for pid {holder.info.backend_pid} (nightly-by-hand")
+        assert lines[0].endswith("which is writing user_statistics_daily")
+        assert lines[1].startswith("statskit: error: lock_timeout: canceling statement due to lock timeout")
+        assert len(lines) == 2
+        waiting = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-02", "--only", "users", "--quiet",
+                           "--dsn", migrated_dsn)
+        assert waiting.stderr.readline().startswith(f"note: waiting for pid {holder.info.backend_pid}")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert waiting.wait(timeout=60) == 0

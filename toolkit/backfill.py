@@ -16,7 +16,7 @@ import psycopg
 
 from .deployment import require_deployment
 from .errors import UsageError
-from .render import quote_ident
+from .render import lock_name, quote_ident
 from .settings import STATSKIT_SCHEMA
 
 LEDGER_SQL = f"""
@@ -91,8 +91,10 @@ def check_request(conn: psycopg.Connection, request: Request) -> tuple[Request, 
 
 
 def backfill(conn: psycopg.Connection, request: Request,
-             report: Callable[[Progress, tuple[date, date], bool], None] = lambda *a: None) -> Progress:
-    """Write every day of the request; call report(progress, chunk, skipped) after each chunk."""
+             report: Callable[[Progress, tuple[date, date], bool], None] = lambda *a: None,
+             report_wait: Callable[[str], None] = lambda message: None) -> Progress:
+    """Write every day of the request; call report(progress, chunk, skipped) after each chunk,
+    and report_wait(message) when another writer of the same table makes it wait."""
     settings = require_deployment(conn)
     schema = quote_ident(settings.schema)
     with conn.transaction():
@@ -107,6 +109,7 @@ def backfill(conn: psycopg.Connection, request: Request,
             report(progress, chunk, True)
             continue
         with conn.transaction():
+            _wait_for_other_writers(conn, settings, scope, report_wait)
             written = 0
             day = chunk[0]
             while day <= chunk[1]:
@@ -127,6 +130,25 @@ def backfill(conn: psycopg.Connection, request: Request,
         progress.rows_written += written
         report(progress, chunk, False)
     return progress
+
+
+def _wait_for_other_writers(conn: psycopg.Connection, settings, scope: str, report_wait) -> None:
+    """Take the tables' writer locks (the functions take the same), saying who we wait for, if anyone."""
+    tables = {"users": ["user_statistics_daily"], "platform": ["platform_statistics_daily"]}.get(
+        scope, ["platform_statistics_daily", "user_statistics_daily"])
+    for table in tables:
+        key = lock_name(settings, table)
+        if conn.execute("select pg_try_advisory_xact_lock(hashtext('statskit'), hashtext(%s))", [key]).fetchone()[0]:
+            continue
+        holder = conn.execute(
+            "select a.pid, coalesce(nullif(a.application_name, ''), a.usename), left(a.query, 80) from pg_locks l"
+            " join pg_stat_activity a on a.pid = l.pid where l.locktype = 'advisory' and l.granted"
+            " and l.classid::int = hashtext('statskit') and l.objid::int = hashtext(%s) limit 1",
+            [key],
+        ).fetchone()
+        who = f"pid {holder[0]} ({holder[1]}: {holder[2]})" if holder else "another session"
+        report_wait(f"waiting for {who}, which is writing {table}")
+        conn.execute("select pg_advisory_xact_lock(hashtext('statskit'), hashtext(%s))", [key])
 
 
 def _finished(conn: psycopg.Connection, chunk: tuple[date, date], scope: str, user_id) -> bool:

@@ -32,7 +32,7 @@ class StatskitGroup(click.Group):
             dsn = ctx.meta.get("statskit.dsn", "")
             # Permission denied means the database cannot be used with this login: like no connection.
             code = 2 if isinstance(exc, psycopg.errors.InsufficientPrivilege) else 1
-            self._fail(ctx, db.mask_secrets(db.first_line(exc), dsn), code)
+            self._fail(ctx, db.mask_secrets(db.describe_error(exc), dsn), code)
 
     @staticmethod
     def _fail(ctx, message, code):
@@ -349,7 +349,8 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, quiet):
         request, note = backfill_core.check_request(conn, request)
         if note and not quiet:
             click.echo(f"note: {note}", err=True)
-        done = backfill_core.backfill(conn, request, report=_progress_printer(quiet))
+        done = backfill_core.backfill(conn, request, report=_progress_printer(quiet),
+                                      report_wait=lambda message: click.echo(f"note: {message}", err=True))
     if not quiet:
         rate = done.rows_written / done.seconds if done.seconds else 0
         skipped = f", {done.chunks_skipped} finished chunks skipped" if done.chunks_skipped else ""

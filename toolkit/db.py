@@ -69,3 +69,14 @@ def connect(dsn: str, autocommit: bool = False, application_name: str = "statski
     except psycopg.OperationalError as exc:
         reason = mask_secrets(first_line(exc), dsn)
         raise ConnectionFailed(f"cannot connect to {describe(dsn)}: {reason}") from None
+
+
+def describe_error(exc: psycopg.Error) -> str:
+    """One line for a database error; timeouts say what waited, from the server's context line."""
+    line = first_line(exc)
+    context = (exc.diag.context or "").strip().splitlines() if isinstance(exc, psycopg.Error) and exc.diag else []
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return f"lock_timeout: {line}" + (f" ({context[0]})" if context else "") + "; another session holds the lock"
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return f"statement_timeout: {line}" + (f" ({context[0]})" if context else "")
+    return line
