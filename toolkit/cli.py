@@ -137,9 +137,14 @@ def render(sql_dir, check):
 @click.option("--time-zone", help="Statistics time zone: day boundaries follow it. Default: UTC.")
 @click.option("--job-suffix", help="Suffix for the pg_cron job names, so several databases on one server each have their own jobs.")
 @click.option("--lock-timeout", type=float, default=300, show_default=True, help="Seconds to wait for another migrate.")
+@click.option("--roles", is_flag=True, default=None,
+              help="Create statskit_reader (dashboards: read only) and statskit_writer (owns the rollup); see docs/operations.md.")
+@click.option("--row-security", metavar="EXPR",
+              help="Row-level security on user_statistics_daily: EXPR is the current user's id, "
+                   "e.g. \"current_setting('app.user_id')::uuid\" or \"auth.uid()\". Needs --roles.")
 @click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
 def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
-            lock_timeout, break_lock):
+            roles, row_security, lock_timeout, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
     Checks first (server version, source tables and columns, pg_cron, job names) and
@@ -151,7 +156,8 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
       statskit migrate --dry-run --dsn ...     # the SQL it would run
       statskit migrate --status --dsn ...      # what is applied, what is pending
     """
-    overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix)
+    overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
+                     roles=roles, row_security=row_security)
     target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir(), overrides)
     try:
         if show_status:
@@ -173,7 +179,7 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
     for mid, _ in done.migrations:
         click.echo(f"applied migration {mid}")
     for name, _ in done.functions:
-        click.echo(f"created function {done.settings.schema}.{name}")
+        click.echo("applied roles and grants (access.sql)" if name == "access" else f"created function {done.settings.schema}.{name}")
     for job in done.jobs:
         click.echo(f"scheduled pg_cron job {job.name} ({job.schedule}) in {done.cron_database} for {done.database}")
     click.echo(f"{where}: deployment up to date")

@@ -22,7 +22,7 @@ from . import cron, db, deployment
 from .catalog import Catalog, load_catalog
 from .deployment import YOYO_MIGRATION_TABLE
 from .errors import StatskitError, UsageError
-from .render import FUNCTIONS, quote_ident, render_all
+from .render import ACCESS_FILE, FUNCTIONS, quote_ident, render_all
 from .settings import STATSKIT_SCHEMA, Settings
 
 
@@ -75,6 +75,8 @@ class Target:
             deployment.check_server(conn)
             stored = deployment.stored_settings(conn)
             settings = (stored or Settings()).merged(**(overrides or {}))
+            if stored and stored.roles and not settings.roles:
+                raise UsageError("this deployment has statskit roles; turning them off is not supported")
             if stored and stored.schema != settings.schema:
                 raise UsageError(
                     f"this database's rollup lives in schema {stored.schema!r}; it cannot move to {settings.schema!r}"
@@ -104,6 +106,10 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
         for state in deployment.function_states(conn, settings, target.rendered)
         if state.state != "current"
     ]
+    access = target.rendered[ACCESS_FILE]
+    if settings.roles and (result.functions or deployment.function_checksums(conn).get("access") != deployment.checksum(access)):
+        # after any re-created function too: CREATE OR REPLACE keeps the owner, but not when it creates
+        result.functions.append(("access", access))
     if cron_conn is not None:
         result.cron_database = cron_conn.info.dbname
         result.jobs = cron.plan_jobs(cron_conn, settings, conn.info.dbname)

@@ -15,7 +15,9 @@ from .settings import Settings
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_SQL_DIR = _PACKAGE_DIR / "sql" if (_PACKAGE_DIR / "sql").is_dir() else _PACKAGE_DIR.parent / "sql"
 # Leftover files here are stale renderings (a migration or function the catalog no longer has).
-RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql")
+RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql", "access/*.sql")
+# Repeatable files besides the functions: re-applied by migrate whenever their text changes.
+ACCESS_FILE = "access/access.sql"
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "user": _resolve_snippets(catalog.user, env, source),
         "platform": _resolve_snippets(catalog.platform, env, source),
         "kpis": catalog.kpis,
+        "roles": settings.roles,
+        "row_security": settings.row_security,
+        "source_tables": list(catalog.source_tables),
+        "functions": FUNCTIONS,
         "lock_names": {t: lock_name(settings, t) for t in (catalog.user.table, catalog.platform.table)},
     }
     out = {}
@@ -120,6 +126,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
             previous = migration
         for name in FUNCTIONS:
             out[f"functions/{name}.sql"] = _tidy(env.get_template(f"functions/{name}.sql.j2").render(context))
+        out[ACCESS_FILE] = _tidy(env.get_template("access/access.sql.j2").render(context))
     except jinja2.TemplateError as exc:
         raise StatskitError(f"template error: {exc}") from None
     return out

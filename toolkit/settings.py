@@ -10,6 +10,9 @@ from .errors import UsageError
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 JOB_SUFFIX = re.compile(r"^([a-z0-9][a-z0-9_-]{0,39})?$")
 TIME_ZONE = re.compile(r"^[A-Za-z0-9_+\-/]{1,64}$")
+# The DBA's expression for "the current user's id" goes into a policy as it is; a single
+# expression only: no statement separator, no comment that could hide the rest of the policy.
+ROW_SECURITY = re.compile(r"^(?!.*(;|--|/\*))[\w\s.'():,=<>+\-]{1,200}$")
 
 # statskit's own bookkeeping (yoyo's tables, function checksums, settings, backfill ledger)
 # lives here, apart from the rollup and the application's tables.
@@ -33,12 +36,20 @@ class Settings:
     source_schema: str = "public"
     time_zone: str = "UTC"
     job_suffix: str = ""
+    roles: bool = False  # create statskit_reader and statskit_writer, grant and hand over ownership
+    row_security: str = ""  # SQL expression of the current user's id; "" = no row-level security
 
     def __post_init__(self):
         check_identifier(self.schema, "schema")
         check_identifier(self.source_schema, "source schema")
         if not TIME_ZONE.match(self.time_zone):
             raise UsageError(f"invalid time zone {self.time_zone!r}")
+        if self.row_security and not ROW_SECURITY.match(self.row_security):
+            raise UsageError(
+                f"invalid row security expression {self.row_security!r}: one expression, without ; or comments"
+            )
+        if self.row_security and not self.roles:
+            raise UsageError("--row-security needs --roles: the policy is written for the reader role")
         if not JOB_SUFFIX.match(self.job_suffix):
             raise UsageError(
                 f"invalid job suffix {self.job_suffix!r}: use lowercase letters, digits, - and _, starting with a letter or digit"
@@ -56,12 +67,17 @@ class Settings:
         return self._job_name("aggregate-user-statistics")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Settings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """From stored text values (statskit.settings) or typed ones."""
+        typed = {}
+        for f in fields(cls):
+            if f.name in values:
+                value = values[f.name]
+                typed[f.name] = value in (True, "True", "true") if f.type in (bool, "bool") else value
+        return cls(**typed)
 
     def merged(self, **overrides) -> "Settings":
         """Return a copy with every override that is not None applied."""
