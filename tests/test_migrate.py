@@ -48,13 +48,21 @@ def test_cron_jobs_are_registered_for_the_target_database(dsn):
     assert jobs["aggregate-platform-statistics"].schedule == "0 0 * * *"
     assert jobs["aggregate-platform-statistics"].command == 'select "public".aggregate_daily_statistics()'
     assert jobs["aggregate-user-statistics"].schedule == "0 1 * * *"
-    assert jobs["aggregate-user-statistics"].command == 'select "public".aggregate_user_statistics()'
+    assert jobs["aggregate-user-statistics"].command == (
+        'select "public".aggregate_user_statistics(); select "public".aggregate_user_statistics(null, '
+        "(now() at time zone 'UTC')::date - n) from generate_series(2, 3) as n")
     assert all(j.active for j in jobs.values())
     # a job moved by hand is put back by the next migrate
     with cron_connection() as conn:
         conn.execute("update cron.job set schedule = '0 5 * * *' where jobid = %s", [jobs["aggregate-user-statistics"].jobid])
     assert [j.name for j in deploy(dsn).jobs] == ["aggregate-user-statistics"]
     assert jobs_for(dbname)["aggregate-user-statistics"].schedule == "0 1 * * *"
+
+
+def test_lookback_of_one_day_is_the_specs_literal_job(dsn):
+    deploy(dsn, lookback_days=1)
+    jobs = jobs_for(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+    assert jobs["aggregate-user-statistics"].command == 'select "public".aggregate_user_statistics()'
 
 
 def test_a_job_name_of_another_database_is_refused_and_nothing_changes(dsn, run_cli):

@@ -137,6 +137,8 @@ def render(sql_dir, check):
 @click.option("--time-zone", help="Statistics time zone: day boundaries follow it. Default: UTC.")
 @click.option("--job-suffix", help="Suffix for the pg_cron job names, so several databases on one server each have their own jobs.")
 @click.option("--lock-timeout", type=float, default=300, show_default=True, help="Seconds to wait for another migrate.")
+@click.option("--lookback-days", type=int,
+              help="Days the nightly user job writes: yesterday and the days before it, for late data. Default: 3; 1 = yesterday only.")
 @click.option("--roles", is_flag=True, default=None,
               help="Create statskit_reader (dashboards: read only) and statskit_writer (owns the rollup); see docs/operations.md.")
 @click.option("--row-security", metavar="EXPR",
@@ -144,7 +146,7 @@ def render(sql_dir, check):
                    "e.g. \"current_setting('app.user_id')::uuid\" or \"auth.uid()\". Needs --roles.")
 @click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
 def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
-            roles, row_security, lock_timeout, break_lock):
+            lookback_days, roles, row_security, lock_timeout, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
     Checks first (server version, source tables and columns, pg_cron, job names) and
@@ -157,7 +159,7 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
       statskit migrate --status --dsn ...      # what is applied, what is pending
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
-                     roles=roles, row_security=row_security)
+                     lookback_days=lookback_days, roles=roles, row_security=row_security)
     target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir(), overrides)
     try:
         if show_status:

@@ -13,7 +13,7 @@ from psycopg import sql
 
 from . import db
 from .errors import StatskitError
-from .render import quote_ident
+from .render import quote_ident, quote_literal
 from .settings import Settings
 
 
@@ -36,11 +36,20 @@ class RegisteredJob:
 
 
 def wanted_jobs(settings: Settings) -> list[Job]:
-    """The spec's schedule: the platform job at 00:00 UTC, the user job after it at 01:00."""
+    """The spec's schedule: the platform job at 00:00 UTC, the user job after it at 01:00.
+
+    The user job writes yesterday, as the spec says, and then re-writes the lookback days
+    before it, so late events reach the rollup without a manual backfill.
+    """
     schema = quote_ident(settings.schema)
+    user_command = f"select {schema}.aggregate_user_statistics()"
+    if settings.lookback_days > 1:
+        today = f"(now() at time zone {quote_literal(settings.time_zone)})::date"
+        user_command += (f"; select {schema}.aggregate_user_statistics(null, {today} - n)"
+                         f" from generate_series(2, {settings.lookback_days}) as n")
     return [
         Job(settings.platform_job, "0 0 * * *", f"select {schema}.aggregate_daily_statistics()"),
-        Job(settings.user_job, "0 1 * * *", f"select {schema}.aggregate_user_statistics()"),
+        Job(settings.user_job, "0 1 * * *", user_command),
     ]
 
 

@@ -36,6 +36,7 @@ class Settings:
     source_schema: str = "public"
     time_zone: str = "UTC"
     job_suffix: str = ""
+    lookback_days: int = 3  # days the nightly user job writes: yesterday and the days before it, for late data
     roles: bool = False  # create statskit_reader and statskit_writer, grant and hand over ownership
     row_security: str = ""  # SQL expression of the current user's id; "" = no row-level security
 
@@ -44,6 +45,8 @@ class Settings:
         check_identifier(self.source_schema, "source schema")
         if not TIME_ZONE.match(self.time_zone):
             raise UsageError(f"invalid time zone {self.time_zone!r}")
+        if not 1 <= self.lookback_days <= 31:
+            raise UsageError(f"--lookback-days {self.lookback_days}: use 1 to 31 (1 writes yesterday only)")
         if self.row_security and not ROW_SECURITY.match(self.row_security):
             raise UsageError(
                 f"invalid row security expression {self.row_security!r}: one expression, without ; or comments"
@@ -76,7 +79,11 @@ class Settings:
         for f in fields(cls):
             if f.name in values:
                 value = values[f.name]
-                typed[f.name] = value in (True, "True", "true") if f.type in (bool, "bool") else value
+                if f.type in (bool, "bool"):
+                    value = value in (True, "True", "true")
+                elif f.type in (int, "int"):
+                    value = int(value)
+                typed[f.name] = value
         return cls(**typed)
 
     def merged(self, **overrides) -> "Settings":
