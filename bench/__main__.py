@@ -116,6 +116,54 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
     return row
 
 
+def bench_backfill(cluster, users, days):
+    """Backfill the whole period of bench_size's database: one connection day by day, then the
+    default two workers; and the floor: COPY of the same rows into an identical empty table."""
+    from toolkit import backfill
+
+    dsn = cluster.dsn(f"bench_{users}")
+    first_day = date(2026, 1, 1)
+    last_day = first_day + timedelta(days=days - 1)
+    row = {"users": users, "days": days}
+
+    def reset():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(backfill.LEDGER_SQL)
+            conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
+            conn.execute("vacuum analyze user_statistics_daily")
+
+    for jobs in (1, 2):
+        reset()
+        started = time.perf_counter()
+        done = backfill.backfill(dsn, backfill.Request(first_day, last_day, jobs=jobs, chunk_days=7))
+        row[f"jobs{jobs}_s"] = time.perf_counter() - started
+        row["rows"] = done.rows_written
+    with psycopg.connect(dsn) as conn:
+        conn.execute("create temporary table copy_floor (like user_statistics_daily including all)")
+        with conn.cursor().copy("copy (select * from user_statistics_daily) to stdout") as copy:
+            data = [bytes(block) for block in copy]
+        started = time.perf_counter()
+        with conn.cursor().copy("copy copy_floor from stdin") as copy:
+            for block in data:
+                copy.write(block)
+        conn.commit()
+        row["copy_s"] = time.perf_counter() - started
+    return row
+
+
+def backfill_markdown(rows) -> str:
+    out = [
+        "| users × days | rows | day by day (1 connection) | backfill (2 workers) | rows/s | vs COPY floor | faster than day by day |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['users']:,} × {r['days']} | {r['rows']:,} | {r['jobs1_s']:.1f} s | {r['jobs2_s']:.1f} s "
+            f"| {r['rows'] / r['jobs2_s']:,.0f} | {r['jobs2_s'] / r['copy_s']:.1f}× ({r['copy_s']:.1f} s) "
+            f"| {r['jobs1_s'] / r['jobs2_s']:.2f}× |")
+    return "\n".join(out) + "\n"
+
+
 def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
@@ -165,25 +213,34 @@ def main():
     parser.add_argument("--seed", type=float, default=0.42)
     parser.add_argument("--loop-sample", type=int, default=2000, help="users timed one by one, then scaled")
     parser.add_argument("--port", type=int, default=54916)
+    parser.add_argument("--backfill-users", type=int, nargs="*", default=[10000],
+                        help="sizes (among --users) whose whole period is also backfilled and timed")
     parser.add_argument("--markdown", type=Path, help="write the tables here, between the BENCH markers")
     args = parser.parse_args()
 
     cluster = LocalCluster("bench", args.port, durable=False)
     cluster.start()
     started = time.perf_counter()
-    rows = []
+    rows, backfills = [], []
     for users in args.users:
         rows.append(bench_size(cluster, users, args.days, args.bookings_per_user, args.seed, args.loop_sample))
         print(rows[-1], flush=True)
+        if users in args.backfill_users:
+            backfills.append(bench_backfill(cluster, users, args.days))
+            print(backfills[-1], flush=True)
     with psycopg.connect(cluster.dsn()) as conn:
         version = conn.execute("show server_version").fetchone()[0].split()[0]
     table = markdown(rows, args, version, time.perf_counter() - started)
     print(table)
+    backfill_table = backfill_markdown(backfills) if backfills else ""
+    print(backfill_table)
     if args.markdown:
         text = args.markdown.read_text()
-        head, rest = text.split("<!-- BENCH:START -->", 1)
-        _, tail = rest.split("<!-- BENCH:END -->", 1)
-        args.markdown.write_text(f"{head}<!-- BENCH:START -->\n{table}<!-- BENCH:END -->{tail}")
+        for marker, content in (("BENCH", table), ("BACKFILL", backfill_table)):
+            head, rest = text.split(f"<!-- {marker}:START -->", 1)
+            _, tail = rest.split(f"<!-- {marker}:END -->", 1)
+            text = f"{head}<!-- {marker}:START -->\n{content}<!-- {marker}:END -->{tail}"
+        args.markdown.write_text(text)
 
 
 if __name__ == "__main__":

@@ -335,8 +335,10 @@ def _date_option(name, help_text, required=True):
 @click.option("--resume", is_flag=True, help="Skip chunks of days an earlier run already finished.")
 @click.option("--chunk-days", type=click.IntRange(1, 366), default=7, show_default=True,
               help="Days per transaction: a kill loses at most one chunk.")
+@click.option("--jobs", type=click.IntRange(1, 32), default=min(2, os.cpu_count() or 1), show_default=True,
+              help="Connections writing chunks side by side.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-def backfill(dsn, first, last, user, only, resume, chunk_days, quiet):
+def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
     """Write the rollup rows of every day from --from to --to.
 
     Each chunk of days commits on its own; run it again after a kill and the result
@@ -350,15 +352,15 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, quiet):
     """
     request = backfill_core.Request(
         first=parse_date(first, "--from"), last=parse_date(last, "--to"), scope=only or "both",
-        user_id=_parse_uuid(user) if user else None, resume=resume, chunk_days=chunk_days,
+        user_id=_parse_uuid(user) if user else None, resume=resume, chunk_days=chunk_days, jobs=jobs,
     )
     check_range(request.first, request.last)
     with db.connect(dsn, autocommit=True) as conn:
         request, note = backfill_core.check_request(conn, request)
-        if note and not quiet:
-            click.echo(f"note: {note}", err=True)
-        done = backfill_core.backfill(conn, request, report=_progress_printer(quiet),
-                                      report_wait=lambda message: click.echo(f"note: {message}", err=True))
+    if note and not quiet:
+        click.echo(f"note: {note}", err=True)
+    done = backfill_core.backfill(dsn, request, report=_progress_printer(quiet),
+                                  report_wait=lambda message: click.echo(f"note: {message}", err=True))
     if not quiet:
         rate = done.rows_written / done.seconds if done.seconds else 0
         skipped = f", {done.chunks_skipped} finished chunks skipped" if done.chunks_skipped else ""

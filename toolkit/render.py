@@ -54,8 +54,12 @@ def quote_literal(value: str) -> str:
 
 
 def lock_name(settings: Settings, table: str) -> str:
-    """Name of the advisory lock shared by every writer of one rollup table."""
+    """Name of the advisory locks shared by every writer of one rollup table (one lock per day)."""
     return f"{settings.schema}.{table}"
+
+
+# The day half of the lock key, as the functions compute it: p_date - date '2000-01-01'.
+LOCK_EPOCH = "2000-01-01"
 
 
 def _environment(sql_dir: Path) -> jinja2.Environment:

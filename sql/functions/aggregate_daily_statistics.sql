@@ -17,7 +17,7 @@ begin
     if p_date is null then
         raise exception 'p_date must be a date, not NULL' using errcode = '22004';
     end if;
-    perform pg_advisory_xact_lock(hashtext('statskit'), hashtext('public.platform_statistics_daily'));
+    perform pg_advisory_xact_lock(hashtext('public.platform_statistics_daily'), p_date - date '2000-01-01');
 
     with
     profile_totals as (

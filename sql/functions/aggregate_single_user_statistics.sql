@@ -25,7 +25,7 @@ begin
     if p_date is null then
         raise exception 'p_date must be a date, not NULL' using errcode = '22004';
     end if;
-    perform pg_advisory_xact_lock(hashtext('statskit'), hashtext('public.user_statistics_daily'));
+    perform pg_advisory_xact_lock(hashtext('public.user_statistics_daily'), p_date - date '2000-01-01');
 
     with
     transaction_totals as (
