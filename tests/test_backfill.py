@@ -9,8 +9,10 @@ from datetime import date, timedelta
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from spec_oracle import differences, expected_user_rows, stored_user_rows
+from toolkit.cli import cli
 
 FIRST, LAST = date(2026, 3, 1), date(2026, 3, 31)
 
@@ -23,6 +25,16 @@ def snapshot(dsn):
         platform = conn.execute(
             "select to_jsonb(s) - 'id' - 'updated_at' from platform_statistics_daily s order by date").fetchall()
     return users, platform
+
+
+def clean_run_then_empty(dsn, first, last):
+    """The rows one clean backfill writes; then an empty rollup and ledger for the run under test."""
+    result = CliRunner().invoke(cli, ["backfill", "--from", str(first), "--to", str(last), "--quiet", "--dsn", dsn])
+    assert result.exit_code == 0, result.output
+    clean = snapshot(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
+    return clean
 
 
 def test_backfill_writes_every_day_with_the_specs_numbers(migrated_dsn, run_cli):
@@ -115,10 +127,7 @@ def test_a_database_never_migrated_says_run_migrate_first(loaded_dsn, run_cli):
 
 
 def test_sigkill_mid_run_then_rerun_equals_one_clean_run(migrated_dsn, run_cli):
-    run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", migrated_dsn)
-    clean = snapshot(migrated_dsn)
-    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
-        conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
+    clean = clean_run_then_empty(migrated_dsn, FIRST, LAST)
     process = subprocess.Popen(
         [sys.executable, "-m", "toolkit", "backfill", "--from", str(FIRST), "--to", str(LAST), "--chunk-days", "1",
          "--dsn", migrated_dsn],

@@ -11,7 +11,7 @@ import time
 import psycopg
 
 from conftest import cluster, cron_connection, deploy
-from test_backfill import snapshot
+from test_backfill import clean_run_then_empty, snapshot
 from test_migrate import objects
 
 
@@ -80,11 +80,7 @@ def test_a_live_lock_is_waited_for_then_named(loaded_dsn):
 
 
 def test_backfill_racing_the_nightly_function_gives_the_specs_rows(migrated_dsn):
-    clean_run = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-20", "--quiet", "--dsn", migrated_dsn)
-    assert clean_run.wait(timeout=120) == 0
-    clean = snapshot(migrated_dsn)
-    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
-        conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
+    clean = clean_run_then_empty(migrated_dsn, "2026-03-01", "2026-03-20")
     errors = []
 
     def nightly():
@@ -108,11 +104,7 @@ def test_backfill_racing_the_nightly_function_gives_the_specs_rows(migrated_dsn)
 
 
 def test_a_server_restart_mid_backfill_is_one_line_and_a_rerun_completes(migrated_dsn):
-    clean_run = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-31", "--quiet", "--dsn", migrated_dsn)
-    assert clean_run.wait(timeout=120) == 0
-    clean = snapshot(migrated_dsn)
-    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
-        conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
+    clean = clean_run_then_empty(migrated_dsn, "2026-03-01", "2026-03-31")
     run = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-31", "--chunk-days", 1, "--dsn", migrated_dsn)
     assert run.stdout.readline().startswith("chunk 2026-03-0")
     cluster.stop()

@@ -317,19 +317,11 @@ def demo_destroy(ctx):
     click.echo(f"demo cluster removed ({cluster.root})")
 
 
-def main():
-    sys.exit(cli(prog_name="statskit"))
-
-
-def _date_option(name, help_text, required=True):
-    return click.option(name, "first" if name == "--from" else "last", required=required, metavar="YYYY-MM-DD",
-                        help=help_text)
-
-
 @cli.command()
 @dsn_option
-@_date_option("--from", "First day to write (inclusive).")
-@_date_option("--to", "Last day to write (inclusive); a day after yesterday is clamped to yesterday.")
+@click.option("--from", "first", required=True, metavar="YYYY-MM-DD", help="First day to write (inclusive).")
+@click.option("--to", "last", required=True, metavar="YYYY-MM-DD",
+              help="Last day to write (inclusive); a day after yesterday is clamped to yesterday.")
 @click.option("--user", "user", metavar="UUID", help="Write only this user's rows.")
 @click.option("--only", type=click.Choice(["users", "platform"]), help="Write only one of the two tables.")
 @click.option("--resume", is_flag=True, help="Skip chunks of days an earlier run already finished.")
@@ -538,3 +530,7 @@ def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
     else:
         click.echo(title)
         click.echo(_metric_grid(values, types, sys.stdout.isatty()))
+
+
+def main():
+    sys.exit(cli(prog_name="statskit"))
