@@ -4,6 +4,9 @@ while the nightly job still writes every row."""
 import psycopg
 import pytest
 
+from conftest import cron_connection
+from test_cron_runs import run_once_under_pg_cron
+
 
 EXPRESSION = "current_setting('app.user_id', true)::uuid"
 
@@ -72,6 +75,20 @@ def test_the_nightly_job_still_writes_every_row(secured):
         assert written == conn.execute("select count(*) from profiles where created_at < '2026-04-01'").fetchone()[0]
         owner = conn.execute("select tableowner from pg_tables where tablename = 'user_statistics_daily'").fetchone()[0]
         assert owner == "statskit_writer"
+
+
+def test_the_writer_runs_the_nightly_jobs_under_pg_cron(secured):
+    dsn, _ = secured
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with cron_connection() as conn:
+        users = conn.execute("select jobname, username from cron.job where database = %s order by 1", [dbname]).fetchall()
+    assert users == [("aggregate-platform-statistics", "statskit_writer"), ("aggregate-user-statistics", "statskit_writer")]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("truncate user_statistics_daily, platform_statistics_daily")
+    done = run_once_under_pg_cron(dbname, "statskit_writer")
+    assert [status for status, _ in done] == ["succeeded", "succeeded"], done
+    with psycopg.connect(dsn) as conn:  # as the owner, row security does not hide rows from the job
+        assert conn.execute("select count(distinct date) from user_statistics_daily").fetchone()[0] == 3
 
 
 def test_roles_survive_a_re_migrate_and_verify_passes(secured, run_cli):

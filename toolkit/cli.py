@@ -140,7 +140,7 @@ def render(sql_dir, check):
 @click.option("--lookback-days", type=int,
               help="Days the nightly user job writes: yesterday and the days before it, for late data. Default: 3; 1 = yesterday only.")
 @click.option("--roles", is_flag=True, default=None,
-              help="Create statskit_reader (dashboards: read only) and statskit_writer (owns the rollup); see docs/operations.md.")
+              help="Create statskit_reader (dashboards: read only) and statskit_writer (owns the rollup, runs the jobs); see docs/operations.md.")
 @click.option("--row-security", metavar="EXPR",
               help="Row-level security on user_statistics_daily: EXPR is the current user's id, "
                    "e.g. \"current_setting('app.user_id')::uuid\" or \"auth.uid()\". Needs --roles.")

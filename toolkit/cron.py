@@ -6,6 +6,7 @@ a name that already exists for the same user rewrites that job but keeps its old
 database, so a name held by a job of another database is refused, never reused.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import psycopg
@@ -14,7 +15,7 @@ from psycopg import sql
 from . import db
 from .errors import StatskitError
 from .render import quote_ident, quote_literal
-from .settings import Settings
+from .settings import WRITER_ROLE, Settings
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Job:
     name: str
     schedule: str
     command: str
+    username: str | None = None  # None: the user of the cron connection
+    replaces: int | None = None  # jobid of this database's job under another user, removed first
 
 
 @dataclass(frozen=True)
@@ -94,33 +97,47 @@ def registered_jobs(cron_conn: psycopg.Connection, names: list[str]) -> list[Reg
     return [RegisteredJob(*row) for row in rows]
 
 
+def job_user(cron_conn: psycopg.Connection, settings: Settings) -> str:
+    """Who runs the jobs: the writer role when there is one and we may schedule for it (superuser)."""
+    user, superuser = cron_conn.execute(
+        "select current_user, rolsuper from pg_roles where rolname = current_user").fetchone()
+    return WRITER_ROLE if settings.roles and superuser else user
+
+
 def plan_jobs(cron_conn: psycopg.Connection, settings: Settings, database: str) -> list[Job]:
-    """Return the jobs that must be (re)scheduled; raise when a name belongs to someone else."""
-    wanted = wanted_jobs(settings)
-    user = cron_conn.execute("select current_user").fetchone()[0]
-    existing = {j.jobname: j for j in registered_jobs(cron_conn, [w.name for w in wanted])}
-    for job in existing.values():
-        if job.database != database or job.username != user:
+    """Return the jobs that must be (re)scheduled; raise when a name belongs to another database."""
+    user = job_user(cron_conn, settings)
+    wanted = [dataclasses.replace(w, username=user) for w in wanted_jobs(settings)]
+    existing = {}
+    for job in registered_jobs(cron_conn, [w.name for w in wanted]):
+        if job.database != database:
             raise StatskitError(
                 f"pg_cron job {job.jobname!r} already belongs to database {job.database!r} (user {job.username!r}); "
                 f"nothing changed. Give this database its own jobs with --job-suffix"
             )
-    return [
-        w for w in wanted
-        if w.name not in existing
-        or (existing[w.name].schedule, existing[w.name].command, existing[w.name].active) != (w.schedule, w.command, True)
-    ]
+        existing[job.jobname] = job
+    todo = []
+    for w in wanted:
+        have = existing.get(w.name)
+        if have is None:
+            todo.append(w)
+        elif have.username != user:
+            todo.append(dataclasses.replace(w, replaces=have.jobid))
+        elif (have.schedule, have.command, have.active) != (w.schedule, w.command, True):
+            todo.append(w)
+    return todo
 
 
 def schedule_statement(job: Job, database: str) -> sql.Composed:
-    return sql.SQL("select cron.schedule_in_database({}, {}, {}, {})").format(
-        sql.Literal(job.name), sql.Literal(job.schedule), sql.Literal(job.command), sql.Literal(database)
-    )
+    args = [job.name, job.schedule, job.command, database] + ([job.username] if job.username else [])
+    return sql.SQL("select cron.schedule_in_database({})").format(sql.SQL(", ").join(map(sql.Literal, args)))
 
 
 def schedule(cron_conn: psycopg.Connection, jobs: list[Job], database: str) -> None:
     with cron_conn.transaction():
         for job in jobs:
+            if job.replaces is not None:
+                cron_conn.execute("select cron.unschedule(%s::bigint)", [job.replaces])
             cron_conn.execute(schedule_statement(job, database))
 
 

@@ -9,7 +9,7 @@ import jinja2
 
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
-from .settings import Settings
+from .settings import READER_ROLE, WRITER_ROLE, Settings
 
 # An installed package carries sql/ as toolkit/sql; a checkout (or editable install) has it beside toolkit/.
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -109,6 +109,8 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "platform": _resolve_snippets(catalog.platform, env, source),
         "kpis": catalog.kpis,
         "roles": settings.roles,
+        "reader_role": READER_ROLE,
+        "writer_role": WRITER_ROLE,
         "row_security": settings.row_security,
         "source_tables": list(catalog.source_tables),
         "functions": FUNCTIONS,

@@ -17,6 +17,9 @@ ROW_SECURITY = re.compile(r"^(?!.*(;|--|/\*))[\w\s.'():,=<>+\-]{1,200}$")
 # statskit's own bookkeeping (yoyo's tables, function checksums, settings, backfill ledger)
 # lives here, apart from the rollup and the application's tables.
 STATSKIT_SCHEMA = "statskit"
+# The optional roles of `migrate --roles` (access/access.sql).
+READER_ROLE = "statskit_reader"
+WRITER_ROLE = "statskit_writer"
 
 
 def check_identifier(value: str, what: str) -> str:
