@@ -14,7 +14,7 @@ from . import backfill as backfill_core, dashboard, db, demo as demo_core, docs,
 from .dates import check_range, parse_date
 from .errors import StatskitError, UsageError
 from .catalog import load_catalog
-from .render import RENDERED_GLOBS, default_sql_dir, render_all, stale_files, write_rendered
+from .render import PACKAGED_SQL_DIR, RENDERED_GLOBS, default_sql_dir, render_all, stale_files, write_rendered
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""
@@ -97,6 +97,8 @@ def render(sql_dir, check):
       statskit render --check    # in CI: fail when someone forgot to render
     """
     sql_dir = sql_dir or default_sql_dir()
+    if not check and sql_dir == PACKAGED_SQL_DIR and sql_dir.parent.name == "toolkit":
+        raise UsageError("render writes into a project's sql/ folder: run it in the project folder or give --sql-dir")
     targets = [(sql_dir, render_all(sql_dir), RENDERED_GLOBS)]
     docs_dir = sql_dir.parent / "docs"
     if docs_dir.is_dir():  # a checkout: the generated docs live beside sql/
