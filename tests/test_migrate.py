@@ -1,11 +1,13 @@
 """`statskit migrate`, `--status`, `--dry-run`, `rollback` and the pg_cron jobs, on a real server."""
 
 import shutil
+import time
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from conftest import SQL_DIR, cron_connection, deploy
+from conftest import SQL_DIR, TEST_PORT, cron_connection, deploy
 from toolkit.cron import registered_jobs
 
 
@@ -237,3 +239,32 @@ def test_dsn_comes_from_the_environment(dsn, run_cli, monkeypatch):
     monkeypatch.delenv("STATSKIT_DSN")
     result = run_cli("migrate", "--status")
     assert result.exit_code == 2 and "nobody@127.0.0.1:1/wrong" in result.output
+
+
+@pytest.fixture
+def password_role(dsn):
+    """A role that must log in with a password (scram), on the otherwise trusting test server."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("drop role if exists pw_user")
+        conn.execute("create role pw_user login password 'right-horse-battery'")
+        hba = Path(conn.execute("show hba_file").fetchone()[0])
+        original = hba.read_text()
+        hba.write_text("host all pw_user 127.0.0.1/32 scram-sha-256\n" + original)
+        conn.execute("select pg_reload_conf()")
+    try:
+        yield dsn.replace("user=postgres", "user=pw_user")
+    finally:
+        hba.write_text(original)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("select pg_reload_conf()")
+            conn.execute("drop role pw_user")
+
+
+@pytest.mark.parametrize("command", ["migrate", "verify", "rollback"])
+def test_a_wrong_password_is_one_line_without_the_password(password_role, run_cli, command):
+    time.sleep(0.2)  # the reload reaches new connections within milliseconds
+    for form in (f"{password_role} password=Tr0ub4dor-wrong", f"postgresql://pw_user:Tr0ub4dor-wrong@127.0.0.1:{TEST_PORT}/statskit_test"):
+        result = run_cli(command, "--dsn", form)
+        assert result.exit_code == 2, result.output
+        assert "password authentication failed for user \"pw_user\"" in result.output
+        assert "Tr0ub4dor" not in result.output and len(result.output.strip().splitlines()) == 1
