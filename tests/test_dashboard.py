@@ -126,7 +126,7 @@ def test_each_call_is_one_index_lookup_per_date(rolled_up):
         scans = conn.execute(
             "select seq_scan, idx_scan from pg_stat_xact_user_tables where relname = 'user_statistics_daily'"
         ).fetchone()
-    assert scans == (0, 2)
+    assert scans == (0, 2)  # one index scan, one descent per date (PostgreSQL counts descents)
 
 
 def test_functions_are_stable_and_readable_by_a_read_only_role(rolled_up):
