@@ -74,7 +74,7 @@ def connect(dsn: str, autocommit: bool = False, application_name: str = "statski
 def describe_error(exc: psycopg.Error) -> str:
     """One line for a database error; timeouts say what waited, from the server's context line."""
     line = first_line(exc)
-    context = (exc.diag.context or "").strip().splitlines() if isinstance(exc, psycopg.Error) and exc.diag else []
+    context = (exc.diag.context or "").strip().splitlines()
     if isinstance(exc, psycopg.errors.LockNotAvailable):
         return f"lock_timeout: {line}" + (f" ({context[0]})" if context else "") + "; another session holds the lock"
     if isinstance(exc, psycopg.errors.QueryCanceled):

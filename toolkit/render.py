@@ -119,8 +119,8 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
     out = {}
     try:
         previous = None
+        names = env.list_templates()
         for migration in catalog.migrations:
-            names = env.list_templates()
             kind = migration.id if f"migrations/{migration.id}.sql.j2" in names else "change_metrics"
             for suffix in (".sql", ".rollback.sql"):
                 template = env.get_template(f"migrations/{kind}{suffix}.j2")

@@ -72,7 +72,8 @@ def _check_table(conn, settings: Settings, rollup: Rollup, per_user: bool) -> li
         ).fetchall()
     }
     problems, warnings = [], []
-    for name, (typ, notnull, default) in _expected_columns(rollup, per_user).items():
+    expected = _expected_columns(rollup, per_user)
+    for name, (typ, notnull, default) in expected.items():
         if name not in actual:
             problems.append(f"column {name} is missing")
             continue
@@ -83,7 +84,7 @@ def _check_table(conn, settings: Settings, rollup: Rollup, per_user: bool) -> li
             problems.append(f"column {name} is {'NOT NULL' if got_notnull else 'nullable'}, expected {'NOT NULL' if notnull else 'nullable'}")
         if default is not None and got_default != default:
             problems.append(f"column {name} defaults to {got_default}, expected {default}")
-    extra = sorted(set(actual) - set(_expected_columns(rollup, per_user)))
+    extra = sorted(set(actual) - set(expected))
     if extra:
         warnings.append(f"unknown columns: {', '.join(extra)}")
     checks = [_result(f"schema {rollup.table}", problems, warnings, f"{len(actual)} columns as in the catalog")]
