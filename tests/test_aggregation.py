@@ -26,7 +26,11 @@ def test_the_data_exercises_the_edges(migrated_dsn, market):
         ).fetchone()[0]
         later_users = conn.execute("select count(*) from profiles where created_at >= '2026-03-01'").fetchone()[0]
         refunds = conn.execute("select count(*) from transactions where kind = 'refund'").fetchone()[0]
+        completion_gaps = {row[0] for row in conn.execute(
+            "select completed_at::date - lag(completed_at::date) over (partition by tutor_id, client_id order by completed_at)"
+            " from bookings where completed_at is not null")}
     assert midnight_events > 0 and caas_ties > 0 and later_users > 0 and refunds > 0
+    assert {30, 31} <= completion_gaps  # where the 30-day windows of one pair touch, and where they part
 
 
 @pytest.mark.parametrize("day", DATES, ids=str)

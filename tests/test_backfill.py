@@ -11,8 +11,11 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
+from conftest import deploy
 from spec_oracle import differences, expected_user_rows, stored_user_rows
+from toolkit import backfill as backfill_core
 from toolkit.cli import cli
+from toolkit.settings import Settings
 
 FIRST, LAST = date(2026, 3, 1), date(2026, 3, 31)
 
@@ -35,6 +38,66 @@ def clean_run_then_empty(dsn, first, last):
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
     return clean
+
+
+def day_by_day(dsn, first, last):
+    """The rows the one-day functions write, called for every day of the range."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        day = first
+        while day <= last:
+            conn.execute("select aggregate_user_statistics(null, %s), aggregate_daily_statistics(%s)", [day, day])
+            day += timedelta(days=1)
+    rows = snapshot(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("truncate user_statistics_daily, platform_statistics_daily")
+    return rows
+
+
+def write_range(dsn, first, last, users_from=None, users_to=None, platform=True):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        users = conn.execute("select aggregate_user_statistics_range(%s, %s, %s, %s)",
+                             [first, last, users_from, users_to]).fetchone()[0]
+        days = conn.execute("select aggregate_daily_statistics_range(%s, %s)", [first, last]).fetchone()[0] if platform else 0
+    return users, days
+
+
+# Month ends, days before any activity and after it, a range starting mid-history, one day.
+RANGES = [(date(2026, 1, 25), date(2026, 4, 3)), (date(2026, 3, 10), date(2026, 3, 20)), (date(2026, 2, 28), date(2026, 2, 28))]
+
+
+@pytest.mark.parametrize("first, last", RANGES, ids=str)
+def test_range_functions_equal_the_one_day_functions_day_by_day(migrated_dsn, first, last):
+    expected = day_by_day(migrated_dsn, first, last)
+    assert write_range(migrated_dsn, first, last) == (len(expected[0]), len(expected[1]))
+    assert snapshot(migrated_dsn) == expected
+    assert write_range(migrated_dsn, first, last) == (0, 0)  # a re-run rewrites nothing
+
+
+def test_slices_of_users_add_up_to_the_whole(migrated_dsn):
+    first, last = RANGES[0]
+    expected = day_by_day(migrated_dsn, first, last)
+    with psycopg.connect(migrated_dsn) as conn:
+        slices = backfill_core.user_slices(conn, Settings(), 3)
+    assert len(slices) == 3 and slices[0][0] is None and slices[-1][1] is None
+    written = [write_range(migrated_dsn, first, last, lo, hi, platform=False)[0] for lo, hi in slices]
+    assert all(written) and sum(written) == len(expected[0])
+    assert snapshot(migrated_dsn)[0] == expected[0]
+
+
+def test_range_functions_follow_the_configured_time_zone(loaded_dsn):
+    deploy(loaded_dsn, time_zone="America/New_York")
+    first, last = date(2026, 2, 26), date(2026, 3, 12)  # a month end and the 23-hour day of 2026-03-08
+    expected = day_by_day(loaded_dsn, first, last)
+    write_range(loaded_dsn, first, last)
+    assert snapshot(loaded_dsn) == expected
+
+
+def test_range_functions_refuse_a_reversed_range(migrated_dsn):
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_first 2026-03-02 is after p_last 2026-03-01"):
+            conn.execute("select aggregate_user_statistics_range('2026-03-02', '2026-03-01')")
+        with pytest.raises(psycopg.errors.NullValueNotAllowed):
+            conn.execute("select aggregate_daily_statistics_range(null, '2026-03-01')")
 
 
 def test_backfill_writes_every_day_with_the_specs_numbers(migrated_dsn, run_cli):
@@ -85,7 +148,7 @@ def test_only_platform(migrated_dsn, run_cli):
 
 
 def test_output_without_a_terminal_has_no_control_characters(migrated_dsn, run_cli):
-    output = run_cli("backfill", "--from", FIRST, "--to", LAST, "--dsn", migrated_dsn).output
+    output = run_cli("backfill", "--from", FIRST, "--to", LAST, "--chunk-days", 7, "--dsn", migrated_dsn).output
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", output)
     assert len([line for line in output.splitlines() if line.startswith("chunk ")]) == 5
 

@@ -1,6 +1,6 @@
 """A tiny run of the benchmark, so bench/ keeps working; its numbers are not judged, its counts are."""
 
-from bench.__main__ import bench_backfill, bench_size, markdown
+from bench.__main__ import backfill_markdown, bench_backfill, bench_size, markdown
 from conftest import cluster
 
 
@@ -17,7 +17,8 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         table = markdown([row], Args, "15", 1.0)
         assert table.startswith("| users |") and "| 300 |" in table
         filled = bench_backfill(cluster, users=300, days=15)
-        assert filled["rows"] > 0 and filled["copy_s"] > 0 and filled["jobs2_s"] > 0
+        assert filled["rows"] > 0 and filled["copy_s"] > 0 and filled["jobs2_s"] > 0 and filled["day_by_day_s"] > 0
+        assert "| 300 × 15 |" in backfill_markdown([filled])
     finally:
         import psycopg
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:

@@ -17,6 +17,11 @@ source = "transaction_totals"
 sql = "count(*) filter (where t.kind = 'payment')"
 meaning = "The user's 'payment' transactions created as of D"
 added_in = "0002_payments_made"
+[user.metrics.range]
+source = "transaction_days"
+where = "t.kind = 'payment'"
+value = "1"
+enters = "t.created_on"
 '''
 
 
@@ -114,3 +119,15 @@ def test_removing_and_retyping_metrics_are_migrations_with_a_warning(grown, run_
     assert undo.exit_code == 0 and "rolled back migration 0002_reviews_and_hours" in undo.output
     restored = columns(dsn)
     assert restored["five_star_reviews"] == "integer" and restored["total_hours"] == "numeric(10,2)"
+
+
+def test_a_metric_without_a_range_form_is_refused_by_name(tmp_path, run_cli):
+    sql_copy = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql_copy)
+    catalog = sql_copy / "catalog.toml"
+    add_migration(catalog, "0002_payments_made", "Add payments_made to user_statistics_daily")
+    catalog.write_text(catalog.read_text() + NEW_METRIC.split("[user.metrics.range]")[0])
+    result = run_cli("render", "--sql-dir", sql_copy)
+    assert result.exit_code == 2
+    assert result.output.strip() == ("statskit: error: catalog: user_statistics_daily.payments_made has no [range] form"
+                                     " (backfill computes ranges of days with it)")

@@ -40,7 +40,7 @@ def verify(run_cli, dsn, *extra):
 def test_a_clean_deployment_passes(deployed, run_cli):
     result = verify(run_cli, deployed)
     assert result.exit_code == 0, result.output
-    assert "verify: PASS — 20 passed, 0 warnings, 0 failed" in result.output
+    assert "verify: PASS — 22 passed, 0 warnings, 0 failed" in result.output
     assert re.search(r"sample +pass  \d+ stored rows recomputed, every metric equal", result.output)
 
 

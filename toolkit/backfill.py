@@ -1,8 +1,10 @@
 """`statskit backfill`: write the rollup rows of a range of days, in chunks that each commit.
 
-Each chunk of days is one transaction, so a kill or a server restart loses at most the
-chunk in flight, and a re-run rewrites the same numbers (the functions upsert). Finished
-chunks are recorded in statskit.backfill_ledger; --resume skips them.
+Each chunk of days is one transaction per table (and per slice of users), so a kill or a server
+restart loses at most the work in flight, and a re-run rewrites the same numbers (the functions
+upsert). Finished work is recorded in statskit.backfill_ledger; --resume skips it. The range
+functions compute a whole chunk from one pass over the sources; slices of users let several
+connections share a chunk, since PostgreSQL never runs a write in parallel itself.
 """
 
 import dataclasses
@@ -43,8 +45,30 @@ class Request:
     scope: str = "both"
     user_id: uuid.UUID | None = None
     resume: bool = False
-    chunk_days: int = 7
-    jobs: int = 2  # connections writing chunks side by side (PostgreSQL runs no write in parallel itself)
+    # Each chunk costs one pass over the whole history of the sources, so chunks are long.
+    chunk_days: int = 120
+    jobs: int = 2  # connections writing side by side, each its slice of the users
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One transaction of a backfill: a chunk of days of one table, for a slice of the users."""
+
+    chunk: tuple[date, date]
+    table: str  # "users" or "platform"
+    users_from: uuid.UUID | None = None
+    users_to: uuid.UUID | None = None
+
+    @property
+    def sliced(self) -> bool:
+        return self.users_from is not None or self.users_to is not None
+
+    @property
+    def scope(self) -> str:
+        """What the ledger records, so --resume skips exactly this work."""
+        if not self.sliced:
+            return self.table
+        return f"users {self.users_from or ''}..{self.users_to or ''}"
 
 
 @dataclass
@@ -58,6 +82,33 @@ class Progress:
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.started
+
+
+def user_slices(conn: psycopg.Connection, settings, count: int) -> list[tuple[uuid.UUID | None, uuid.UUID | None]]:
+    """Split the users into `count` slices of about equal size, by id: [(from, to)], open-ended
+    at both ends so users created during the run belong to one."""
+    profiles = f"{quote_ident(settings.source_schema)}.profiles"
+    total = conn.execute(f"select count(*) from {profiles}").fetchone()[0]
+    bounds = []
+    for k in range(1, count):
+        row = conn.execute(f"select id from {profiles} order by id offset %s limit 1", [k * total // count]).fetchone()
+        if row and row[0] not in bounds:
+            bounds.append(row[0])
+    edges = [None, *bounds, None]
+    return list(zip(edges, edges[1:]))
+
+
+def plan_units(conn: psycopg.Connection, settings, request: Request) -> list[Unit]:
+    slices = [(None, None)]
+    if request.scope != "platform" and request.user_id is None and request.jobs > 1:
+        slices = user_slices(conn, settings, request.jobs)
+    units = []
+    for chunk in chunks(request.first, request.last, request.chunk_days):
+        if request.scope in ("both", "users") or request.user_id:
+            units += [Unit(chunk, "users", lo, hi) for lo, hi in slices]
+        if request.scope in ("both", "platform") and not request.user_id:
+            units.append(Unit(chunk, "platform"))
+    return units
 
 
 def chunks(first: date, last: date, size: int) -> list[tuple[date, date]]:
@@ -96,34 +147,46 @@ def check_request(conn: psycopg.Connection, request: Request) -> tuple[Request, 
 def backfill(dsn: str, request: Request,
              report: Callable[[Progress, tuple[date, date], bool], None] = lambda *a: None,
              report_wait: Callable[[str], None] = lambda message: None) -> Progress:
-    """Write every day of the request with `request.jobs` connections, one chunk of days per
-    transaction; call report(progress, chunk, skipped) after each chunk, and report_wait(message)
-    when another writer of the same days makes a chunk wait. The first error stops every worker."""
-    with db.connect(dsn, autocommit=True) as conn:
-        settings = require_deployment(conn)
-        with conn.transaction():
-            conn.execute(LEDGER_SQL)
+    """Write every day of the request with `request.jobs` connections; call report(progress,
+    chunk, skipped) when all of a chunk's work is done, and report_wait(message) when another
+    writer of the same days makes us wait. The first error stops every worker."""
+    with db.connect(dsn, autocommit=True) as run_conn:
+        settings = require_deployment(run_conn)
+        with run_conn.transaction():
+            run_conn.execute(LEDGER_SQL)
+        _take_run_lock(run_conn, settings, report_wait)
+        units = plan_units(run_conn, settings, request)
+        return _run(dsn, settings, request, units, report, report_wait)
+
+
+def _run(dsn, settings, request: Request, units: list[Unit], report, report_wait) -> Progress:
     progress = Progress(days_total=(request.last - request.first).days + 1, started=time.monotonic())
-    scope = "users" if request.user_id else request.scope
-    todo = chunks(request.first, request.last, request.chunk_days)
+    todo = list(units)
+    left = {}  # chunk -> [units not yet done, all skipped so far]
+    for unit in units:
+        left.setdefault(unit.chunk, [0, True])[0] += 1
     guard = threading.Lock()
     failures: list[BaseException] = []
 
-    def next_chunk():
+    def next_unit():
         with guard:
             return todo.pop(0) if todo and not failures else None
 
     def work():
         try:
             with db.connect(dsn, autocommit=True) as conn:
-                while chunk := next_chunk():
-                    skipped = request.resume and _finished(conn, chunk, scope, request.user_id)
-                    written = 0 if skipped else _write_chunk(conn, settings, request, scope, chunk, report_wait)
+                while unit := next_unit():
+                    skipped = request.resume and _finished(conn, unit, request.user_id)
+                    written = 0 if skipped else _write_unit(conn, settings, request, unit, report_wait)
                     with guard:
-                        progress.days_done += (chunk[1] - chunk[0]).days + 1
                         progress.rows_written += written
-                        progress.chunks_skipped += skipped
-                        report(progress, chunk, skipped)
+                        state = left[unit.chunk]
+                        state[0] -= 1
+                        state[1] = state[1] and skipped
+                        if state[0] == 0:
+                            progress.days_done += (unit.chunk[1] - unit.chunk[0]).days + 1
+                            progress.chunks_skipped += state[1]
+                            report(progress, unit.chunk, state[1])
         except BaseException as exc:  # handed to the caller's thread below
             with guard:
                 failures.append(exc)
@@ -138,58 +201,70 @@ def backfill(dsn: str, request: Request,
     return progress
 
 
-def _write_chunk(conn: psycopg.Connection, settings, request: Request, scope: str, chunk, report_wait) -> int:
-    """One transaction: the chunk's days, then its ledger row."""
+def _write_unit(conn: psycopg.Connection, settings, request: Request, unit: Unit, report_wait) -> int:
+    """One transaction: the unit's days, then its ledger row."""
     schema = quote_ident(settings.schema)
+    first, last = unit.chunk
     with conn.transaction():
-        _wait_for_other_writers(conn, settings, scope, chunk, report_wait)
-        written = 0
-        day = chunk[0]
-        while day <= chunk[1]:
-            if scope in ("both", "platform"):
-                written += conn.execute(f"select {schema}.aggregate_daily_statistics(%s)", [day]).fetchone()[0]
-            if scope in ("both", "users"):
-                written += conn.execute(
-                    f"select {schema}.aggregate_user_statistics(%s, %s)", [request.user_id, day]
-                ).fetchone()[0]
-            day += timedelta(days=1)
+        table = "platform_statistics_daily" if unit.table == "platform" else "user_statistics_daily"
+        _wait_for_other_writers(conn, settings, table, unit, report_wait)
+        if unit.table == "platform":
+            written = conn.execute(f"select {schema}.aggregate_daily_statistics_range(%s, %s)", [first, last]).fetchone()[0]
+        elif request.user_id:
+            # One user's day is an index lookup: day by day beats a pass over the whole history.
+            written = sum(
+                conn.execute(f"select {schema}.aggregate_user_statistics(%s, %s)", [request.user_id, day]).fetchone()[0]
+                for day in (first + timedelta(days=n) for n in range((last - first).days + 1)))
+        else:
+            written = conn.execute(f"select {schema}.aggregate_user_statistics_range(%s, %s, %s, %s)",
+                                   [first, last, unit.users_from, unit.users_to]).fetchone()[0]
         conn.execute(
             f"insert into {STATSKIT_SCHEMA}.backfill_ledger (chunk_first, chunk_last, scope, user_id, rows_written)"
             " values (%s, %s, %s, %s, %s) on conflict (chunk_first, chunk_last, scope, user_id)"
             " do update set rows_written = excluded.rows_written, finished_at = now()",
-            [chunk[0], chunk[1], scope, request.user_id, written],
+            [first, last, unit.scope, request.user_id, written],
         )
     return written
 
 
-def _wait_for_other_writers(conn: psycopg.Connection, settings, scope: str, chunk, report_wait) -> None:
-    """Take the writer locks of the chunk's days (the functions take the same), in day order so
-    concurrent writers cannot deadlock; say whom we wait for, if anyone."""
-    tables = {"users": ["user_statistics_daily"], "platform": ["platform_statistics_daily"]}.get(
-        scope, ["platform_statistics_daily", "user_statistics_daily"])
-    day = chunk[0]
-    while day <= chunk[1]:
-        for table in tables:
-            key = (lock_name(settings, table), day, LOCK_EPOCH)
-            taken = conn.execute(
-                "select pg_try_advisory_xact_lock(hashtext(%s), %s::date - %s::date)", key).fetchone()[0]
-            if taken:
-                continue
-            holder = conn.execute(
-                "select a.pid, coalesce(nullif(a.application_name, ''), a.usename), left(a.query, 80) from pg_locks l"
-                " join pg_stat_activity a on a.pid = l.pid where l.locktype = 'advisory' and l.granted"
-                " and l.classid::int = hashtext(%s) and l.objid::int = %s::date - %s::date limit 1",
-                key,
-            ).fetchone()
-            who = f"pid {holder[0]} ({holder[1]}: {holder[2]})" if holder else "another session"
-            report_wait(f"waiting for {who}, which is writing {table} for {day}")
-            conn.execute("select pg_advisory_xact_lock(hashtext(%s), %s::date - %s::date)", key)
+def _holder(conn: psycopg.Connection, key: str, day_key: int) -> str:
+    """Who holds an advisory lock, for the waiting message."""
+    holder = conn.execute(
+        "select a.pid, coalesce(nullif(a.application_name, ''), a.usename), left(a.query, 80) from pg_locks l"
+        " join pg_stat_activity a on a.pid = l.pid where l.locktype = 'advisory' and l.granted"
+        " and l.classid::int = hashtext(%s) and l.objid::int = %s and a.pid <> pg_backend_pid() limit 1",
+        [key, day_key],
+    ).fetchone()
+    return f"pid {holder[0]} ({holder[1]}: {holder[2]})" if holder else "another session"
+
+
+def _take_run_lock(conn: psycopg.Connection, settings, report_wait) -> None:
+    """Held for the whole run (a session lock): two backfills never write at once, so the
+    slices of one, which share the day locks, never meet another's."""
+    key = f"{settings.schema}.backfill"
+    if not conn.execute("select pg_try_advisory_lock(hashtext(%s), 0)", [key]).fetchone()[0]:
+        report_wait(f"waiting for {_holder(conn, key, 0)}, another statskit backfill of this database")
+        conn.execute("select pg_advisory_lock(hashtext(%s), 0)", [key])
+
+
+def _wait_for_other_writers(conn: psycopg.Connection, settings, table: str, unit: Unit, report_wait) -> None:
+    """Take the writer locks of the unit's days (the functions take the same), in day order so
+    concurrent writers cannot deadlock; shared for a slice of users, whose sibling slices
+    write other rows of the same days. Say whom we wait for, if anyone."""
+    mode = "_shared" if unit.sliced else ""
+    key = lock_name(settings, table)
+    day = unit.chunk[0]
+    while day <= unit.chunk[1]:
+        day_key = (day - date.fromisoformat(LOCK_EPOCH)).days
+        if not conn.execute(f"select pg_try_advisory_xact_lock{mode}(hashtext(%s), %s)", [key, day_key]).fetchone()[0]:
+            report_wait(f"waiting for {_holder(conn, key, day_key)}, which is writing {table} for {day}")
+            conn.execute(f"select pg_advisory_xact_lock{mode}(hashtext(%s), %s)", [key, day_key])
         day += timedelta(days=1)
 
 
-def _finished(conn: psycopg.Connection, chunk: tuple[date, date], scope: str, user_id) -> bool:
+def _finished(conn: psycopg.Connection, unit: Unit, user_id) -> bool:
     return conn.execute(
         f"select 1 from {STATSKIT_SCHEMA}.backfill_ledger"
         " where chunk_first = %s and chunk_last = %s and scope = %s and user_id is not distinct from %s",
-        [chunk[0], chunk[1], scope, user_id],
+        [unit.chunk[0], unit.chunk[1], unit.scope, user_id],
     ).fetchone() is not None

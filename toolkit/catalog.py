@@ -23,6 +23,43 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Span:
+    """A metric's second form, for a range of days: each row of a range source adds `value` to
+    the metric on every day from `enters` up to, not including, `leaves` (never, when None).
+    Both are dates; a row whose `leaves` is not after `enters` never counts."""
+
+    source: str
+    value: str
+    enters: str
+    leaves: str | None = None
+    where: str | None = None
+    sum_type: str = "numeric"  # of the running sum: integer or numeric
+    final: str | None = None  # the stored value, from the running sums by name; default: this sum
+
+    def signed(self, sign: str) -> str:
+        value = f"case when {self.where} then {self.value} end" if self.where else self.value
+        if sign == "+":
+            return value
+        return f"-{value}" if value.isalnum() else f"-({value})"
+
+    @property
+    def leaving_day(self) -> str | None:
+        # A row that leaves before it enters never counts (it leaves the day it enters); a row
+        # that never enters never leaves either (NULL, as for a NULL leaves).
+        if not self.leaves:
+            return None
+        return f"case when {self.leaves} > {self.enters} then {self.leaves} when {self.leaves} <= {self.enters} then {self.enters} end"
+
+
+@dataclass(frozen=True)
+class RangeSum:
+    """A running sum kept per user and day by the range function: a metric's, or a helper's."""
+
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True)
 class Metric:
     """One statistics column: its type, default, meaning and the aggregate that computes it."""
 
@@ -37,6 +74,7 @@ class Metric:
     removed_in: str | None = None
     retyped_in: str | None = None
     was: str | None = None  # the type before retyped_in
+    span: Span | None = None  # the range form, for backfill
 
     @property
     def nullable(self) -> bool:
@@ -55,10 +93,28 @@ class Rollup:
     comment: str
     sources: tuple[Source, ...]
     history: tuple[Metric, ...]
+    range_sources: tuple[Source, ...] = ()
+    range_helpers: tuple[RangeSum, ...] = ()
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
         return tuple(m for m in self.history if m.removed_in is None)
+
+    @property
+    def range_sums(self) -> tuple[RangeSum, ...]:
+        return tuple(RangeSum(m.name, m.span) for m in self.metrics) + self.range_helpers
+
+    def range_changes(self, source: Source) -> tuple[list[RangeSum], list[tuple[str, list[str]]]]:
+        """The sums a range source feeds, and its change rows: (day, signed value per sum), one
+        per distinct day expression. A row adds a value on the day it enters and takes it back
+        on the day it leaves."""
+        sums = [s for s in self.range_sums if s.span.source == source.name]
+        days = list(dict.fromkeys(d for s in sums for d in (s.span.enters, s.span.leaving_day) if d))
+        rows = []
+        for day in days:
+            values = ["+" if s.span.enters == day else "-" if s.span.leaving_day == day else None for s in sums]
+            rows.append((day, [s.span.signed(sign) if sign else "0" for s, sign in zip(sums, values)]))
+        return sums, rows
 
     def metrics_of(self, source: Source) -> list[Metric]:
         return [m for m in self.metrics if m.source == source.name]
@@ -94,25 +150,27 @@ class Catalog:
         return [m.name for m in self.user.metrics]
 
 
+def _read_source(raw: dict, table: str, per_user: bool) -> Source:
+    check_identifier(raw["name"], "source name")
+    if per_user and "user_key" not in raw:
+        raise UsageError(f"catalog: source {raw['name']} of {table} has no user_key")
+    return Source(
+        name=raw["name"],
+        comment=raw.get("comment", ""),
+        from_sql=raw["from"].strip(),
+        where=raw.get("where"),
+        user_key=raw.get("user_key"),
+        one_user=raw.get("one_user") or (f"{raw['user_key']} = p_user_id" if per_user else None),
+        latest_by=raw.get("latest_by"),
+    )
+
+
 def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_user: bool) -> Rollup:
     table = check_identifier(raw["table"], "table name")
-    sources = []
-    for s in raw["sources"]:
-        check_identifier(s["name"], "source name")
-        if per_user and "user_key" not in s:
-            raise UsageError(f"catalog: source {s['name']} of {table} has no user_key")
-        sources.append(
-            Source(
-                name=s["name"],
-                comment=s.get("comment", ""),
-                from_sql=s["from"].strip(),
-                where=s.get("where"),
-                user_key=s.get("user_key"),
-                one_user=s.get("one_user") or (f"{s['user_key']} = p_user_id" if per_user else None),
-                latest_by=s.get("latest_by"),
-            )
-        )
+    sources = [_read_source(s, table, per_user) for s in raw["sources"]]
     source_names = {s.name for s in sources}
+    range_sources = [_read_source(s, table, per_user) for s in raw.get("range_sources", [])]
+    range_names = {s.name for s in range_sources}
     metrics = []
     for m in raw["metrics"]:
         name = check_identifier(m["name"], "metric name")
@@ -137,13 +195,32 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
                 removed_in=m.get("removed_in"),
                 retyped_in=m.get("retyped_in"),
                 was=m.get("was"),
+                span=_read_span(m, table, range_names),
             )
         )
     names = [m.name for m in metrics if m.removed_in is None]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise UsageError(f"catalog: {table} defines {', '.join(duplicated)} twice")
-    return Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics))
+    helpers = tuple(RangeSum(check_identifier(h["name"], "range helper name"), _read_span(h, table, range_names))
+                    for h in raw.get("range_helpers", []))
+    return Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), tuple(range_sources), helpers)
+
+
+def _read_span(entry: dict, table: str, range_sources: set[str]) -> Span | None:
+    """A metric's range form; every current metric needs one, since backfill computes with it."""
+    raw = entry.get("range")
+    if raw is None:
+        if entry.get("removed_in"):
+            return None
+        raise UsageError(f"catalog: {table}.{entry['name']} has no [range] form (backfill computes ranges of days with it)")
+    if raw.get("source") not in range_sources:
+        raise UsageError(f"catalog: the range form of {table}.{entry['name']} names unknown range source {raw.get('source')}")
+    sum_type = raw.get("type") or ("integer" if entry.get("type", "").startswith("integer") else "numeric")
+    if sum_type not in ("integer", "numeric"):
+        raise UsageError(f"catalog: the range form of {table}.{entry['name']} has type {sum_type!r}: use integer or numeric")
+    return Span(source=raw["source"], value=raw["value"], enters=raw["enters"], leaves=raw.get("leaves"),
+                where=raw.get("where"), sum_type=sum_type, final=raw.get("final"))
 
 
 def load_catalog(path: Path) -> Catalog:

@@ -327,16 +327,19 @@ def demo_destroy(ctx):
 @click.option("--user", "user", metavar="UUID", help="Write only this user's rows.")
 @click.option("--only", type=click.Choice(["users", "platform"]), help="Write only one of the two tables.")
 @click.option("--resume", is_flag=True, help="Skip chunks of days an earlier run already finished.")
-@click.option("--chunk-days", type=click.IntRange(1, 366), default=7, show_default=True,
-              help="Days per transaction: a kill loses at most one chunk.")
+@click.option("--chunk-days", type=click.IntRange(1, 3660), default=backfill_core.Request.chunk_days, show_default=True,
+              help="Days per transaction: a kill loses at most one chunk. Each chunk reads the sources' "
+                   "whole history once, so fewer, longer chunks finish sooner.")
 @click.option("--jobs", type=click.IntRange(1, 32), default=min(2, os.cpu_count() or 1), show_default=True,
-              help="Connections writing chunks side by side.")
+              help="Connections writing side by side, each a slice of the users (and one the platform rows).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
     """Write the rollup rows of every day from --from to --to.
 
-    Each chunk of days commits on its own; run it again after a kill and the result
-    equals one clean run. Rows outside the range are untouched.
+    Each chunk of days is computed in one pass over the sources (the *_range functions)
+    and commits on its own; run it again after a kill and the result equals one clean
+    run. Rows outside the range are untouched. The nightly jobs wait for a chunk in
+    flight, and it for them.
 
     \b
     Examples:

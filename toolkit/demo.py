@@ -61,7 +61,7 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir) -> DemoStory:
     target = migrate.Target.open(dsn, sql_dir)
     try:
         applied = migrate.migrate(target)
-        progress = backfill.backfill(dsn, backfill.Request(market.first_day, market.last_day, chunk_days=15))
+        progress = backfill.backfill(dsn, backfill.Request(market.first_day, market.last_day))
         first, last = market.last_day - timedelta(days=6), market.last_day
         checks = verify.run_checks(target, None, verify.CHECK_GROUPS, first, last, 20)
         with cron.connect_cron(dsn, target.conn, None) as cron_conn:

@@ -3,6 +3,7 @@
 Deterministic for a seed. Realistic shapes (tutors with many students, clients who cancel,
 late reviews, refunds, archived listings, unread messages) plus the edges the spec names:
 events exactly at midnight, users created after the period, ties between caas_scores rows,
+a regular student whose completions are exactly 30 and 31 days apart,
 a tutor who books themselves, a user who messages themselves.
 """
 
@@ -179,6 +180,16 @@ def generate(users: int = 200, days: int = 60, seed: int = 42, last_day: date = 
                 computed = clock.after(computed, 15)
             rows["caas_scores"].append((next_id("caas_scores"), user_id, round(rng.uniform(20, 100), 2),
                                         round(rng.uniform(10, 100), 2), computed))
+
+    # A regular student: completions 30 days apart (the 30-day windows touch), then 31 (a day between).
+    tutor_id, client_id = tutors[0][0], clients[0][0]
+    completed = clock.at_day(-20)
+    for gap in (0, 30, 31):
+        completed += timedelta(days=gap)
+        session_start = completed - timedelta(hours=1)
+        rows["bookings"].append((next_id("bookings"), None, tutor_id, client_id, "completed",
+                                 session_start - timedelta(days=3), session_start - timedelta(days=2), None,
+                                 completed, session_start, 60))
     return market
 
 

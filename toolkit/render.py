@@ -31,6 +31,8 @@ FUNCTIONS = {
     "aggregate_single_user_statistics": FunctionSpec("uuid, date", "integer"),
     "aggregate_user_statistics": FunctionSpec("uuid, date", "integer"),
     "aggregate_daily_statistics": FunctionSpec("date", "integer"),
+    "aggregate_user_statistics_range": FunctionSpec("date, date, uuid, uuid", "integer"),
+    "aggregate_daily_statistics_range": FunctionSpec("date, date", "integer"),
     "user_metric": FunctionSpec("uuid, text, date, text", "record"),
     "platform_metric": FunctionSpec("text, date, text", "record"),
     "user_kpis": FunctionSpec("uuid, date, text", "record"),
@@ -82,11 +84,11 @@ def _resolve_snippets(rollup: Rollup, env: jinja2.Environment, source: str) -> R
     def fill(text):
         return env.from_string(text).render(source=source) if text else text
 
-    sources = tuple(
-        dataclasses.replace(s, from_sql=fill(s.from_sql), where=fill(s.where), one_user=fill(s.one_user))
-        for s in rollup.sources
-    )
-    return dataclasses.replace(rollup, sources=sources)
+    def resolved(sources):
+        return tuple(dataclasses.replace(s, from_sql=fill(s.from_sql), where=fill(s.where), one_user=fill(s.one_user))
+                     for s in sources)
+
+    return dataclasses.replace(rollup, sources=resolved(rollup.sources), range_sources=resolved(rollup.range_sources))
 
 
 def _tidy(text: str) -> str:
