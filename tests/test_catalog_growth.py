@@ -131,3 +131,14 @@ def test_a_metric_without_a_range_form_is_refused_by_name(tmp_path, run_cli):
     assert result.exit_code == 2
     assert result.output.strip() == ("statskit: error: catalog: user_statistics_daily.payments_made has no [range] form"
                                      " (backfill computes ranges of days with it)")
+
+
+def test_a_range_source_no_metric_uses_is_refused_by_name(tmp_path, run_cli):
+    sql_copy = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql_copy)
+    catalog = sql_copy / "catalog.toml"
+    unused = '\n[[user.range_sources]]\nname = "orphan_days"\nfrom = "{{ source }}.reviews r"\nuser_key = "r.reviewee_id"\n'
+    catalog.write_text(catalog.read_text().replace("\n[platform]\n", unused + "\n[platform]\n", 1))
+    result = run_cli("render", "--sql-dir", sql_copy)
+    assert result.exit_code == 2
+    assert result.output.strip() == "statskit: error: catalog: range source orphan_days of user_statistics_daily feeds no metric"

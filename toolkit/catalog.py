@@ -204,7 +204,11 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
         raise UsageError(f"catalog: {table} defines {', '.join(duplicated)} twice")
     helpers = tuple(RangeSum(check_identifier(h["name"], "range helper name"), _read_span(h, table, range_names))
                     for h in raw.get("range_helpers", []))
-    return Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), tuple(range_sources), helpers)
+    rollup = Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), tuple(range_sources), helpers)
+    unused = sorted(range_names - {s.span.source for s in rollup.range_sums})
+    if unused:
+        raise UsageError(f"catalog: range source {', '.join(unused)} of {table} feeds no metric")
+    return rollup
 
 
 def _read_span(entry: dict, table: str, range_sources: set[str]) -> Span | None:
