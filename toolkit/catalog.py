@@ -104,11 +104,14 @@ class Rollup:
     def range_sums(self) -> tuple[RangeSum, ...]:
         return tuple(RangeSum(m.name, m.span) for m in self.metrics) + self.range_helpers
 
+    def range_sums_of(self, source: Source) -> list[RangeSum]:
+        return [s for s in self.range_sums if s.span.source == source.name]
+
     def range_changes(self, source: Source) -> tuple[list[RangeSum], list[tuple[str, list[str]]]]:
         """The sums a range source feeds, and its change rows: (day, signed value per sum), one
         per distinct day expression. A row adds a value on the day it enters and takes it back
         on the day it leaves."""
-        sums = [s for s in self.range_sums if s.span.source == source.name]
+        sums = self.range_sums_of(source)
         days = list(dict.fromkeys(d for s in sums for d in (s.span.enters, s.span.leaving_day) if d))
         rows = []
         for day in days:
