@@ -12,6 +12,7 @@ NEW_METRIC = '''
 name = "payments_made"
 group = "spending"
 type = "integer"
+unit = "count"
 default = "0"
 source = "transaction_totals"
 sql = "count(*) filter (where t.kind = 'payment')"

@@ -8,6 +8,10 @@ from pathlib import Path
 from .errors import UsageError
 from .settings import check_identifier
 
+# What a metric's number counts, for clients that format it: money and hours with 2 decimals,
+# counts as integers, ratings 1..5, scores and percentages 0..100.
+UNITS = ("money", "count", "hours", "rating", "score", "percent")
+
 
 @dataclass(frozen=True)
 class Source:
@@ -66,6 +70,7 @@ class Metric:
     name: str
     group: str
     type: str
+    unit: str
     default: str | None
     source: str
     sql: str
@@ -185,11 +190,14 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
                 raise UsageError(f"catalog: metric {name} is {key} unknown migration {m[key]}")
         if ("retyped_in" in m) != ("was" in m):
             raise UsageError(f"catalog: metric {name} needs both retyped_in and was (its old type)")
+        if m.get("unit") not in UNITS:
+            raise UsageError(f"catalog: metric {name} has unit {m.get('unit')!r}: use one of {', '.join(UNITS)}")
         metrics.append(
             Metric(
                 name=name,
                 group=m.get("group", ""),
                 type=m["type"],
+                unit=m["unit"],
                 default=m.get("default"),
                 source=m["source"],
                 sql=m["sql"],

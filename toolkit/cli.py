@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from . import backfill as backfill_core, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, report, verify as verify_core
+from . import backfill as backfill_core, clients, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, report, verify as verify_core
 from .dates import check_range, parse_date
 from .errors import StatskitError, UsageError
 from .catalog import load_catalog
@@ -89,6 +89,8 @@ sql_dir_option = click.option(
 def render(sql_dir, check):
     """Render the catalog and templates into sql/migrations/ and sql/functions/.
 
+    Beside sql/, when the folders exist, it also writes docs/metrics.md and docs/commands.md,
+    and the web app's contract clients/metrics.ts and clients/metrics.json.
     Rendering is deterministic: a re-render that changes nothing touches no file.
 
     \b
@@ -99,10 +101,12 @@ def render(sql_dir, check):
     sql_dir = sql_dir or default_sql_dir()
     if not check and sql_dir == PACKAGED_SQL_DIR and sql_dir.parent.name == "toolkit":
         raise UsageError("render writes into a project's sql/ folder: run it in the project folder or give --sql-dir")
-    targets = [(sql_dir, render_all(sql_dir), RENDERED_GLOBS)]
-    docs_dir = sql_dir.parent / "docs"
-    if docs_dir.is_dir():  # a checkout: the generated docs live beside sql/
-        targets.append((docs_dir, docs.render_docs(load_catalog(sql_dir / "catalog.toml")), ()))
+    catalog = load_catalog(sql_dir / "catalog.toml")
+    targets = [(sql_dir, render_all(sql_dir, catalog=catalog), RENDERED_GLOBS)]
+    # A project folder keeps the generated docs and client contract beside sql/.
+    for folder, files in (("docs", docs.render_docs), ("clients", clients.render_clients)):
+        if (sql_dir.parent / folder).is_dir():
+            targets.append((sql_dir.parent / folder, files(catalog), ()))
     total = sum(len(files) for _, files, _ in targets)
     if check:
         stale = [str(folder / rel) for folder, files, owned in targets for rel in stale_files(folder, files, owned)]
@@ -288,7 +292,7 @@ def _tell(story):
         click.echo(f"pg_cron: {job.jobname} at '{job.schedule}' runs {job.command} in {job.database}")
     for role, (user_id, values) in story.kpis.items():
         click.echo(f"KPIs of a {role} ({user_id}) on {story.last_day}, against the week before:")
-        click.echo(_metric_grid(values, story.metric_types, sys.stdout.isatty()))
+        click.echo(_metric_grid(values, story.metric_units, sys.stdout.isatty()))
     click.echo(f"look around: psql \"{story.dsn}\"   (or: statskit demo shell)")
 
 
@@ -444,15 +448,15 @@ def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
 TREND_MARKS = {"up": ("▲", "green"), "down": ("▼", "red"), "neutral": ("•", None)}
 
 
-def _number(value, sql_type, signed=False):
-    """Counts as integers; money, hours, ratings and scores with 2 decimals."""
+def _number(value, unit, signed=False):
+    """Counts as integers; money, hours, ratings, scores and percentages with 2 decimals."""
     if value is None:
         return "-"
     sign = "+" if signed else ""
-    return f"{int(value):{sign}d}" if sql_type == "integer" else f"{value:{sign}.2f}"
+    return f"{int(value):{sign}d}" if unit == "count" else f"{value:{sign}.2f}"
 
 
-def _metric_grid(values, types, colour):
+def _metric_grid(values, units, colour):
     header = f"{'metric':<22} {'value':>12} {'previous':>12} {'change':>12} {'change %':>9}  trend"
     lines = [header]
     for v in values:
@@ -460,7 +464,7 @@ def _metric_grid(values, types, colour):
         if colour and fg:
             mark = click.style(mark, fg=fg)
         pct = "-" if v.change_pct is None else f"{v.change_pct:+.2f}%"
-        kind = types[v.metric]
+        kind = units[v.metric]
         lines.append(f"{v.metric:<22} {_number(v.value, kind):>12} {_number(v.previous_value, kind):>12} "
                      f"{_number(v.change, kind, signed=True):>12} {pct:>9}  {mark} {v.trend}")
     return "\n".join(lines)
@@ -491,13 +495,13 @@ def metric(dsn, sql_dir, user_id, metric, day, compare, fmt):
         deployment.require_deployment(target.conn)
         day, value = dashboard.user_metric(target, _parse_uuid(user_id, "USER_ID"), metric,
                                            parse_date(day, "--date") if day else None, compare)
-        types = dashboard.metric_types(target)
+        units = dashboard.metric_units(target)
     finally:
         target.close()
     if fmt == "json":
         click.echo(json.dumps({"user_id": user_id, "date": str(day), "compare": compare, **value.as_dict()}, indent=2))
     else:
-        click.echo(_metric_grid([value], types, sys.stdout.isatty()))
+        click.echo(_metric_grid([value], units, sys.stdout.isatty()))
 
 
 @cli.command()
@@ -526,7 +530,7 @@ def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
         else:
             day, role, values = dashboard.user_kpis(target, _parse_uuid(user_id, "USER_ID"), when, compare)
             title, subject = f"{role} {user_id} on {day}, compared with the {compare} before", {"user_id": user_id, "role": role}
-        types = dashboard.metric_types(target)
+        units = dashboard.metric_units(target)
     finally:
         target.close()
     if fmt == "json":
@@ -534,7 +538,7 @@ def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
                                "metrics": [v.as_dict() for v in values]}, indent=2))
     else:
         click.echo(title)
-        click.echo(_metric_grid(values, types, sys.stdout.isatty()))
+        click.echo(_metric_grid(values, units, sys.stdout.isatty()))
 
 
 def main():

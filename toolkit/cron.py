@@ -18,6 +18,11 @@ from .render import quote_ident, quote_literal
 from .settings import WRITER_ROLE, Settings
 
 
+# The spec's schedule. pg_cron 1.4 reads cron times in UTC (GMT), whatever the server's time zone.
+PLATFORM_SCHEDULE = "0 0 * * *"
+USER_SCHEDULE = "0 1 * * *"
+
+
 @dataclass(frozen=True)
 class Job:
     name: str
@@ -51,8 +56,8 @@ def wanted_jobs(settings: Settings) -> list[Job]:
         user_command += (f"; select {schema}.aggregate_user_statistics(null, {today} - n)"
                          f" from generate_series(2, {settings.lookback_days}) as n")
     return [
-        Job(settings.platform_job, "0 0 * * *", f"select {schema}.aggregate_daily_statistics()"),
-        Job(settings.user_job, "0 1 * * *", user_command),
+        Job(settings.platform_job, PLATFORM_SCHEDULE, f"select {schema}.aggregate_daily_statistics()"),
+        Job(settings.user_job, USER_SCHEDULE, user_command),
     ]
 
 

@@ -92,6 +92,6 @@ def platform_kpis(target: Target, day: date | None, compare: str) -> tuple[date,
     )
 
 
-def metric_types(target: Target) -> dict[str, str]:
-    """SQL type of every metric, user and platform, for formatting."""
-    return {m.name: m.type for m in target.catalog.user.metrics + target.catalog.platform.metrics}
+def metric_units(target: Target) -> dict[str, str]:
+    """Unit of every metric, user and platform, for formatting."""
+    return {m.name: m.unit for m in target.catalog.user.metrics + target.catalog.platform.metrics}

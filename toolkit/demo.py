@@ -27,7 +27,7 @@ class DemoStory:
     checks: list
     jobs: list
     kpis: dict = field(default_factory=dict)  # role -> (user_id, [dashboard.MetricValue])
-    metric_types: dict = field(default_factory=dict)
+    metric_units: dict = field(default_factory=dict)
 
 
 def fresh_private_database(cluster: LocalCluster) -> str:
@@ -68,7 +68,7 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir) -> DemoStory:
             jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
         story = DemoStory(dsn, market.count(), market.first_day, market.last_day, applied, progress, checks, jobs)
         story.kpis = _kpis(target, market.last_day)
-        story.metric_types = dashboard.metric_types(target)
+        story.metric_units = dashboard.metric_units(target)
     finally:
         target.close()
     return story

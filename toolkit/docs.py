@@ -32,11 +32,11 @@ def commands_markdown() -> str:
 
 def _metric_table(rollup: Rollup) -> str:
     sources = {s.name: s for s in rollup.sources}
-    rows = ["| column | type | meaning | reads |", "|---|---|---|---|"]
+    rows = ["| column | type | unit | meaning | reads |", "|---|---|---|---|---|"]
     for m in rollup.metrics:
         nullable = " (NULL when none)" if m.nullable else ""
         reads = ", ".join(dict.fromkeys(SOURCE_TABLE.findall(sources[m.source].from_sql)))
-        rows.append(f"| `{m.name}` | {m.type}{nullable} | {m.meaning} | {reads} |")
+        rows.append(f"| `{m.name}` | {m.type}{nullable} | {m.unit} | {m.meaning} | {reads} |")
     return "\n".join(rows) + "\n"
 
 
