@@ -13,7 +13,6 @@ set jit = off
 as $function$
 declare
     v_time_zone constant text := 'UTC';
-    v_day integer;
     v_rows integer;
 begin
     if p_first is null or p_last is null then

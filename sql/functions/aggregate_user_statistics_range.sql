@@ -29,7 +29,6 @@ set work_mem = '256MB'
 as $function$
 declare
     v_time_zone constant text := 'UTC';
-    v_day integer;
     v_rows integer;
 begin
     if p_first is null or p_last is null then
