@@ -28,7 +28,7 @@ enters = "t.created_on"
 
 def add_migration(catalog, migration_id, description):
     text = catalog.read_text()
-    anchor = "\n# The source columns"
+    anchor = "\n# The source tables"
     entry = f'\n[[migrations]]\nid = "{migration_id}"\ndescription = "{description}"\n'
     catalog.write_text(text.replace(anchor, entry + anchor, 1))
 

@@ -54,7 +54,7 @@ def test_a_lock_left_by_a_killed_migrate_is_cleared_with_a_message(loaded_dsn):
         blocker.rollback()
         blocker.close()
     started = time.monotonic()
-    again = statskit("migrate", "--dsn", loaded_dsn, "--lock-timeout", 20)
+    again = statskit("migrate", "--dsn", loaded_dsn, "--wait", 20)
     out, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
     assert f"note: cleared the migrate lock of process {run.pid}" in err and "no longer connected" in err
@@ -68,7 +68,7 @@ def test_a_live_lock_is_waited_for_then_named(loaded_dsn):
     holder = psycopg.connect(loaded_dsn, autocommit=True, application_name=f"statskit migrate {os.getpid()}")
     holder.execute("insert into statskit.yoyo_lock (locked, ctime, pid) values (1, now(), %s)", [os.getpid()])
     try:
-        run = statskit("migrate", "--dsn", loaded_dsn, "--lock-timeout", 1)
+        run = statskit("migrate", "--dsn", loaded_dsn, "--wait", 1)
         _, err = run.communicate(timeout=60)
         assert run.returncode == 1
         assert "holds the lock" in err and "--break-lock" in err and "Traceback" not in err

@@ -152,21 +152,35 @@ def test_a_dropped_function_is_recreated(dsn):
     assert [name for name, _ in deploy(dsn).functions] == ["aggregate_single_user_statistics"]
 
 
-def test_a_missing_source_table_stops_migrate_before_any_change(dsn, run_cli):
+def test_every_source_mismatch_is_named_at_once_before_any_change(dsn, run_cli):
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("drop table caas_scores")
+        conn.execute("alter table bookings drop column confirmed_at")
+        # an application with integer ids where the contract has uuids, and days without a time zone
+        conn.execute("alter table reviews drop column reviewee_id")
+        conn.execute("alter table reviews add column reviewee_id bigint")
+        conn.execute("alter table messages alter column read_at type timestamp")
+        conn.execute("alter table transactions alter column kind type varchar(20)")  # compatible: not named
+        conn.execute("alter table bookings drop column status")  # not read by statskit: not named
     before = objects(dsn)
     result = run_cli("migrate", "--dsn", dsn)
     assert result.exit_code == 1
-    assert result.output.strip() == "statskit: error: source table public.caas_scores is missing; nothing changed"
+    assert result.output.strip() == (
+        "statskit: error: source tables in schema public do not match the contract (docs/contract.md): "
+        "bookings.confirmed_at is missing; reviews.reviewee_id is bigint, expected uuid; "
+        "messages.read_at is timestamp without time zone, expected timestamptz; table caas_scores is missing; "
+        "nothing changed")
     assert objects(dsn) == before
 
 
-def test_a_missing_source_column_is_named(dsn, run_cli):
+def test_missing_lookup_indexes_are_advised_not_refused(dsn, run_cli):
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("alter table bookings drop column confirmed_at")
+        conn.execute("drop index bookings_listing_id_idx")
     result = run_cli("migrate", "--dsn", dsn)
-    assert result.exit_code == 1 and "public.bookings lacks column confirmed_at" in result.output
+    assert result.exit_code == 0, result.output
+    assert ("note: no index leads with public.bookings(listing_id): the one-user function and verify's sample "
+            "look users up by it") in result.output
+    assert "no index leads with public.bookings(tutor_id)" not in result.output
 
 
 def test_rollup_and_sources_in_their_own_schemas(dsn, run_cli):

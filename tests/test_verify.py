@@ -40,7 +40,7 @@ def verify(run_cli, dsn, *extra):
 def test_a_clean_deployment_passes(deployed, run_cli):
     result = verify(run_cli, deployed)
     assert result.exit_code == 0, result.output
-    assert "verify: PASS — 22 passed, 0 warnings, 0 failed" in result.output
+    assert "verify: PASS — 25 passed, 0 warnings, 0 failed" in result.output
     assert re.search(r"sample +pass  \d+ stored rows recomputed, every metric equal", result.output)
 
 
@@ -77,9 +77,10 @@ FAULTS = [
      "cron job aggregate-platform-statistics", "not registered"),
     ("last run failed", in_cron(
         "insert into cron.job_run_details (jobid, runid, database, username, command, status, return_message, start_time, end_time)"
-        " select jobid, nextval('cron.runid_seq'), database, username, command, 'failed', 'ERROR:  division by zero',"
+        " select jobid, nextval('cron.runid_seq'), database, username, command, 'failed',"
+        " E'ERROR:  division by zero\\nCONTEXT:  PL/pgSQL function aggregate_user_statistics(uuid,date) line 9',"
         " now() - interval '1 hour', now() - interval '1 hour' from cron.job where database = %s and jobname = 'aggregate-user-statistics'"),
-     "cron health aggregate-user-statistics", "last run failed at"),
+     "cron health aggregate-user-statistics", "ERROR:  division by zero"),
     ("missing day of rows", in_target("delete from user_statistics_daily where date = '2026-03-27'"),
      "data user rows", "missing on 2026-03-27"),
     ("missing platform day", in_target("delete from platform_statistics_daily where date = '2026-03-26'"),
@@ -98,6 +99,7 @@ def test_each_fault_fails_verify_and_is_named(deployed, run_cli, apply, check, d
     assert result.exit_code == 1, result.output
     failing = [line for line in result.output.splitlines() if line.startswith(check) and "  fail  " in line]
     assert failing and detail in failing[0], result.output
+    assert "CONTEXT" not in result.output  # one line per check, never a function's context
 
 
 def test_json_and_junit_carry_the_same_verdicts(deployed, run_cli):

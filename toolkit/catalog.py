@@ -1,12 +1,16 @@
 """Load and check the metric catalog (sql/catalog.toml)."""
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
 from .settings import check_identifier
+
+# A source table as the catalog's SQL snippets name it.
+SOURCE_TABLE = re.compile(r"\{\{ source \}\}\.(\w+)")
 
 # What a metric's number counts, for clients that format it: money and hours with 2 decimals,
 # counts as integers, ratings 1..5, scores and percentages 0..100.
@@ -124,6 +128,11 @@ class Rollup:
             rows.append((day, [s.span.signed(sign) if sign else "0" for s, sign in zip(sums, values)]))
         return sums, rows
 
+    @property
+    def tables_read(self) -> list[str]:
+        """The source tables the one-day functions read, in catalog order."""
+        return list(dict.fromkeys(t for s in self.sources for t in SOURCE_TABLE.findall(s.from_sql)))
+
     def metrics_of(self, source: Source) -> list[Metric]:
         return [m for m in self.metrics if m.source == source.name]
 
@@ -139,6 +148,63 @@ class Rollup:
         return [m for m in self.history if m.retyped_in == migration_id]
 
 
+# information_schema's data_type of an application's column that statskit can read in place of
+# the contract's type: same values, same comparisons (a varchar is a text; any integer width
+# holds an id or a count). A timestamp without time zone or a float is refused: its days or
+# sums would differ.
+COMPATIBLE_TYPES = {
+    "uuid": {"uuid"},
+    "text": {"text", "character varying", "character"},
+    "timestamptz": {"timestamp with time zone"},
+    "bigint": {"smallint", "integer", "bigint"},
+    "integer": {"smallint", "integer", "bigint"},
+    "smallint": {"smallint", "integer", "bigint"},
+    "numeric": {"numeric"},
+}
+
+
+@dataclass(frozen=True)
+class SourceColumn:
+    name: str
+    type: str  # the contract's type, e.g. numeric(12,2)
+    meaning: str
+    nullable: bool = False
+    read: bool = True  # False: the contract names it, no metric reads it
+
+    @property
+    def accepts(self) -> set[str]:
+        return COMPATIBLE_TYPES[self.type.split("(")[0]]
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    name: str
+    meaning: str
+    columns: tuple[SourceColumn, ...]
+    lookup: tuple[str, ...]  # columns the one-user paths find a user's rows by: worth an index
+
+    @property
+    def read_columns(self) -> tuple[SourceColumn, ...]:
+        return tuple(c for c in self.columns if c.read)
+
+
+def _read_source_table(name: str, raw: dict) -> SourceTable:
+    check_identifier(name, "source table")
+    columns = []
+    for column, spec in raw["columns"].items():
+        check_identifier(column, "source column")
+        if spec.get("type", "").split("(")[0] not in COMPATIBLE_TYPES:
+            raise UsageError(f"catalog: source column {name}.{column} has type {spec.get('type')!r}: "
+                             f"use one of {', '.join(COMPATIBLE_TYPES)}")
+        columns.append(SourceColumn(column, spec["type"], spec.get("meaning", ""), spec.get("null", False),
+                                    spec.get("read", True)))
+    lookup = tuple(raw.get("lookup", ()))
+    unknown = sorted(set(lookup) - {c.name for c in columns})
+    if unknown:
+        raise UsageError(f"catalog: source table {name} looks users up by unknown column {', '.join(unknown)}")
+    return SourceTable(name, raw.get("meaning", ""), tuple(columns), lookup)
+
+
 @dataclass(frozen=True)
 class Migration:
     id: str
@@ -148,7 +214,7 @@ class Migration:
 @dataclass(frozen=True)
 class Catalog:
     migrations: tuple[Migration, ...]
-    source_tables: dict[str, tuple[str, ...]]
+    source_tables: dict[str, SourceTable]
     kpis: dict[str, tuple[str, ...]]  # role -> user metrics, in dashboard order
     user: Rollup
     platform: Rollup
@@ -257,10 +323,7 @@ def load_catalog(path: Path) -> Catalog:
             raise UsageError(f"catalog: KPI sets name unknown metrics {', '.join(unknown)}")
         return Catalog(
             migrations=migrations,
-            source_tables={
-                check_identifier(table, "source table"): tuple(check_identifier(c, "source column") for c in columns)
-                for table, columns in raw["source_tables"].items()
-            },
+            source_tables={table: _read_source_table(table, spec) for table, spec in raw["source_tables"].items()},
             kpis=kpis,
             user=user,
             platform=_read_rollup(raw["platform"], first, ids, per_user=False),

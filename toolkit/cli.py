@@ -77,6 +77,23 @@ def cron_options(command):
                         "login, database from SHOW cron.database_name.")(command)
 
 
+def lock_options(command):
+    """--lock-timeout, --retries, --wait: how migrate and rollback wait for locks, as a LockPolicy."""
+
+    @click.option("--lock-timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True, metavar="SECONDS",
+                  help="PostgreSQL lock_timeout for every statement: how long a dashboard query may queue "
+                       "behind a statement that waits for a table lock.")
+    @click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True,
+                  help="Times the whole transaction is tried again after a lock timeout (with back-off).")
+    @click.option("--wait", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+                  help="How long to wait for another statskit migrate or rollback to finish.")
+    @functools.wraps(command)
+    def wrapper(*args, lock_timeout, retries, wait, **kwargs):
+        return command(*args, policy=migrate_core.LockPolicy(lock_timeout, retries, wait), **kwargs)
+
+    return wrapper
+
+
 sql_dir_option = click.option(
     "--sql-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Folder with catalog.toml and templates/. Default: ./sql in a checkout, else the installed copy.",
@@ -142,7 +159,7 @@ def render(sql_dir, check):
 @click.option("--source-schema", help="Schema of the application's source tables. Default: public.")
 @click.option("--time-zone", help="Statistics time zone: day boundaries follow it. Default: UTC.")
 @click.option("--job-suffix", help="Suffix for the pg_cron job names, so several databases on one server each have their own jobs.")
-@click.option("--lock-timeout", type=float, default=300, show_default=True, help="Seconds to wait for another migrate.")
+@lock_options
 @click.option("--lookback-days", type=int,
               help="Days the nightly user job writes: yesterday and the days before it, for late data. Default: 3; 1 = yesterday only.")
 @click.option("--roles", is_flag=True, default=None,
@@ -152,11 +169,13 @@ def render(sql_dir, check):
                    "e.g. \"current_setting('app.user_id')::uuid\" or \"auth.uid()\". Needs --roles.")
 @click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
 def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
-            lookback_days, roles, row_security, lock_timeout, break_lock):
+            lookback_days, roles, row_security, policy, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
-    Checks first (server version, source tables and columns, pg_cron, job names) and
-    changes nothing when a check fails. Running it again changes nothing.
+    Checks first (server version, source tables, columns and types, this login's privileges,
+    pg_cron, job names) and changes nothing when a check fails. Then applies everything in one
+    transaction, each statement under --lock-timeout, retried as a whole; jobs in another
+    database are scheduled right after. Running it again changes nothing.
 
     \b
     Examples:
@@ -171,16 +190,16 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
         if show_status:
             _print_status(migrate_core.status(target, cron_dsn, not no_cron))
             return
-        done = migrate_core.migrate(target, cron_dsn, not no_cron, dry_run=dry_run, lock_timeout=lock_timeout,
+        done = migrate_core.migrate(target, cron_dsn, not no_cron, dry_run=dry_run, policy=policy,
                                     break_lock=break_lock)
     finally:
         target.close()
+    for note in done.notes:
+        click.echo(f"note: {note}", err=True)
     if dry_run:
         click.echo(done.script(), nl=False)
         return
     where = db.describe(dsn)
-    for note in done.notes:
-        click.echo(f"note: {note}", err=True)
     if done.empty:
         click.echo(f"{where}: up to date, nothing to do")
         return
@@ -213,8 +232,8 @@ def _print_status(status):
 @dsn_option
 @cron_options
 @sql_dir_option
-@click.option("--lock-timeout", type=float, default=300, show_default=True, help="Seconds to wait for another migrate.")
-def rollback(dsn, cron_dsn, no_cron, sql_dir, lock_timeout):
+@lock_options
+def rollback(dsn, cron_dsn, no_cron, sql_dir, policy):
     """Undo the last applied migration (one only).
 
     Undoing the first migration drops both statistics tables with their rows, the
@@ -226,7 +245,7 @@ def rollback(dsn, cron_dsn, no_cron, sql_dir, lock_timeout):
     """
     target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
     try:
-        result = migrate_core.rollback(target, cron_dsn, not no_cron, lock_timeout=lock_timeout)
+        result = migrate_core.rollback(target, cron_dsn, not no_cron, policy=policy)
     finally:
         target.close()
     if result.rolled_back is None:

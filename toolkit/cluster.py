@@ -26,7 +26,6 @@ _SERVER_SETTINGS = {
     # TCP only: the default socket directory (/var/run/postgresql) is not writable by every user.
     "unix_socket_directories": "''",
     "shared_preload_libraries": "'pg_cron'",
-    "cron.database_name": f"'{CRON_DATABASE}'",
     # Jobs run in background workers, so pg_cron needs no password or socket to reach a database.
     "cron.use_background_workers": "on",
     "max_worker_processes": "16",
@@ -78,7 +77,8 @@ class LocalCluster:
     """One private cluster: <base>/<name>/data, its log beside it."""
 
     def __init__(self, name: str, port: int, base_dir: Path | None = None, durable: bool = True,
-                 with_cron: bool = True):
+                 with_cron: bool = True, cron_database: str = CRON_DATABASE):
+        self.cron_database = cron_database
         self.root = (base_dir or default_base_dir()) / name
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
@@ -126,7 +126,7 @@ class LocalCluster:
             "--encoding", "UTF8", "--locale", "C.UTF-8",
         )
         self._check(result, "initdb")
-        settings = dict(_SERVER_SETTINGS, port=str(self.port))
+        settings = dict(_SERVER_SETTINGS, port=str(self.port), **{"cron.database_name": f"'{self.cron_database}'"})
         if not self.with_cron:
             settings = {k: v for k, v in settings.items() if k != "shared_preload_libraries" and not k.startswith("cron.")}
         if not self.durable:
@@ -146,6 +146,9 @@ class LocalCluster:
         self._wait_ready()
         if self.with_cron:
             with psycopg.connect(self.dsn(), autocommit=True) as conn:
+                if not conn.execute("select 1 from pg_database where datname = %s", [self.cron_database]).fetchone():
+                    conn.execute(f'create database "{self.cron_database}"')
+            with psycopg.connect(self.dsn(self.cron_database), autocommit=True) as conn:
                 conn.execute("create extension if not exists pg_cron")
 
     def _wait_ready(self, seconds: float = 30) -> None:

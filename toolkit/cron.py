@@ -62,35 +62,69 @@ def wanted_jobs(settings: Settings) -> list[Job]:
 
 
 def cron_database(conn: psycopg.Connection) -> str | None:
-    """The database pg_cron lives in, or None when pg_cron is not preloaded on this server."""
-    row = conn.execute("select current_setting('cron.database_name', true)").fetchone()
-    return row[0] if row and row[0] else None
+    """The database pg_cron lives in, or None when pg_cron is not preloaded on this server.
+
+    cron.database_name is readable only by superusers and members of pg_read_all_settings,
+    which managed services rarely grant. Without that right the answer can still be had where
+    the extension itself is installed: pg_cron refuses CREATE EXTENSION in any other database.
+    """
+    try:
+        row = conn.execute("select current_setting('cron.database_name', true)").fetchone()
+        return row[0] if row and row[0] else None
+    except psycopg.errors.InsufficientPrivilege:
+        if has_extension(conn):
+            return conn.info.dbname
+        raise StatskitError(
+            "cannot tell which database pg_cron lives in: reading cron.database_name needs superuser or "
+            "pg_read_all_settings; give --cron-dsn (pg_cron's database, e.g. this login with dbname=postgres), "
+            "or --no-cron"
+        ) from None
+
+
+def has_extension(conn: psycopg.Connection) -> bool:
+    return conn.execute("select 1 from pg_extension where extname = 'pg_cron'").fetchone() is not None
 
 
 def connect_cron(target_dsn: str, target_conn: psycopg.Connection, cron_dsn: str | None) -> psycopg.Connection:
     """Connect to pg_cron's database (--cron-dsn, else the target's server and login)."""
-    cron_db = cron_database(target_conn)
-    if cron_db is None:
-        raise StatskitError(
-            "pg_cron is not loaded on this server (shared_preload_libraries = 'pg_cron' and a restart); "
-            "install it, or run with --no-cron to skip the nightly jobs"
-        )
-    current_db = target_conn.info.dbname
     if cron_dsn:
-        dsn = cron_dsn
-    elif cron_db == current_db:
-        dsn = target_dsn
+        conn = db.connect(cron_dsn, autocommit=True)
+        cron_db = conn.info.dbname
     else:
-        dsn = db.with_database(target_dsn, cron_db)
-    conn = db.connect(dsn, autocommit=True)
-    has_extension = conn.execute("select 1 from pg_extension where extname = 'pg_cron'").fetchone()
-    if not has_extension:
+        cron_db = cron_database(target_conn)
+        if cron_db is None:
+            raise StatskitError(
+                "pg_cron is not loaded on this server (shared_preload_libraries = 'pg_cron' and a restart); "
+                "install it, or run with --no-cron to skip the nightly jobs"
+            )
+        same = cron_db == target_conn.info.dbname
+        conn = db.connect(target_dsn if same else db.with_database(target_dsn, cron_db), autocommit=True)
+    if not has_extension(conn):
         conn.close()
         raise StatskitError(
-            f"pg_cron is preloaded but the extension is missing in database {cron_db}: "
-            f"run CREATE EXTENSION pg_cron there, or use --no-cron"
+            f"the pg_cron extension is missing in database {cron_db}: run CREATE EXTENSION pg_cron there "
+            f"(pg_cron's database is cron.database_name), or use --no-cron"
         )
     return conn
+
+
+def check_can_schedule(cron_conn: psycopg.Connection, jobs: list["Job"]) -> None:
+    """Raise, before anything changes, when this login cannot (re)schedule the jobs."""
+    user, superuser = cron_conn.execute(
+        "select current_user, rolsuper from pg_roles where rolname = current_user").fetchone()
+    if superuser or not jobs:
+        return
+    missing = [what for what, ok in cron_conn.execute(
+        "select 'USAGE on schema cron', has_schema_privilege('cron', 'usage')"
+        " union all select 'EXECUTE on cron.schedule_in_database', has_function_privilege("
+        "  'cron.schedule_in_database(text,text,text,text,text,boolean)', 'execute')"
+        " union all select 'EXECUTE on cron.unschedule', has_function_privilege('cron.unschedule(bigint)', 'execute')"
+    ).fetchall() if not ok]
+    if missing:
+        raise StatskitError(
+            f"{user} cannot schedule pg_cron jobs in {cron_conn.info.dbname}: it lacks {', '.join(missing)} "
+            f"(grant them there, see docs/managed.md); nothing changed"
+        )
 
 
 def registered_jobs(cron_conn: psycopg.Connection, names: list[str]) -> list[RegisteredJob]:
@@ -102,17 +136,19 @@ def registered_jobs(cron_conn: psycopg.Connection, names: list[str]) -> list[Reg
     return [RegisteredJob(*row) for row in rows]
 
 
-def job_user(cron_conn: psycopg.Connection, settings: Settings) -> str:
-    """Who runs the jobs: the writer role when there is one and we may schedule for it (superuser)."""
+def job_user(cron_conn: psycopg.Connection, settings: Settings) -> tuple[str, str]:
+    """Who runs the jobs, and who schedules them. The writer role runs them when there is one
+    and we may schedule for another role: pg_cron allows that to superusers only."""
     user, superuser = cron_conn.execute(
         "select current_user, rolsuper from pg_roles where rolname = current_user").fetchone()
-    return WRITER_ROLE if settings.roles and superuser else user
+    return (WRITER_ROLE if settings.roles and superuser else user), user
 
 
 def plan_jobs(cron_conn: psycopg.Connection, settings: Settings, database: str) -> list[Job]:
     """Return the jobs that must be (re)scheduled; raise when a name belongs to another database."""
-    user = job_user(cron_conn, settings)
-    wanted = [dataclasses.replace(w, username=user) for w in wanted_jobs(settings)]
+    user, caller = job_user(cron_conn, settings)
+    # No username for the caller's own jobs: pg_cron 1.4 refuses any username from a non-superuser.
+    wanted = [dataclasses.replace(w, username=None if user == caller else user) for w in wanted_jobs(settings)]
     existing = {}
     for job in registered_jobs(cron_conn, [w.name for w in wanted]):
         if job.database != database:
@@ -126,7 +162,7 @@ def plan_jobs(cron_conn: psycopg.Connection, settings: Settings, database: str) 
         have = existing.get(w.name)
         if have is None:
             todo.append(w)
-        elif have.username != user:
+        elif have.username != (w.username or caller):
             todo.append(dataclasses.replace(w, replaces=have.jobid))
         elif (have.schedule, have.command, have.active) != (w.schedule, w.command, True):
             todo.append(w)

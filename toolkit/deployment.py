@@ -8,7 +8,7 @@ import psycopg
 from .catalog import Catalog
 from .errors import NotMigrated, StatskitError, UsageError
 from .render import FUNCTIONS, quote_ident
-from .settings import STATSKIT_SCHEMA, Settings
+from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 YOYO_MIGRATION_TABLE = "_yoyo_migration"
 MIN_SERVER_VERSION = 150000
@@ -101,22 +101,80 @@ def check_server(conn: psycopg.Connection) -> None:
 
 
 def check_source_tables(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> None:
-    """Raise naming the first source table or column the catalog reads that does not exist."""
+    """Raise naming every source table, column and type the catalog reads that is missing or wrong."""
     rows = conn.execute(
-        "select table_name, column_name from information_schema.columns where table_schema = %s",
+        "select table_name, column_name, data_type from information_schema.columns where table_schema = %s",
         [settings.source_schema],
     ).fetchall()
-    present: dict[str, set[str]] = {}
-    for table, column in rows:
-        present.setdefault(table, set()).add(column)
-    for table, columns in catalog.source_tables.items():
-        if table not in present:
-            raise StatskitError(f"source table {settings.source_schema}.{table} is missing; nothing changed")
-        missing = [c for c in columns if c not in present[table]]
-        if missing:
-            raise StatskitError(
-                f"source table {settings.source_schema}.{table} lacks column {', '.join(missing)}; nothing changed"
-            )
+    present: dict[str, dict[str, str]] = {}
+    for table, column, data_type in rows:
+        present.setdefault(table, {})[column] = data_type
+    problems = []
+    for name, table in catalog.source_tables.items():
+        if name not in present:
+            problems.append(f"table {name} is missing")
+            continue
+        for column in table.read_columns:
+            got = present[name].get(column.name)
+            if got is None:
+                problems.append(f"{name}.{column.name} is missing")
+            elif got not in column.accepts:
+                problems.append(f"{name}.{column.name} is {got}, expected {column.type}")
+    if problems:
+        raise StatskitError(f"source tables in schema {settings.source_schema} do not match the contract "
+                            f"(docs/contract.md): {'; '.join(problems)}; nothing changed")
+
+
+def missing_lookup_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[str]:
+    """Source columns the one-user paths look users up by that no index leads with: advice."""
+    indexed = {(table, column) for table, column in conn.execute(
+        "select c.relname, a.attname from pg_index i join pg_class c on c.oid = i.indrelid"
+        " join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]"
+        " where c.relnamespace = %s::regnamespace", [quote_ident(settings.source_schema)]).fetchall()}
+    return [f"{settings.source_schema}.{name}({column})" for name, table in catalog.source_tables.items()
+            for column in table.lookup if (name, column) not in indexed]
+
+
+def check_can_deploy(conn: psycopg.Connection, catalog: Catalog, settings: Settings, plan) -> None:
+    """Raise, before anything changes, naming every privilege this login lacks for the plan."""
+    user, superuser, createrole = conn.execute(
+        "select current_user, rolsuper, rolcreaterole from pg_roles where rolname = current_user").fetchone()
+    if superuser or plan.empty and not settings.roles:
+        return
+    missing = []
+    for schema in dict.fromkeys((STATSKIT_SCHEMA, settings.schema)):
+        exists = conn.execute("select to_regnamespace(%s) is not null", [quote_ident(schema)]).fetchone()[0]
+        if not exists and not conn.execute("select has_database_privilege(current_database(), 'create')").fetchone()[0]:
+            missing.append(f"CREATE on database {conn.info.dbname} (to create schema {schema})")
+        elif exists and not conn.execute("select has_schema_privilege(%s, 'create')", [schema]).fetchone()[0]:
+            missing.append(f"CREATE on schema {schema}")
+    owners = conn.execute(
+        "select c.oid::regclass::text, c.relowner::regrole::text from pg_class c"
+        " where c.oid in (select to_regclass(t) from unnest(%s::text[]) t)"
+        " and not pg_has_role(current_user, c.relowner, 'usage')",
+        [[f"{quote_ident(settings.schema)}.{t}" for t in (catalog.user.table, catalog.platform.table)]],
+    ).fetchall()
+    missing += [f"membership in {owner}, which owns {table}" for table, owner in owners]
+    if settings.roles:
+        roles_exist = conn.execute("select count(*) = 2 from pg_roles where rolname in (%s, %s)",
+                                   [READER_ROLE, WRITER_ROLE]).fetchone()[0]
+        if not roles_exist and not createrole:
+            missing.append(f"CREATEROLE (to create {READER_ROLE} and {WRITER_ROLE})")
+        ungrantable = conn.execute(
+            "select t from unnest(%s::text[]) t where to_regclass(t) is not null"
+            " and not has_table_privilege(t, 'select with grant option')",
+            [[f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]],
+        ).fetchall()
+        missing += [f"SELECT WITH GRANT OPTION on {t} (to let {WRITER_ROLE} read it)" for (t,) in ungrantable]
+    if missing:
+        raise StatskitError(f"{user} cannot deploy here: it lacks {'; '.join(missing)} "
+                            f"(see docs/managed.md); nothing changed")
+
+
+def drop_bookkeeping(conn: psycopg.Connection) -> None:
+    """Remove statskit's schema: settings, checksums, backfill ledger and yoyo's tables."""
+    with conn.transaction():
+        conn.execute(f"drop schema if exists {STATSKIT_SCHEMA} cascade")
 
 
 def check_time_zone(conn: psycopg.Connection, settings: Settings) -> None:

@@ -7,6 +7,7 @@ and re-creates exactly the ones whose text changed or that went missing.
 
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import parse_uri
 from yoyo.exceptions import LockTimeout
 
-from . import cron, db, deployment
+from . import access, cron, db, deployment
 from .catalog import Catalog, load_catalog
 from .deployment import YOYO_MIGRATION_TABLE
 from .errors import StatskitError, UsageError
@@ -106,10 +107,14 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
         for state in deployment.function_states(conn, settings, target.rendered)
         if state.state != "current"
     ]
-    access = target.rendered[ACCESS_FILE]
-    if settings.roles and (result.functions or deployment.function_checksums(conn).get("access") != deployment.checksum(access)):
-        # after any re-created function too: CREATE OR REPLACE keeps the owner, but not when it creates
-        result.functions.append(("access", access))
+    access_sql = target.rendered[ACCESS_FILE]
+    # After any re-created function too (CREATE OR REPLACE keeps the owner, but not when it
+    # creates), and whenever an owner, grant or policy is not as it says: a restore with
+    # --no-owner --no-privileges brings the checksum back without them.
+    if settings.roles and (result.functions
+                           or deployment.function_checksums(conn).get("access") != deployment.checksum(access_sql)
+                           or access.problems(conn, access.role_needs(settings, target.catalog))):
+        result.functions.append(("access", access_sql))
     if cron_conn is not None:
         result.cron_database = cron_conn.info.dbname
         result.jobs = cron.plan_jobs(cron_conn, settings, conn.info.dbname)
@@ -119,14 +124,28 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
 LOCK_HOLDER = "statskit migrate "
 
 
-def _yoyo_backend(dsn: str) -> PostgresqlPsycopgBackend:
+class _OneConnectionBackend(PostgresqlPsycopgBackend):
+    """yoyo's PostgreSQL backend, with every migration step on this backend's own connection.
+
+    yoyo runs each migration on a copy of the backend with a connection of its own, so a
+    deployment would commit piece by piece. Here the copy is the backend itself: inside the
+    transaction migrate begins, yoyo's transactions become savepoints, and the migrations,
+    functions, grants and settings commit or roll back as one.
+    """
+
+    @contextmanager
+    def copy(self):
+        yield self
+
+
+def _yoyo_backend(dsn: str) -> _OneConnectionBackend:
     # yoyo hands URI query arguments to psycopg.connect, so the DSN's parts go there as they are;
     # its own tables land in the statskit schema through `schema` (yoyo sets search_path). The
     # application name carries the pid yoyo writes into its lock row, so a lock whose holder is
     # no longer connected can be told from one that is.
     args = {**conninfo_to_dict(dsn), "schema": STATSKIT_SCHEMA, "application_name": f"{LOCK_HOLDER}{os.getpid()}"}
     uri = parse_uri("postgresql+psycopg://")._replace(args=args)
-    backend = PostgresqlPsycopgBackend(uri, YOYO_MIGRATION_TABLE)
+    backend = _OneConnectionBackend(uri, YOYO_MIGRATION_TABLE)
     backend.init_database()  # creates yoyo's lock table, as yoyo.get_backend does
     return backend
 
@@ -141,12 +160,11 @@ def _migration_files(target: Target):
         yield read_migrations(tmp)
 
 
-def _ensure_bookkeeping(conn: psycopg.Connection, settings: Settings) -> None:
+def _ensure_bookkeeping(conn: psycopg.Connection) -> None:
     # Serialised, because two concurrent `create schema if not exists` can still collide.
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext('statskit'), hashtext('bookkeeping'))")
         conn.execute(deployment.BOOKKEEPING_SQL)
-        conn.execute(f"create schema if not exists {quote_ident(settings.schema)}")
 
 
 def clear_stale_lock(conn: psycopg.Connection, break_lock: bool = False) -> list[str]:
@@ -167,16 +185,16 @@ def clear_stale_lock(conn: psycopg.Connection, break_lock: bool = False) -> list
 
 
 @contextmanager
-def _locked(target: Target, lock_timeout: float):
+def _locked(target: Target, wait: float):
     backend = _yoyo_backend(target.dsn)
     try:
         try:
-            with backend.lock(timeout=lock_timeout):
+            with backend.lock(timeout=wait):
                 yield backend
         except LockTimeout:
             raise StatskitError(
                 f"another statskit migrate holds the lock on {target.conn.info.dbname} "
-                f"(table {STATSKIT_SCHEMA}.yoyo_lock) and is still connected; waited {lock_timeout:.0f} s. "
+                f"(table {STATSKIT_SCHEMA}.yoyo_lock) and is still connected; waited {wait:.0f} s. "
                 f"If it is stuck, stop it, or run statskit migrate --break-lock"
             ) from None
     finally:
@@ -187,36 +205,110 @@ def _open_cron(target: Target, cron_dsn: str | None, use_cron: bool):
     return cron.connect_cron(target.dsn, target.conn, cron_dsn) if use_cron else None
 
 
-def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True,
-            dry_run: bool = False, lock_timeout: float = 300, break_lock: bool = False) -> MigratePlan:
-    """Check everything first, then apply pending migrations, changed functions and cron jobs."""
-    deployment.check_source_tables(target.conn, target.catalog, target.settings)
+@dataclass(frozen=True)
+class LockPolicy:
+    """How DDL waits for locks: PostgreSQL's lock_timeout on every statement, then whole retries.
+
+    A statement that waits for an ACCESS EXCLUSIVE lock queues every later reader behind it;
+    lock_timeout bounds that queue, and the deployment, one transaction, is simply tried again.
+    """
+
+    lock_timeout: float = 2.0  # seconds
+    retries: int = 5
+    wait: float = 300  # seconds to wait for another migrate's lock
+
+    def backoff(self, attempt: int) -> float:
+        return min(0.5 * 2 ** attempt, 10.0)
+
+
+def _in_one_transaction(backend, policy: LockPolicy, work, what: str):
+    """Run work() in one transaction on the backend's connection, under lock_timeout, retrying."""
+    for attempt in range(1, policy.retries + 2):
+        backend.begin()
+        try:
+            backend.connection.execute(f"set local lock_timeout = '{int(policy.lock_timeout * 1000)}ms'")
+            result = work()
+            backend.commit()
+            return result
+        except psycopg.errors.LockNotAvailable as exc:
+            backend.rollback()
+            if attempt > policy.retries:
+                raise StatskitError(
+                    f"{what}: a lock was not granted within --lock-timeout {policy.lock_timeout:g} s, "
+                    f"{attempt} attempts ({db.describe_error(exc)}); nothing changed. A long query or an open "
+                    f"transaction holds the table: retry later, or allow more with --lock-timeout/--retries"
+                ) from None
+            time.sleep(policy.backoff(attempt))
+        except BaseException:
+            backend.rollback()
+            raise
+
+
+def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True, dry_run: bool = False,
+            policy: LockPolicy = LockPolicy(), break_lock: bool = False) -> MigratePlan:
+    """Check everything first, then apply pending migrations, changed functions, grants and
+    cron jobs in one transaction (jobs after it when pg_cron lives in another database)."""
+    conn = target.conn
+    deployment.check_source_tables(conn, target.catalog, target.settings)
     cron_conn = _open_cron(target, cron_dsn, use_cron)
     try:
         checked = plan(target, cron_conn)  # raises on a cron name conflict before anything changes
+        deployment.check_can_deploy(conn, target.catalog, target.settings, checked)
+        if cron_conn is not None:
+            cron.check_can_schedule(cron_conn, checked.jobs)
+        advice = [f"no index leads with {column}: the one-user function and verify's sample look users up by it "
+                  f"(CREATE INDEX CONCURRENTLY on {column})"
+                  for column in deployment.missing_lookup_indexes(conn, target.catalog, target.settings)]
+        checked.notes = advice
         if dry_run:
             return checked
-        _ensure_bookkeeping(target.conn, target.settings)
-        notes = clear_stale_lock(target.conn, break_lock)
-        with _locked(target, lock_timeout) as backend, _migration_files(target) as migrations:
-            todo = plan(target, cron_conn)  # again under the lock: another migrate may have finished
-            todo.notes = notes
-            backend.apply_migrations(backend.to_apply(migrations))
-            with target.conn.transaction():
-                for name, text in todo.functions:
-                    target.conn.execute(text)
-                    target.conn.execute(
-                        f"insert into {STATSKIT_SCHEMA}.function_checksums (function_name, sha256) values (%s, %s)"
-                        " on conflict (function_name) do update set sha256 = excluded.sha256, applied_at = now()",
-                        [name, deployment.checksum(text)],
-                    )
-                deployment.save_settings(target.conn, target.settings)
-            if cron_conn is not None:
-                cron.schedule(cron_conn, todo.jobs, target.conn.info.dbname)
-            return todo
+        first_deployment = not deployment.table_exists(conn, f"{STATSKIT_SCHEMA}.settings")
+        try:
+            _ensure_bookkeeping(conn)
+            notes = clear_stale_lock(conn, break_lock)
+            with _locked(target, policy.wait) as backend, _migration_files(target) as migrations:
+                backend.ensure_internal_schema_updated()  # outside the transaction, as yoyo needs
+                # pg_cron's own tables are transactional: in the same database, the jobs commit with the rest.
+                jobs_inside = cron_conn is not None and _same_session(cron_conn, conn)
+
+                def deploy() -> MigratePlan:
+                    todo = plan(target, cron_conn)  # again under the lock: another migrate may have finished
+                    run = backend.connection.execute
+                    run(f"create schema if not exists {quote_ident(target.settings.schema)}")
+                    backend.apply_migrations(backend.to_apply(migrations))
+                    for name, text in todo.functions:
+                        run(text)
+                        run(f"insert into {STATSKIT_SCHEMA}.function_checksums (function_name, sha256) values (%s, %s)"
+                            " on conflict (function_name) do update set sha256 = excluded.sha256, applied_at = now()",
+                            [name, deployment.checksum(text)])
+                    deployment.save_settings(backend.connection, target.settings)
+                    if jobs_inside:
+                        cron.schedule(backend.connection, todo.jobs, conn.info.dbname)
+                    return todo
+
+                todo = _in_one_transaction(backend, policy, deploy, f"migrate {conn.info.dbname}")
+                todo.notes = notes + advice
+        except BaseException:
+            if first_deployment:
+                deployment.drop_bookkeeping(conn)  # nothing was committed: leave no trace either
+            raise
+        if cron_conn is not None and not jobs_inside and todo.jobs:
+            try:
+                cron.schedule(cron_conn, todo.jobs, conn.info.dbname)
+            except psycopg.Error as exc:
+                raise StatskitError(
+                    f"the deployment is committed but its pg_cron jobs are not ({db.describe_error(exc)}): "
+                    f"run statskit migrate again to schedule them, or statskit rollback to undo"
+                ) from None
+        return todo
     finally:
         if cron_conn is not None:
             cron_conn.close()
+
+
+def _same_session(cron_conn: psycopg.Connection, conn: psycopg.Connection) -> bool:
+    """pg_cron lives in the target database and we schedule as the same login."""
+    return (cron_conn.info.dbname, cron_conn.info.user) == (conn.info.dbname, conn.info.user)
 
 
 @dataclass
@@ -228,29 +320,41 @@ class RollbackResult:
 
 
 def rollback(target: Target, cron_dsn: str | None = None, use_cron: bool = True,
-             lock_timeout: float = 300) -> RollbackResult:
-    """Undo the last applied migration; after the first one, remove the functions and jobs too."""
-    deployment.require_deployment(target.conn)
+             policy: LockPolicy = LockPolicy()) -> RollbackResult:
+    """Undo the last applied migration, in one transaction. Undoing the first one also removes
+    the functions, the jobs and statskit's bookkeeping: the database is as before statskit."""
+    conn = target.conn
+    deployment.require_deployment(conn)
     cron_conn = _open_cron(target, cron_dsn, use_cron)
     try:
-        with _locked(target, lock_timeout) as backend, _migration_files(target) as migrations:
+        with _locked(target, policy.wait) as backend, _migration_files(target) as migrations:
+            backend.ensure_internal_schema_updated()
             applied = backend.to_rollback(migrations)
             if not applied:
                 return RollbackResult(None, [])
-            last = applied[0]
-            backend.rollback_migrations(applied[:1])
-            result = RollbackResult(last.id, [m.id for m in applied[1:]])
-            if result.remaining:
-                return result
-            with target.conn.transaction():
+            result = RollbackResult(applied[0].id, [m.id for m in applied[1:]])
+            everything = not result.remaining
+            jobs_inside = cron_conn is not None and _same_session(cron_conn, conn)
+            if everything and cron_conn is not None and not jobs_inside:
+                # First, in pg_cron's database: should the rest fail, migrate or rollback again completes it.
+                result.unscheduled_jobs = cron.unschedule(cron_conn, target.settings, conn.info.dbname)
+
+            def undo() -> None:
+                backend.rollback_migrations(applied[:1])
+                if not everything:
+                    return
+                schema = quote_ident(target.settings.schema)
+                result.dropped_functions = []
                 for name, spec in reversed(FUNCTIONS.items()):
-                    target.conn.execute(f"drop function if exists {quote_ident(target.settings.schema)}.{name}({spec.arguments})")
+                    backend.connection.execute(f"drop function if exists {schema}.{name}({spec.arguments})")
                     result.dropped_functions.append(name)
-                target.conn.execute(f"delete from {STATSKIT_SCHEMA}.function_checksums")
-                target.conn.execute(f"delete from {STATSKIT_SCHEMA}.settings")
-            if cron_conn is not None:
-                result.unscheduled_jobs = cron.unschedule(cron_conn, target.settings, target.conn.info.dbname)
-            return result
+                if jobs_inside:
+                    result.unscheduled_jobs = cron.unschedule(backend.connection, target.settings, conn.info.dbname)
+
+            _in_one_transaction(backend, policy, undo, f"rollback {conn.info.dbname}")
+        if everything:
+            deployment.drop_bookkeeping(conn)
+        return result
     finally:
         if cron_conn is not None:
             cron_conn.close()

@@ -1,6 +1,7 @@
 """Render the catalog and templates into plain SQL: migrations and functions."""
 
 import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def digest(text: str) -> str:
+    """A short stable name part for a text (the row security policy's expression)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def quote_literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
@@ -75,6 +81,7 @@ def _environment(sql_dir: Path) -> jinja2.Environment:
     )
     env.filters["literal"] = quote_literal
     env.filters["ident"] = quote_ident
+    env.filters["digest"] = digest
     return env
 
 

@@ -12,7 +12,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import psycopg
 
-from . import cron, deployment
+from . import access, cron, deployment
 from .catalog import Rollup
 from .db import first_line
 from .errors import StatskitError
@@ -20,7 +20,7 @@ from .migrate import Target
 from .render import FUNCTIONS, quote_ident
 from .settings import Settings
 
-CHECK_GROUPS = ("schema", "functions", "migrations", "cron", "data", "sample")
+CHECK_GROUPS = ("schema", "functions", "access", "migrations", "cron", "data", "sample")
 CRON_STALE_AFTER = timedelta(hours=26)
 USER_JOB_HOUR_UTC = 1
 
@@ -139,6 +139,17 @@ def _check_functions(conn, target: Target) -> list[Check]:
     return checks
 
 
+# -- access -------------------------------------------------------------------------------
+
+def _check_access(conn, target: Target) -> list[Check]:
+    if not target.settings.roles:
+        return [Check("access roles", "pass", "no statskit roles: the jobs' own roles are checked with cron")]
+    problems = access.problems(conn, access.role_needs(target.settings, target.catalog))
+    if problems:
+        problems.append("run statskit migrate to restore them")
+    return [_result("access roles", problems, ok="owners, grants and row security as access.sql sets them")]
+
+
 # -- migrations ---------------------------------------------------------------------------
 
 def _check_migrations(conn, target: Target) -> list[Check]:
@@ -158,9 +169,17 @@ def _check_migrations(conn, target: Target) -> list[Check]:
 def _check_cron(cron_conn, target: Target) -> list[Check]:
     database = target.conn.info.dbname
     registered = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
+    viewer, sees_all = cron_conn.execute(
+        "select current_user, rolsuper or rolbypassrls from pg_roles where rolname = current_user").fetchone()
     checks = []
-    for wanted in cron.wanted_jobs(target.settings):
+    for rollup, wanted in zip(("platform", "user"), cron.wanted_jobs(target.settings)):
         mine = [j for j in registered if j.jobname == wanted.name and j.database == database]
+        if not mine and not sees_all:
+            # cron.job's row security shows a role only its own jobs: absent here is not absent.
+            checks.append(Check(f"cron job {wanted.name}", "warn",
+                                f"not visible to {viewer}: pg_cron shows each role only its own jobs; "
+                                f"verify as the role that scheduled them, or as a superuser"))
+            continue
         if not mine:
             checks.append(Check(f"cron job {wanted.name}", "fail", f"not registered for database {database}"))
             checks.append(Check(f"cron health {wanted.name}", "fail", "job not registered"))
@@ -174,6 +193,9 @@ def _check_cron(cron_conn, target: Target) -> list[Check]:
         if not job.active:
             problems.append("inactive")
         checks.append(_result(f"cron job {wanted.name}", problems, ok=f"{job.schedule}, active, in {database}"))
+        needs = access.job_needs(target.settings, target.catalog, job.username, rollup, wanted.name)
+        checks.append(_result(f"cron runs-as {wanted.name}", access.problems(target.conn, needs),
+                              ok=f"{job.username} can run it"))
         checks.append(_cron_health(cron_conn, job))
     return checks
 
@@ -189,7 +211,9 @@ def _cron_health(cron_conn, job: cron.RegisteredJob) -> Check:
         return Check(name, "warn", "no run yet")
     status, message, when = last
     if status == "failed":
-        return Check(name, "fail", f"last run failed at {when:%Y-%m-%d %H:%M}: {(message or '').strip()}")
+        # pg_cron stores the whole error, function context included: its first line names it.
+        reason = next((line.strip() for line in (message or "").splitlines() if line.strip()), "no message")
+        return Check(name, "fail", f"last run failed at {when:%Y-%m-%d %H:%M}: {reason}")
     if status != "succeeded":
         return Check(name, "warn", f"last run is {status} (started {when:%Y-%m-%d %H:%M})")
     age = datetime.now(timezone.utc) - when
@@ -296,6 +320,7 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
         "schema": lambda: _check_table(conn, target.settings, target.catalog.user, per_user=True)
         + _check_table(conn, target.settings, target.catalog.platform, per_user=False),
         "functions": lambda: _check_functions(conn, target),
+        "access": lambda: _check_access(conn, target),
         "migrations": lambda: _check_migrations(conn, target),
         "cron": lambda: _with_cron(target, cron_dsn),
         "data": lambda: _check_data(conn, target, first, last),

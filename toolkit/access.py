@@ -1,0 +1,105 @@
+"""Whether a deployment can run, not only whether it exists: owners, grants, row security,
+and what the role each nightly job runs as needs to do its job.
+
+A restore with --no-owner --no-privileges brings every object back owned by the restoring
+role with no grants, and the checksums with it: the objects all exist, and the nightly job
+fails. Each need here is asked of PostgreSQL for that role (has_*_privilege), so verify names
+what is missing and migrate knows to re-apply the access SQL.
+"""
+
+from dataclasses import dataclass
+
+import psycopg
+
+from .catalog import Catalog
+from .render import FUNCTIONS, digest, quote_ident
+from .settings import READER_ROLE, WRITER_ROLE, Settings
+
+# The function each job's command calls, by rollup: the user job also reads profiles, the row per user.
+JOB_FUNCTIONS = {"platform": "aggregate_daily_statistics", "user": "aggregate_user_statistics"}
+
+
+@dataclass(frozen=True)
+class Need:
+    role: str
+    what: str  # e.g. "INSERT on public.user_statistics_daily"
+    sql: str  # a boolean expression of %(role)s
+    why: str = ""  # who needs it, for the message
+
+
+def _table_needs(role: str, table: str, privileges: str, why: str) -> list[Need]:
+    return [Need(role, f"{p} on {table}", f"has_table_privilege(%(role)s, to_regclass({_lit(table)}), '{p}')", why)
+            for p in privileges.split(",")]
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _function(settings: Settings, name: str) -> str:
+    return f"{quote_ident(settings.schema)}.{name}({FUNCTIONS[name].arguments})"
+
+
+def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job: str) -> list[Need]:
+    """What `role` needs to run one nightly job: the functions are SECURITY INVOKER, so all of it."""
+    table = catalog.user if rollup == "user" else catalog.platform
+    why = f"runs {job}"
+    schemas = dict.fromkeys((settings.schema, settings.source_schema))
+    needs = [Need(role, "LOGIN (pg_cron's background workers refuse NOLOGIN roles)",
+                  "(select rolcanlogin from pg_roles where rolname = %(role)s)", why)]
+    needs += [Need(role, f"USAGE on schema {s}", f"has_schema_privilege(%(role)s, to_regnamespace({_lit(quote_ident(s))}), 'usage')", why)
+              for s in schemas]
+    function = _function(settings, JOB_FUNCTIONS[rollup])
+    needs.append(Need(role, f"EXECUTE on {function}", f"has_function_privilege(%(role)s, to_regprocedure({_lit(function)}), 'execute')", why))
+    needs += _table_needs(role, f"{quote_ident(settings.schema)}.{table.table}", "SELECT,INSERT,UPDATE", why)
+    reads = (["profiles"] if rollup == "user" else []) + table.tables_read
+    for source in dict.fromkeys(reads):
+        needs += _table_needs(role, f"{quote_ident(settings.source_schema)}.{source}", "SELECT", why)
+    return needs
+
+
+def role_needs(settings: Settings, catalog: Catalog) -> list[Need]:
+    """What access.sql grants the reader and writer roles (deployments with --roles)."""
+    if not settings.roles:
+        return []
+    schema = quote_ident(settings.schema)
+    needs = []
+    for rollup in (catalog.user, catalog.platform):
+        table = f"{schema}.{rollup.table}"
+        needs.append(Need(WRITER_ROLE, f"ownership of {table}",
+                          f"(select relowner::regrole::text = %(role)s from pg_class where oid = to_regclass({_lit(table)}))"))
+        needs += _table_needs(READER_ROLE, table, "SELECT", "reads the rollup")
+    for name, spec in FUNCTIONS.items():
+        function = _function(settings, name)
+        needs.append(Need(WRITER_ROLE, f"ownership of {function}",
+                          f"(select proowner::regrole::text = %(role)s from pg_proc where oid = to_regprocedure({_lit(function)}))"))
+        if spec.returns != "integer":  # the dashboard's functions
+            needs.append(Need(READER_ROLE, f"EXECUTE on {function}",
+                              f"has_function_privilege(%(role)s, to_regprocedure({_lit(function)}), 'execute')", "serves the dashboard"))
+    needs += job_needs(settings, catalog, WRITER_ROLE, "user", "the nightly user job")
+    needs += job_needs(settings, catalog, WRITER_ROLE, "platform", "the nightly platform job")
+    if settings.row_security:
+        table = f"{schema}.{catalog.user.table}"
+        policy = f"statskit_own_rows_{digest(settings.row_security)}"
+        needs.append(Need(READER_ROLE, f"row security on {table} (policy {policy})",
+                          f"(select relrowsecurity from pg_class where oid = to_regclass({_lit(table)}))"
+                          f" and exists (select from pg_policy where polrelid = to_regclass({_lit(table)})"
+                          f" and polname = {_lit(policy)})", "sees only its user's rows"))
+    return needs
+
+
+def problems(conn: psycopg.Connection, needs: list[Need]) -> list[str]:
+    """Each unmet need as one phrase: 'statskit_writer (runs …) lacks INSERT on …'."""
+    roles = {r for (r,) in conn.execute("select rolname from pg_roles where rolname = any(%s)",
+                                         [list({n.role for n in needs})]).fetchall()}
+    found, reported = [], set()
+    for need in needs:
+        if need.role not in roles:
+            if need.role not in reported:
+                found.append(f"role {need.role} does not exist")
+                reported.add(need.role)
+            continue
+        if not conn.execute(f"select coalesce({need.sql}, false)", {"role": need.role}).fetchone()[0]:
+            who = f"{need.role} ({need.why})" if need.why else need.role
+            found.append(f"{who} lacks {need.what}")
+    return found
