@@ -235,8 +235,8 @@ def _in_one_transaction(backend, policy: LockPolicy, work, what: str):
             if attempt > policy.retries:
                 raise StatskitError(
                     f"{what}: a lock was not granted within --lock-timeout {policy.lock_timeout:g} s, "
-                    f"{attempt} attempts ({db.describe_error(exc)}); nothing changed. A long query or an open "
-                    f"transaction holds the table: retry later, or allow more with --lock-timeout/--retries"
+                    f"{attempt} attempt{'s' if attempt > 1 else ''} ({db.describe_error(exc)}); nothing changed. "
+                    f"Retry when the table is quiet, or allow more with --lock-timeout/--retries"
                 ) from None
             time.sleep(policy.backoff(attempt))
         except BaseException:
