@@ -1,4 +1,4 @@
-"""A slow, literal reading of shared/spec/reference-marketplace.md: one subquery per metric.
+"""A slow, literal reading of the contract (docs/contract.md, docs/metrics.md): one subquery per metric.
 
 Written from the spec's tables line by line, without the catalog, so that a differential
 test can hold the set-based functions against it. Window bounds are computed by the

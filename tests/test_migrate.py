@@ -282,3 +282,18 @@ def test_a_wrong_password_is_one_line_without_the_password(password_role, run_cl
         assert result.exit_code == 2, result.output
         assert "password authentication failed for user \"pw_user\"" in result.output
         assert "Tr0ub4dor" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_rollback_leaves_nothing_a_later_resume_could_misread(migrated_dsn, run_cli):
+    window = ["--from", "2026-03-30", "--to", "2026-03-31"]
+    assert run_cli("backfill", *window, "--quiet", "--dsn", migrated_dsn).exit_code == 0
+    assert run_cli("rollback", "--dsn", migrated_dsn).exit_code == 0
+    with psycopg.connect(migrated_dsn) as conn:
+        assert conn.execute("select to_regnamespace('statskit')").fetchone()[0] is None  # ledger, settings, yoyo's tables
+    assert run_cli("migrate", "--dsn", migrated_dsn).exit_code == 0
+    resumed = run_cli("backfill", *window, "--resume", "--dsn", migrated_dsn)
+    assert resumed.exit_code == 0 and "skipped" not in resumed.output, resumed.output
+    with psycopg.connect(migrated_dsn) as conn:
+        users = conn.execute("select count(*) from profiles where created_at < '2026-04-01'").fetchone()[0]
+        assert conn.execute("select count(*) from user_statistics_daily where date = '2026-03-31'").fetchone()[0] == users
+        assert conn.execute("select count(*) from platform_statistics_daily").fetchone()[0] == 2

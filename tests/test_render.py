@@ -1,6 +1,8 @@
 """`statskit render`: deterministic output, --check catches drift, identifiers are validated."""
 
+import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -120,3 +122,17 @@ def test_generated_docs_are_current_and_cover_every_command():
         assert command.help, name
         assert f"## `statskit {name}`" in docs["commands.md"]
     assert docs["metrics.md"].count("\n| `") == 30 + 16
+
+
+def test_every_document_the_repository_cites_is_in_it():
+    repo = SQL_DIR.parent
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(repo)} -> {target}")
+    shared = "shared" + "/"  # spelled apart, so that this file does not match itself
+    outside = subprocess.run(["git", "grep", "-n", "-I", "-e", shared + "spec", "-e", "../" + shared, "--", ".", ":!.ci"],
+                             cwd=repo, capture_output=True, text=True).stdout
+    assert broken == [] and outside == ""

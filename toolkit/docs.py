@@ -1,4 +1,5 @@
-"""Generated documentation: docs/commands.md from the click help, docs/metrics.md from the catalog."""
+"""Generated documentation: docs/commands.md from the click help; docs/metrics.md and
+docs/contract.md from the catalog."""
 
 import click
 
@@ -49,6 +50,101 @@ def metrics_markdown(catalog: Catalog) -> str:
     )
 
 
+CONTRACT_RULES = """\
+## Time windows
+
+D is the statistics date. The statistics time zone is UTC unless configured (`--time-zone`).
+
+- start(D) = D at 00:00 in the statistics time zone; end(D) = start(D + 1 day).
+- "as of D": every event whose timestamp is < end(D).
+- day window: [start(D), end(D)).
+- month window: [start(first day of D's month), end(D)).
+- 30-day window: [start(D − 29 days), end(D)).
+
+Statistics depend only on timestamps, never on the current `status` column or on `now()`, so a
+day re-aggregated later gives the same numbers, and a backfilled day equals the day computed
+live. A timestamp exactly equal to end(D) belongs to D + 1.
+
+## The rows
+
+`{user}`: one row for every (profile, D) where profiles.created_at < end(D); none for users
+created later. Key: `id bigint` identity primary key, `user_id uuid`, `date date`, unique
+(user_id, date). Counts and sums are 0, never NULL, when nothing happened. A user's "bookings"
+are the bookings where the user is tutor_id or client_id. "Completed as of D" means
+completed_at < end(D); "cancelled as of D" means cancelled_at < end(D).
+
+`{platform}`: one row per D. Key: `id bigint` identity primary key, `date date` unique.
+
+Every column and its meaning: [metrics.md](metrics.md).
+
+## Functions and schedule (names are part of the contract)
+
+| object | contract |
+|---|---|
+| `aggregate_user_statistics(p_user_id uuid DEFAULT NULL, p_date date DEFAULT <yesterday>)` | writes (upserts) the rows of D; NULL user = every user, set-based; returns the number of rows written |
+| `aggregate_single_user_statistics(p_user_id uuid, p_date date)` | writes one user's row of D; returns rows written (0 when the user did not exist as of D) |
+| `aggregate_daily_statistics(p_date date DEFAULT <yesterday>)` | writes the platform row of D |
+| pg_cron job `aggregate-platform-statistics` | `0 0 * * *`, runs aggregate_daily_statistics() |
+| pg_cron job `aggregate-user-statistics` | `0 1 * * *`, runs aggregate_user_statistics(); after the platform job |
+
+<yesterday> is yesterday in the statistics time zone. Running any of them again for the same D
+rewrites the same numbers: no duplicate rows, no drift. Job names take `--job-suffix`, so that
+several databases on one server each have their own pair; statskit refuses a name that belongs
+to a job of another database (pg_cron 1.4 would silently move that job).
+
+## Late and corrected data
+
+Source rows are inserted, updated and deleted at any time, also with timestamps far in the past
+(a refund imported a month late, a cancellation recorded after the fact, a user migrated in with
+an old `created_at`). The contract for stored rows: after the registered nightly jobs next run,
+every stored row of both tables equals the definitions, evaluated on the source tables as they
+are then, for every stored day, including the rows of a user created in the past (one row for
+every day from its creation to the last stored day). A lookback window alone does not meet this.
+The work of a nightly run should be proportional to what changed, not to the length of history.
+
+Where statskit stands today: the nightly user job re-writes the last `--lookback-days` days
+(default 3), so corrections within them are exact after the next run; an older correction is
+not, until `statskit backfill` runs over the days it touches ([runbook.md](runbook.md)).
+Capturing changes per user, so that the nightly jobs alone meet the contract, is the next step.
+
+## The dashboard's functions
+
+`user_metric`, `platform_metric` and `user_kpis`, their comparisons and the KPI sets by role:
+[dashboard.md](dashboard.md).
+"""
+
+
+def _source_table_section(catalog: Catalog) -> str:
+    out = []
+    for table in catalog.source_tables.values():
+        advice = (f" statskit advises an index on {', '.join(f'`{c}`' for c in table.lookup)}."
+                  if table.lookup else "")
+        out.append(f"### `{table.name}`\n\n{table.meaning}{advice}\n\n"
+                   "| column | type | read | meaning |\n|---|---|---|---|\n")
+        for c in table.columns:
+            kind = f"{c.type} NULL" if c.nullable else f"{c.type} NOT NULL"
+            out.append(f"| `{c.name}` | {kind} | {'yes' if c.read else 'no'} | {c.meaning} |\n")
+        out.append("\n")
+    return "".join(out)
+
+
+def contract_markdown(catalog: Catalog) -> str:
+    return (
+        GENERATED.format(origin="sql/catalog.toml")
+        + "# The contract: source tables and what every number means\n\n"
+        + "An application whose tables have these names and columns runs `statskit migrate` and gets\n"
+        + "correct numbers without editing anything; extra tables and columns are ignored. `migrate`\n"
+        + "checks, before it changes anything, every column marked *read* (its type may be any of the\n"
+        + "same family: a varchar for a text, any integer width for an id or a count; a timestamp\n"
+        + "without time zone or a float is refused), and advises the indexes named below: the\n"
+        + "one-user function and verify's sample find a user's rows through them.\n\n"
+        + "## Source tables (schema `public` unless `--source-schema`)\n\n"
+        + _source_table_section(catalog)
+        + CONTRACT_RULES.format(user=catalog.user.table, platform=catalog.platform.table)
+    )
+
+
 def render_docs(catalog: Catalog) -> dict[str, str]:
     """{file name under docs/: text}."""
-    return {"commands.md": commands_markdown(), "metrics.md": metrics_markdown(catalog)}
+    return {"commands.md": commands_markdown(), "metrics.md": metrics_markdown(catalog),
+            "contract.md": contract_markdown(catalog)}

@@ -1,4 +1,4 @@
--- The reference marketplace's source tables (shared/spec/reference-marketplace.md), as the
+-- The reference marketplace's source tables (docs/contract.md), as the
 -- demo, the tests and the benchmarks create them. An application brings its own; statskit
 -- only reads these names and columns. Indexes: primary keys and one per foreign key.
 
