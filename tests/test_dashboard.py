@@ -158,6 +158,10 @@ def test_kpis_command_text_and_json(rolled_up, run_cli):
     data = json.loads(run_cli("kpis", tutor, "--date", "2026-03-31", "--compare", "month", "--format", "json", "--dsn", rolled_up).output)
     assert data["role"] == "tutor" and len(data["metrics"]) == 6
     assert set(data["metrics"][0]) == {"metric", "value", "previous_value", "change", "change_pct", "trend"}
+    with psycopg.connect(rolled_up) as conn:  # exact digits, as stored: money is never a float
+        earnings = conn.execute("select total_earnings::text from user_statistics_daily"
+                                " where user_id = %s and date = '2026-03-31'", [tutor]).fetchone()[0]
+    assert data["metrics"][0]["metric"] == "total_earnings" and data["metrics"][0]["value"] == earnings
     platform = run_cli("kpis", "--platform", "--date", "2026-03-31", "--dsn", rolled_up)
     assert platform.exit_code == 0 and len(platform.output.splitlines()) == 2 + 16
 
@@ -174,7 +178,10 @@ def test_metric_command_formats_counts_and_money(rolled_up, run_cli):
     (["metric", "00000000-0000-4000-8000-000000000000", "total_earnings", "--date", "2026-03-31"], 2, "unknown user"),
     (["metric", "not-a-uuid", "total_earnings"], 2, "USER_ID 'not-a-uuid': not a UUID"),
     (["metric", "{tutor}", "total_earnings; drop table profiles", "--date", "2026-03-31"], 2, "unknown metric"),
-    (["metric", "{tutor}", "total_earnings", "--date", "2025-01-01"], 1, "no rollup for 2025-01-01 yet — run statskit backfill"),
+    (["metric", "{tutor}", "total_earnings", "--date", "2026-04-15"], 1,
+     "no rollup for 2026-04-15 yet — run statskit backfill --from 2026-04-15 --to 2026-04-15"),
+    (["metric", "{tutor}", "total_earnings", "--date", "2025-01-01"], 1, "did not exist yet on 2025-01-01 (created 2026-"),
+    (["kpis", "{tutor}", "--date", "2099-01-01"], 1, "2099-01-01 is not over yet in UTC: the rollup holds complete days"),
     (["metric", "{tutor}", "total_earnings", "--date", "2026-02-30"], 2, "impossible date"),
     (["kpis", "--date", "2026-03-31"], 2, "give a USER_ID or --platform"),
     (["kpis", "--platform", "--date", "2025-01-01"], 1, "no rollup for 2025-01-01 yet"),

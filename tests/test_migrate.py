@@ -101,10 +101,17 @@ def test_dry_run_prints_the_sql_and_changes_nothing(dsn, run_cli):
 
 
 def test_status_lists_applied_pending_and_jobs(dsn, run_cli):
-    before = run_cli("migrate", "--status", "--dsn", dsn)
+    with cron_connection() as conn:  # another database's job of the same name is not this one's
+        conn.execute("select cron.schedule_in_database('aggregate-user-statistics', '0 3 * * *', 'select 1', 'postgres')")
+    try:
+        before = run_cli("migrate", "--status", "--dsn", dsn)
+    finally:
+        with cron_connection() as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = 'postgres'")
     assert before.exit_code == 0
     assert "0001_statistics_tables                   pending" in before.output
     assert "aggregate_user_statistics                missing" in before.output
+    assert "pg_cron    no jobs registered" in before.output and "0 3 * * *" not in before.output
     deploy(dsn)
     after = run_cli("migrate", "--status", "--dsn", dsn).output
     assert "0001_statistics_tables                   applied" in after

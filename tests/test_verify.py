@@ -6,8 +6,10 @@ import xml.etree.ElementTree as ET
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from conftest import cron_connection
+from toolkit.cli import cli
 
 WINDOW = ["--from", "2026-03-25", "--to", "2026-03-31"]
 
@@ -145,6 +147,21 @@ def test_only_runs_the_named_groups(deployed, run_cli):
 def test_verify_that_cannot_run_exits_2(run_cli, args, message):
     result = run_cli("verify", *args)
     assert result.exit_code == 2 and message in result.output and "hunter2" not in result.output
+
+
+@pytest.mark.parametrize("fmt", ["junit", "json"])
+def test_a_verify_that_cannot_run_still_writes_a_failing_report(run_cli, fmt):
+    result = CliRunner().invoke(
+        cli, ["verify", "--dsn", "host=127.0.0.1 port=1 dbname=shop password=hunter2", "--format", fmt])
+    assert result.exit_code == 2 and result.stderr.startswith("statskit: error: cannot connect to")
+    assert "hunter2" not in result.stdout + result.stderr
+    if fmt == "junit":
+        suite = ET.fromstring(result.stdout).find("testsuite")
+        assert suite.get("failures") == "1"
+        assert suite.find("testcase/failure").get("message").startswith("could not run: cannot connect to")
+    else:
+        report = json.loads(result.stdout)
+        assert report["status"] == "fail" and report["checks"][0]["detail"].startswith("could not run: cannot connect")
 
 
 def test_verify_of_a_database_never_migrated_exits_2(loaded_dsn, run_cli):

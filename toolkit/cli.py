@@ -443,25 +443,37 @@ def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
     unknown = [g for g in groups if g not in verify_core.CHECK_GROUPS]
     if unknown:
         raise UsageError(f"--only {','.join(unknown)}: unknown check group (use {','.join(verify_core.CHECK_GROUPS)})")
-    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+    window_first = window_last = None
     try:
-        deployment.require_deployment(target.conn)
-        default_first, default_last = verify_core.default_window(target.conn, target.settings)
-        window_last = parse_date(last, "--to") if last else default_last
-        window_first = parse_date(first, "--from") if first else window_last - (default_last - default_first)
-        check_range(window_first, window_last)
-        checks = verify_core.run_checks(target, cron_dsn, groups, window_first, window_last, sample_users)
-        database = target.conn.info.dbname
-    finally:
-        target.close()
+        target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+        try:
+            deployment.require_deployment(target.conn)
+            default_first, default_last = verify_core.default_window(target.conn, target.settings)
+            window_last = parse_date(last, "--to") if last else default_last
+            window_first = parse_date(first, "--from") if first else window_last - (default_last - default_first)
+            check_range(window_first, window_last)
+            checks = verify_core.run_checks(target, cron_dsn, groups, window_first, window_last, sample_users)
+            database = target.conn.info.dbname
+        finally:
+            target.close()
+    except (StatskitError, psycopg.Error) as exc:
+        if fmt != "text":  # a CI reads the report, not stderr: it holds the failure too
+            reason = str(exc) if isinstance(exc, StatskitError) else db.mask_secrets(db.describe_error(exc), dsn)
+            _print_report(fmt, [verify_core.Check("verify", "fail", f"could not run: {reason}")],
+                          db.database_of(dsn) or "", window_first, window_last)
+        raise
+    _print_report(fmt, checks, database, window_first, window_last)
+    if verify_core.overall(checks) == "fail":
+        sys.exit(1)
+
+
+def _print_report(fmt, checks, database, first, last):
     if fmt == "json":
-        click.echo(report.as_json(checks, database, window_first, window_last), nl=False)
+        click.echo(report.as_json(checks, database, first, last), nl=False)
     elif fmt == "junit":
         click.echo(report.as_junit(checks, database), nl=False)
     else:
         click.echo(report.as_text(checks, colour=sys.stdout.isatty()), nl=False)
-    if verify_core.overall(checks) == "fail":
-        sys.exit(1)
 
 
 TREND_MARKS = {"up": ("▲", "green"), "down": ("▼", "red"), "neutral": ("•", None)}
@@ -490,7 +502,8 @@ def _metric_grid(values, units, colour):
 
 
 def _dashboard_options(command):
-    command = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)(command)
+    command = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                           help="json: numbers as strings with their exact digits (\"960.00\").")(command)
     command = click.option("--compare", type=click.Choice(dashboard.COMPARISONS), default="day", show_default=True,
                            help="Compare with the day before, 7 days before, or one month before.")(command)
     return click.option("--date", "day", metavar="YYYY-MM-DD", help="Statistics date. Default: yesterday.")(command)

@@ -25,7 +25,9 @@ class MetricValue:
     trend: str
 
     def as_dict(self) -> dict:
-        return {k: float(v) if isinstance(v, Decimal) else v for k, v in asdict(self).items()}
+        """For JSON: numbers as strings with their exact digits ("960.00"), as node-postgres gives
+        numeric; a float would turn money into 960.0 or worse."""
+        return {k: str(v) if isinstance(v, Decimal) else v for k, v in asdict(self).items()}
 
 
 def _day(target: Target, day: date | None) -> date:
@@ -43,13 +45,27 @@ def _call(target: Target, query: str, params: list) -> list[MetricValue]:
 
 
 def _require_rollup(target: Target, table: str, day: date, user_id: UUID | None = None) -> None:
+    """Raise when there is no rollup row for day, with the hint that fits: never a backfill that
+    would refuse (a day not over yet) or write nothing (a day before the user existed)."""
     where = "date = %s" + (" and user_id = %s" if user_id else "")
     params = [day] + ([user_id] if user_id else [])
     found = target.conn.execute(
         f"select 1 from {quote_ident(target.settings.schema)}.{table} where {where}", params
     ).fetchone()
-    if not found:
-        raise StatskitError(f"no rollup for {day} yet — run statskit backfill --from {day} --to {day}")
+    if found:
+        return
+    yesterday = _day(target, None)
+    if day > yesterday:
+        raise StatskitError(f"{day} is not over yet in {target.settings.time_zone}: the rollup holds complete days, "
+                            f"the latest is {yesterday}")
+    if user_id:
+        created = target.conn.execute(
+            f"select (created_at at time zone %s)::date from {quote_ident(target.settings.source_schema)}.profiles"
+            " where id = %s", [target.settings.time_zone, user_id]).fetchone()[0]
+        if created > day:
+            raise StatskitError(f"user {user_id} did not exist yet on {day} (created {created}): "
+                                f"the rollup has rows from {created} on")
+    raise StatskitError(f"no rollup for {day} yet — run statskit backfill --from {day} --to {day}")
 
 
 def _require_user(target: Target, user_id: UUID) -> str:

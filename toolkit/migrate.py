@@ -377,7 +377,8 @@ def status(target: Target, cron_dsn: str | None = None, use_cron: bool = True) -
     if use_cron:
         cron_conn = _open_cron(target, cron_dsn, use_cron)
         try:
-            jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
+            names = [j.name for j in cron.wanted_jobs(target.settings)]
+            jobs = [j for j in cron.registered_jobs(cron_conn, names) if j.database == target.conn.info.dbname]
         finally:
             cron_conn.close()
     return Status(target.settings, rows, functions, jobs)

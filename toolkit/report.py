@@ -33,7 +33,7 @@ def as_json(checks: list[Check], database: str, first, last) -> str:
     return json.dumps({
         "status": overall(checks),
         "database": database,
-        "window": {"from": str(first), "to": str(last)},
+        "window": {"from": str(first), "to": str(last)} if first else None,
         "summary": {s: counts[s] for s in ("pass", "warn", "fail")},
         "checks": [c.as_dict() for c in checks],
     }, indent=2) + "\n"
