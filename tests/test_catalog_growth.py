@@ -1,5 +1,6 @@
 """Growing the catalog: a new, removed or retyped metric becomes a new migration on a live database."""
 
+import re
 import shutil
 
 import psycopg
@@ -76,10 +77,23 @@ def test_a_new_metric_is_a_new_migration_old_rows_keep_their_values(grown, run_c
     assert result.exit_code == 0, result.output
     assert "applied migration 0002_payments_made" in result.output
     assert "created function public.aggregate_user_statistics" in result.output
+    assert result.output.rstrip().endswith("fill them with:\n  statskit backfill --from 2026-03-29 --to 2026-03-31")
     with psycopg.connect(dsn) as conn:
         assert conn.execute("select user_id, date, total_spent, total_reviews from user_statistics_daily order by 1, 2").fetchall() == before
         assert conn.execute("select count(*) from user_statistics_daily where payments_made <> 0").fetchone()[0] == 0
-    assert run_cli("backfill", "--from", "2026-03-29", "--to", "2026-03-31", "--quiet", "--dsn", dsn).exit_code == 0
+    window = ["--from", "2026-03-29", "--to", "2026-03-31"]
+    unfilled = run_cli("verify", "--dsn", dsn, "--sql-dir", sql_copy, *window, "--only", "data")
+    assert unfilled.exit_code == 1 and re.search(
+        r"data new metrics +fail  payments_made of user_statistics_daily holds its default on 2026-03-29..2026-03-31"
+        r" \(added after those rows were written\): run statskit backfill --from 2026-03-29 --to 2026-03-31",
+        unfilled.output), unfilled.output
+    # a part of the days fills a part; the rest is still named
+    assert run_cli("backfill", "--from", "2026-03-30", "--to", "2026-03-30", "--quiet", "--dsn", dsn).exit_code == 0
+    partly = run_cli("verify", "--dsn", dsn, "--sql-dir", sql_copy, *window, "--only", "data").output
+    assert "on 2026-03-29..2026-03-29" in partly and "on 2026-03-31..2026-03-31" in partly
+    assert run_cli("backfill", *window, "--quiet", "--dsn", dsn).exit_code == 0
+    assert "data new metrics" in run_cli("verify", "--dsn", dsn, "--sql-dir", sql_copy, *window, "--only", "data").output
+    assert run_cli("verify", "--dsn", dsn, "--sql-dir", sql_copy, *window, "--only", "data").exit_code == 0
     with psycopg.connect(dsn) as conn:
         wrong = conn.execute(
             "select count(*) from user_statistics_daily s where s.payments_made <> (select count(*) from transactions t"

@@ -18,7 +18,7 @@ from typing import Callable
 import psycopg
 
 from . import db
-from .deployment import require_deployment
+from .deployment import mark_filled, require_deployment
 from .errors import UsageError
 from .render import LOCK_EPOCH, lock_name, quote_ident
 from .settings import STATSKIT_SCHEMA
@@ -62,6 +62,10 @@ class Unit:
     @property
     def sliced(self) -> bool:
         return self.users_from is not None or self.users_to is not None
+
+    @property
+    def rollup_table(self) -> str:
+        return "platform_statistics_daily" if self.table == "platform" else "user_statistics_daily"
 
     @property
     def scope(self) -> str:
@@ -156,7 +160,11 @@ def backfill(dsn: str, request: Request,
             run_conn.execute(LEDGER_SQL)
         _take_run_lock(run_conn, settings, report_wait)
         units = plan_units(run_conn, settings, request)
-        return _run(dsn, settings, request, units, report, report_wait)
+        progress = _run(dsn, settings, request, units, report, report_wait)
+        if request.user_id is None:  # every user's rows of these days are now computed with every metric
+            for table in dict.fromkeys(u.rollup_table for u in units):
+                mark_filled(run_conn, table, request.first, request.last)
+        return progress
 
 
 def _run(dsn, settings, request: Request, units: list[Unit], report, report_wait) -> Progress:
@@ -206,8 +214,7 @@ def _write_unit(conn: psycopg.Connection, settings, request: Request, unit: Unit
     schema = quote_ident(settings.schema)
     first, last = unit.chunk
     with conn.transaction():
-        table = "platform_statistics_daily" if unit.table == "platform" else "user_statistics_daily"
-        _wait_for_other_writers(conn, settings, table, unit, report_wait)
+        _wait_for_other_writers(conn, settings, unit.rollup_table, unit, report_wait)
         if unit.table == "platform":
             written = conn.execute(f"select {schema}.aggregate_daily_statistics_range(%s, %s)", [first, last]).fetchone()[0]
         elif request.user_id:

@@ -210,6 +210,11 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
     for job in done.jobs:
         click.echo(f"scheduled pg_cron job {job.name} ({job.schedule}) in {done.cron_database} for {done.database}")
     click.echo(f"{where}: deployment up to date")
+    if done.unfilled:
+        first, last = min(u.first for u in done.unfilled), max(u.last for u in done.unfilled)
+        names = ", ".join(dict.fromkeys(u.metric for u in done.unfilled))
+        click.echo(f"new metric columns hold their default in the days stored before them ({names}); fill them with:\n"
+                   f"  statskit backfill --from {first} --to {last}")
 
 
 def _print_status(status):

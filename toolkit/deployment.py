@@ -2,6 +2,7 @@
 
 import hashlib
 from dataclasses import dataclass
+from datetime import date
 
 import psycopg
 
@@ -23,6 +24,13 @@ create table if not exists {STATSKIT_SCHEMA}.function_checksums (
     function_name text primary key,
     sha256 text not null,
     applied_at timestamptz not null default now()
+);
+-- Days whose rows hold a metric's default only because the metric was added after they were written.
+create table if not exists {STATSKIT_SCHEMA}.unfilled_metrics (
+    rollup_table text not null,
+    metric text not null,
+    first_day date not null,
+    last_day date not null
 );
 """
 
@@ -189,3 +197,50 @@ def require_deployment(conn: psycopg.Connection) -> Settings:
     if settings is None or not applied_migrations(conn):
         raise NotMigrated(f"database {conn.info.dbname} has no statskit deployment: run statskit migrate first")
     return settings
+
+
+@dataclass(frozen=True)
+class Unfilled:
+    table: str
+    metric: str
+    first: date
+    last: date
+
+
+def record_unfilled(conn: psycopg.Connection, settings: Settings, catalog: Catalog, migration_ids: list[str]) -> list[Unfilled]:
+    """For each metric these migrations add to a table that already has rows: the days it is unfilled."""
+    for rollup in (catalog.user, catalog.platform):
+        added = [m.name for mid in migration_ids for m in rollup.metrics_added_in(mid) if m.removed_in is None]
+        if added:
+            conn.execute(
+                f"insert into {STATSKIT_SCHEMA}.unfilled_metrics (rollup_table, metric, first_day, last_day)"
+                f" select %s, metric, min(date), max(date) from {quote_ident(settings.schema)}.{rollup.table},"
+                f" unnest(%s::text[]) metric group by metric having count(*) > 0",
+                [rollup.table, added])
+    return unfilled(conn)
+
+
+def unfilled(conn: psycopg.Connection) -> list[Unfilled]:
+    if not table_exists(conn, f"{STATSKIT_SCHEMA}.unfilled_metrics"):
+        return []
+    return [Unfilled(*row) for row in conn.execute(
+        f"select rollup_table, metric, first_day, last_day from {STATSKIT_SCHEMA}.unfilled_metrics order by 1, 3, 2")]
+
+
+def mark_filled(conn: psycopg.Connection, table: str, first: date, last: date) -> None:
+    """A backfill of every user (or the platform) wrote [first, last]: those days are filled."""
+    unfilled_metrics = f"{STATSKIT_SCHEMA}.unfilled_metrics"
+    if not table_exists(conn, unfilled_metrics):
+        return
+    with conn.transaction():
+        # the part after the backfilled days, when a range reaches past both ends
+        conn.execute(f"insert into {unfilled_metrics} select rollup_table, metric, %s::date + 1, last_day"
+                     f" from {unfilled_metrics} where rollup_table = %s and first_day < %s and last_day > %s",
+                     [last, table, first, last])
+        conn.execute(f"update {unfilled_metrics} set last_day = least(last_day, %s::date - 1)"
+                     f" where rollup_table = %s and first_day < %s and last_day >= %s", [first, table, first, first])
+        conn.execute(f"update {unfilled_metrics} set first_day = %s::date + 1"
+                     f" where rollup_table = %s and first_day between %s and %s and last_day > %s",
+                     [last, table, first, last, last])
+        conn.execute(f"delete from {unfilled_metrics} where rollup_table = %s and first_day >= %s and last_day <= %s",
+                     [table, first, last])

@@ -38,6 +38,7 @@ class MigratePlan:
     jobs: list[cron.Job] = field(default_factory=list)  # to (re)schedule
     cron_database: str | None = None  # None: --no-cron
     notes: list[str] = field(default_factory=list)  # things done on the way that the user should hear of
+    unfilled: list[deployment.Unfilled] = field(default_factory=list)  # days where new metrics hold defaults
 
     @property
     def empty(self) -> bool:
@@ -276,6 +277,9 @@ def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True, 
                     run = backend.connection.execute
                     run(f"create schema if not exists {quote_ident(target.settings.schema)}")
                     backend.apply_migrations(backend.to_apply(migrations))
+                    if todo.migrations:
+                        todo.unfilled = deployment.record_unfilled(
+                            backend.connection, target.settings, target.catalog, [mid for mid, _ in todo.migrations])
                     for name, text in todo.functions:
                         run(text)
                         run(f"insert into {STATSKIT_SCHEMA}.function_checksums (function_name, sha256) values (%s, %s)"

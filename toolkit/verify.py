@@ -265,6 +265,11 @@ def _check_data(conn, target: Target, first: date, last: date) -> list[Check]:
         _result("data duplicates", [f"{duplicates} duplicated (user, day) keys"] if duplicates else [],
                 ok="no duplicate keys"),
     ]
+    unfilled = deployment.unfilled(conn)
+    checks.append(_result("data new metrics", [
+        f"{u.metric} of {u.table} holds its default on {u.first}..{u.last} (added after those rows were written): "
+        f"run statskit backfill --from {u.first} --to {u.last}" for u in unfilled],
+        ok="every metric column was filled for the days stored before it"))
     hour = datetime.now(timezone.utc).hour
     if rows_yesterday:
         checks.append(Check("data freshness", "pass", f"rows for {yesterday} exist"))
