@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from . import backfill as backfill_core, clients, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, report, verify as verify_core
+from . import backfill as backfill_core, clients, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, project, report, verify as verify_core
 from .dates import check_range, parse_date
 from .errors import StatskitError, UsageError
 from .catalog import load_catalog
@@ -96,8 +96,33 @@ def lock_options(command):
 
 sql_dir_option = click.option(
     "--sql-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Folder with catalog.toml and templates/. Default: ./sql in a checkout, else the installed copy.",
+    callback=lambda ctx, param, value: value or default_sql_dir(),
+    help="Folder with catalog.toml and templates/. Default: the project's (statskit.toml here or above, "
+         "or $STATSKIT_PROJECT), else the catalog installed with statskit.",
 )
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path), default=".")
+def init(folder):
+    """Start a project in FOLDER (default: here): statskit.toml, sql/ with the catalog and
+    templates to edit, the rendered SQL, and clients/ with the web app's typed contract.
+
+    statskit run in FOLDER or below (or with STATSKIT_PROJECT=FOLDER) then uses this catalog.
+
+    \b
+    Example:
+      statskit init stats && cd stats && statskit migrate --dsn ...
+    """
+    written = project.init(folder, PACKAGED_SQL_DIR)
+    sql_dir = project.sql_dir(folder)
+    catalog = load_catalog(sql_dir / "catalog.toml")
+    write_rendered(sql_dir, render_all(sql_dir, catalog=catalog))
+    write_rendered(folder / "clients", clients.render_clients(catalog), ())
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"rendered {sql_dir}/migrations, functions, access and {folder / 'clients'}")
+    click.echo("next: edit sql/catalog.toml if you like, statskit render, then statskit migrate --dsn ...")
 
 
 @cli.command()
@@ -115,9 +140,9 @@ def render(sql_dir, check):
       statskit render            # after editing sql/catalog.toml or a template
       statskit render --check    # in CI: fail when someone forgot to render
     """
-    sql_dir = sql_dir or default_sql_dir()
     if not check and sql_dir == PACKAGED_SQL_DIR and sql_dir.parent.name == "toolkit":
-        raise UsageError("render writes into a project's sql/ folder: run it in the project folder or give --sql-dir")
+        raise UsageError("render writes into a project's sql/ folder: run it in a project (statskit init makes one) "
+                         "or give --sql-dir")
     catalog = load_catalog(sql_dir / "catalog.toml")
     targets = [(sql_dir, render_all(sql_dir, catalog=catalog), RENDERED_GLOBS)]
     # A project folder keeps the generated docs and client contract beside sql/.
@@ -147,6 +172,8 @@ def render(sql_dir, check):
     for path in touched:
         click.echo(f"wrote {path}")
     click.echo(f"{len(touched)} of {total} files changed")
+    if any(p.parent == sql_dir / "migrations" for p in touched):
+        click.echo("next: statskit migrate applies the new migration and names the days to backfill")
 
 
 @cli.command()
@@ -185,7 +212,7 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
                      lookback_days=lookback_days, roles=roles, row_security=row_security)
-    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir(), overrides)
+    target = migrate_core.Target.open(dsn, sql_dir, overrides)
     try:
         if show_status:
             _print_status(migrate_core.status(target, cron_dsn, not no_cron))
@@ -248,7 +275,7 @@ def rollback(dsn, cron_dsn, no_cron, sql_dir, policy):
     Example:
       statskit rollback --dsn postgresql://dba@db.internal/app
     """
-    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+    target = migrate_core.Target.open(dsn, sql_dir)
     try:
         result = migrate_core.rollback(target, cron_dsn, not no_cron, policy=policy)
     finally:
@@ -295,7 +322,7 @@ def demo(ctx, users, days, seed, port, dsn, sql_dir):
         click.echo(f"starting a private PostgreSQL with pg_cron on 127.0.0.1:{port} ...")
         dsn = demo_core.fresh_private_database(demo_core.demo_cluster(port))
     click.echo(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
-    story = demo_core.run(dsn, users, days, seed, sql_dir or default_sql_dir())
+    story = demo_core.run(dsn, users, days, seed, sql_dir)
     _tell(story)
     if verify_core.overall(story.checks) == "fail":
         sys.exit(1)
@@ -450,7 +477,7 @@ def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
         raise UsageError(f"--only {','.join(unknown)}: unknown check group (use {','.join(verify_core.CHECK_GROUPS)})")
     window_first = window_last = None
     try:
-        target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+        target = migrate_core.Target.open(dsn, sql_dir)
         try:
             deployment.require_deployment(target.conn)
             default_first, default_last = verify_core.default_window(target.conn, target.settings)
@@ -527,7 +554,7 @@ def metric(dsn, sql_dir, user_id, metric, day, compare, fmt):
     Example:
       statskit metric 0b6f...e1 total_earnings --compare week --dsn ...
     """
-    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+    target = migrate_core.Target.open(dsn, sql_dir)
     try:
         deployment.require_deployment(target.conn)
         day, value = dashboard.user_metric(target, _parse_uuid(user_id, "USER_ID"), metric,
@@ -557,7 +584,7 @@ def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
     """
     if bool(user_id) == platform:
         raise UsageError("give a USER_ID or --platform (one of the two)")
-    target = migrate_core.Target.open(dsn, sql_dir or default_sql_dir())
+    target = migrate_core.Target.open(dsn, sql_dir)
     try:
         deployment.require_deployment(target.conn)
         when = parse_date(day, "--date") if day else None

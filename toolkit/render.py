@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import project
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
 from .settings import READER_ROLE, WRITER_ROLE, Settings
@@ -41,11 +42,9 @@ FUNCTIONS = {
 
 
 def default_sql_dir() -> Path:
-    """Return ./sql when run from a checkout (so render writes there), else the packaged copy."""
-    local = Path.cwd() / "sql"
-    if (local / "templates").is_dir() and (local / "catalog.toml").is_file():
-        return local
-    return PACKAGED_SQL_DIR
+    """The project's sql folder (statskit.toml here or above, or $STATSKIT_PROJECT), else the packaged copy."""
+    folder = project.find()
+    return project.sql_dir(folder) if folder else PACKAGED_SQL_DIR
 
 
 def quote_ident(name: str) -> str:
