@@ -224,3 +224,33 @@ def test_a_restore_without_owners_or_privileges_fails_verify_and_migrate_repairs
             conn.execute("select cron.unschedule(jobid) from cron.job where database = 'restored'")
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute("drop database if exists restored")
+
+
+@pytest.mark.parametrize("app_db", ["app"], indirect=True)
+def test_verify_never_calls_a_job_it_cannot_see_missing(server, app_db, run_cli):
+    """The owner deployed; a CI login that is a member of the owner verifies. cron.job's row
+    security shows it none of the owner's jobs: verify says so, and does not call them missing."""
+    dsn = as_owner(server, app_db)
+    assert run_cli("migrate", "--dsn", dsn, *cron_args(server, app_db)).exit_code == 0
+    assert run_cli("backfill", *WINDOW, "--quiet", "--dsn", dsn).exit_code == 0
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("drop role if exists ci")
+        conn.execute(f"create role ci login in role {OWNER}")
+        conn.execute("drop role if exists outsider")
+        conn.execute("create role outsider login")  # no grant in pg_cron's database at all
+    ci = server.dsn(app_db).replace("user=postgres", "user=ci")
+    try:
+        no_usage = run_cli("verify", "--dsn", ci, *WINDOW,
+                           "--cron-dsn", server.dsn(CRON_DB).replace("user=postgres", "user=outsider"))
+        assert no_usage.exit_code == 0, no_usage.output
+        assert re.search(r"cron +warn  cannot see pg_cron's jobs as outsider: permission denied for schema cron",
+                         no_usage.output)
+        seen = run_cli("verify", "--dsn", ci, *WINDOW, "--cron-dsn", server.dsn(CRON_DB).replace("user=postgres", "user=ci"))
+        assert seen.exit_code == 0, seen.output
+        assert re.search(r"cron job aggregate-user-statistics +warn  not visible to ci: pg_cron shows each role "
+                         r"only its own jobs", seen.output)
+        assert "not registered" not in seen.output
+    finally:
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("drop role ci")
+            conn.execute("drop role outsider")

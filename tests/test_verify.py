@@ -42,7 +42,7 @@ def verify(run_cli, dsn, *extra):
 def test_a_clean_deployment_passes(deployed, run_cli):
     result = verify(run_cli, deployed)
     assert result.exit_code == 0, result.output
-    assert "verify: PASS — 25 passed, 0 warnings, 0 failed" in result.output
+    assert "verify: PASS — 27 passed, 0 warnings, 0 failed" in result.output
     assert re.search(r"sample +pass  \d+ stored rows recomputed, every metric equal", result.output)
 
 
@@ -87,6 +87,8 @@ FAULTS = [
      "data user rows", "missing on 2026-03-27"),
     ("missing platform day", in_target("delete from platform_statistics_daily where date = '2026-03-26'"),
      "data platform rows", "no row for 2026-03-26"),
+    ("missing source index", in_target("drop index bookings_listing_id_idx"),
+     "keys source tables", "no index leads with public.bookings(listing_id)"),
     ("stored metric changed by hand", in_target(
         "update user_statistics_daily set total_earnings = total_earnings + 1"
         " where date = '2026-03-31' and user_id = (select user_id from user_statistics_daily where date = '2026-03-31' order by md5(user_id::text) limit 1)"),
@@ -94,12 +96,17 @@ FAULTS = [
 ]
 
 
+# Checks that advise rather than fail: the deployment works, only slower.
+ADVICE = {"keys source tables"}
+
+
 @pytest.mark.parametrize("apply, check, detail", [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
 def test_each_fault_fails_verify_and_is_named(deployed, run_cli, apply, check, detail):
     apply(deployed)
     result = verify(run_cli, deployed)
-    assert result.exit_code == 1, result.output
-    failing = [line for line in result.output.splitlines() if line.startswith(check) and "  fail  " in line]
+    status = "warn" if check in ADVICE else "fail"
+    assert result.exit_code == (0 if status == "warn" else 1), result.output
+    failing = [line for line in result.output.splitlines() if line.startswith(check) and f"  {status}  " in line]
     assert failing and detail in failing[0], result.output
     assert "CONTEXT" not in result.output  # one line per check, never a function's context
 

@@ -108,6 +108,13 @@ def _check_table(conn, settings: Settings, rollup: Rollup, per_user: bool) -> li
     return checks
 
 
+def _check_source_indexes(conn, target: Target) -> Check:
+    missing = deployment.missing_lookup_indexes(conn, target.catalog, target.settings)
+    return _result("keys source tables", [], [f"no index leads with {', '.join(missing)}: the one-user function and "
+                                              f"this sample read a user's rows through them"] if missing else [],
+                   ok="every column a user's rows are looked up by leads an index")
+
+
 # -- functions ----------------------------------------------------------------------------
 
 _BODY = re.compile(r"\$function\$(.*)\$function\$", re.S)
@@ -323,7 +330,8 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
     conn = target.conn
     runners = {
         "schema": lambda: _check_table(conn, target.settings, target.catalog.user, per_user=True)
-        + _check_table(conn, target.settings, target.catalog.platform, per_user=False),
+        + _check_table(conn, target.settings, target.catalog.platform, per_user=False)
+        + [_check_source_indexes(conn, target)],
         "functions": lambda: _check_functions(conn, target),
         "access": lambda: _check_access(conn, target),
         "migrations": lambda: _check_migrations(conn, target),
@@ -345,7 +353,12 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
 
 def _with_cron(target: Target, cron_dsn: str | None) -> list[Check]:
     with cron.connect_cron(target.dsn, target.conn, cron_dsn) as cron_conn:
-        return _check_cron(cron_conn, target)
+        try:
+            return _check_cron(cron_conn, target)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # Not a missing job: a login that may not look. Say what it cannot see.
+            return [Check("cron", "warn", f"cannot see pg_cron's jobs as {cron_conn.info.user}: {first_line(exc)}; "
+                                          f"verify as the role that scheduled them, or grant it USAGE on schema cron")]
 
 
 def overall(checks: list[Check]) -> str:
