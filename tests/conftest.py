@@ -3,6 +3,7 @@ serves `statskit demo`), and a fresh database per test with the reference source
 made by pytest-postgresql from a template."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import psycopg
@@ -88,3 +89,14 @@ def run_cli():
         return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def npm_install(folder: Path) -> None:
+    """Install a folder's pinned npm tools once. `npm install --no-save`, not `npm ci`: the lock
+    npm writes keeps only this platform's optional packages (squawk ships one per platform),
+    and `npm ci` refuses such a lock."""
+    if (folder / "node_modules" / ".package-lock.json").exists():
+        return
+    result = subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund"], cwd=folder,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"npm install in {folder}:\n{result.stderr[-3000:]}"

@@ -9,7 +9,7 @@ import subprocess
 import psycopg
 import pytest
 
-from conftest import SQL_DIR
+from conftest import SQL_DIR, npm_install
 from test_catalog_growth import NEW_METRIC, add_migration
 from toolkit.catalog import load_catalog
 from toolkit.clients import RPC_ARGUMENTS, render_clients
@@ -26,9 +26,8 @@ def npm(*args):
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Install the pinned TypeScript (npm ci), type-check strictly, run the helpers' tests; return the exports."""
-    if not (CLIENTS / "node_modules" / ".package-lock.json").exists():
-        npm("ci", "--no-audit", "--no-fund")
+    """Install the pinned TypeScript, type-check strictly, run the helpers' tests; return the exports."""
+    npm_install(CLIENTS)
     npm("run", "check")
     npm("test")  # compiles into clients/build/ and runs node --test
     script = "import('./build/metrics.js').then(m => console.log(JSON.stringify(m)))"

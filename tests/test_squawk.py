@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import SQL_DIR
+from conftest import SQL_DIR, npm_install
 from test_catalog_growth import NEW_METRIC, add_migration, change_metric
 
 REPO = SQL_DIR.parent
@@ -15,8 +15,7 @@ TOOLS = REPO / "tools"
 
 @pytest.fixture(scope="module")
 def squawk():
-    if not (TOOLS / "node_modules" / ".package-lock.json").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=TOOLS, check=True, capture_output=True, timeout=600)
+    npm_install(TOOLS)
 
     def lint(*paths):
         return subprocess.run([TOOLS / "node_modules" / ".bin" / "squawk", "--config", REPO / ".squawk.toml",
