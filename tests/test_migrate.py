@@ -48,10 +48,12 @@ def test_cron_jobs_are_registered_for_the_target_database(dsn):
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     jobs = jobs_for(dbname)
     assert jobs["aggregate-platform-statistics"].schedule == "0 0 * * *"
-    assert jobs["aggregate-platform-statistics"].command == 'select "public".aggregate_daily_statistics()'
+    assert jobs["aggregate-platform-statistics"].command == (
+        'select "public".aggregate_platform_changes(); select "public".aggregate_daily_statistics()')
     assert jobs["aggregate-user-statistics"].schedule == "0 1 * * *"
     assert jobs["aggregate-user-statistics"].command == (
-        'select "public".aggregate_user_statistics(); select "public".aggregate_user_statistics(null, '
+        'select "public".aggregate_user_changes(); select "public".aggregate_user_statistics(); '
+        'select "public".aggregate_user_statistics(null, '
         "(now() at time zone 'UTC')::date - n) from generate_series(2, 3) as n")
     assert all(j.active for j in jobs.values())
     # a job moved by hand is put back by the next migrate
@@ -61,10 +63,11 @@ def test_cron_jobs_are_registered_for_the_target_database(dsn):
     assert jobs_for(dbname)["aggregate-user-statistics"].schedule == "0 1 * * *"
 
 
-def test_lookback_of_one_day_is_the_specs_literal_job(dsn):
-    deploy(dsn, lookback_days=1)
+def test_without_capture_and_lookback_the_jobs_are_the_specs_literal_ones(dsn):
+    deploy(dsn, lookback_days=1, capture=False)
     jobs = jobs_for(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
     assert jobs["aggregate-user-statistics"].command == 'select "public".aggregate_user_statistics()'
+    assert jobs["aggregate-platform-statistics"].command == 'select "public".aggregate_daily_statistics()'
 
 
 def test_a_job_name_of_another_database_is_refused_and_nothing_changes(dsn, run_cli):

@@ -28,3 +28,20 @@ def test_plpgsql_check_reports_what_it_should(migrated_dsn):
         messages = [r[0] for r in conn.execute(
             "select message from plpgsql_check_function_tb('public.broken()', fatal_errors => false, all_warnings => true)")]
     assert any("no_such_column" in m for m in messages) and any("unused variable" in m for m in messages)
+
+
+def test_every_capture_trigger_function_passes_plpgsql_check(migrated_dsn):
+    from toolkit.catalog import load_catalog
+    from conftest import SQL_DIR
+    tables = load_catalog(SQL_DIR / "catalog.toml").source_tables
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        conn.execute("create extension plpgsql_check")
+        findings = {}
+        for table in tables:
+            rows = conn.execute(
+                "select level, lineno, message from plpgsql_check_function_tb(%s::regprocedure, %s::regclass,"
+                " fatal_errors => false, oldtable => 'old_rows', newtable => 'new_rows', all_warnings => true)",
+                [f"statskit.capture_{table}()", f"public.{table}"]).fetchall()
+            if rows:
+                findings[table] = rows
+    assert findings == {}

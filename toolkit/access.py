@@ -13,7 +13,7 @@ import psycopg
 
 from .catalog import Catalog
 from .render import FUNCTIONS, digest, quote_ident
-from .settings import READER_ROLE, WRITER_ROLE, Settings
+from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 # The function each job's command calls, by rollup: the user job also reads profiles, the row per user.
 JOB_FUNCTIONS = {"platform": "aggregate_daily_statistics", "user": "aggregate_user_statistics"}
@@ -52,6 +52,13 @@ def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job:
     function = _function(settings, JOB_FUNCTIONS[rollup])
     needs.append(Need(role, f"EXECUTE on {function}", f"has_function_privilege(%(role)s, to_regprocedure({_lit(function)}), 'execute')", why))
     needs += _table_needs(role, f"{quote_ident(settings.schema)}.{table.table}", "SELECT,INSERT,UPDATE", why)
+    if settings.capture:  # the job first takes its change log
+        needs.append(Need(role, f"USAGE on schema {STATSKIT_SCHEMA}",
+                          f"has_schema_privilege(%(role)s, to_regnamespace({_lit(STATSKIT_SCHEMA)}), 'usage')", why))
+        needs += _table_needs(role, f"{STATSKIT_SCHEMA}.{rollup}_changes", "SELECT,DELETE", why)
+        needs.append(Need(role, f"EXECUTE on {_function(settings, f'aggregate_{rollup}_changes')}",
+                          f"has_function_privilege(%(role)s, to_regprocedure({_lit(_function(settings, f'aggregate_{rollup}_changes'))}), 'execute')",
+                          why))
     reads = (["profiles"] if rollup == "user" else []) + table.tables_read
     for source in dict.fromkeys(reads):
         needs += _table_needs(role, f"{quote_ident(settings.source_schema)}.{source}", "SELECT", why)

@@ -181,11 +181,27 @@ class SourceTable:
     name: str
     meaning: str
     columns: tuple[SourceColumn, ...]
-    lookup: tuple[str, ...]  # columns the one-user paths find a user's rows by: worth an index
+    users: tuple[str, ...]  # columns holding a user the row counts for
+    listings: tuple[str, ...]  # columns whose listing's owner the row counts for
 
     @property
     def read_columns(self) -> tuple[SourceColumn, ...]:
         return tuple(c for c in self.columns if c.read)
+
+    @property
+    def lookup(self) -> tuple[str, ...]:
+        """Columns the one-user paths find a user's rows by: worth an index (id has its key's)."""
+        return tuple(c for c in self.users + self.listings if c != "id")
+
+    @property
+    def timestamps(self) -> tuple[str, ...]:
+        """Read timestamps: the days on which a row can count."""
+        return tuple(c.name for c in self.read_columns if c.type == "timestamptz")
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """Every other read column: changing one can change the row's numbers on all its days."""
+        return tuple(c.name for c in self.read_columns if c.type != "timestamptz")
 
 
 def _read_source_table(name: str, raw: dict) -> SourceTable:
@@ -198,11 +214,14 @@ def _read_source_table(name: str, raw: dict) -> SourceTable:
                              f"use one of {', '.join(COMPATIBLE_TYPES)}")
         columns.append(SourceColumn(column, spec["type"], spec.get("meaning", ""), spec.get("null", False),
                                     spec.get("read", True)))
-    lookup = tuple(raw.get("lookup", ()))
-    unknown = sorted(set(lookup) - {c.name for c in columns})
+    users, listings = tuple(raw.get("users", ())), tuple(raw.get("listings", ()))
+    names = {c.name for c in columns}
+    unknown = sorted(set(users + listings) - names)
     if unknown:
-        raise UsageError(f"catalog: source table {name} looks users up by unknown column {', '.join(unknown)}")
-    return SourceTable(name, raw.get("meaning", ""), tuple(columns), lookup)
+        raise UsageError(f"catalog: source table {name} names unknown user column {', '.join(unknown)}")
+    if "id" not in names:
+        raise UsageError(f"catalog: source table {name} has no id column (change capture pairs rows by it)")
+    return SourceTable(name, raw.get("meaning", ""), tuple(columns), users, listings)
 
 
 @dataclass(frozen=True)

@@ -194,9 +194,13 @@ def render(sql_dir, check):
 @click.option("--row-security", metavar="EXPR",
               help="Row-level security on user_statistics_daily: EXPR is the current user's id, "
                    "e.g. \"current_setting('app.user_id')::uuid\" or \"auth.uid()\". Needs --roles.")
+@click.option("--capture/--no-capture", default=None,
+              help="Triggers on the source tables log late and corrected rows, and the nightly jobs rewrite "
+                   "exactly the users and days they touched (default). --no-capture: the lookback days only; "
+                   "older corrections need statskit backfill.")
 @click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
 def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
-            lookback_days, roles, row_security, policy, break_lock):
+            lookback_days, roles, row_security, capture, policy, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
     Checks first (server version, source tables, columns and types, this login's privileges,
@@ -211,7 +215,7 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
       statskit migrate --status --dsn ...      # what is applied, what is pending
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
-                     lookback_days=lookback_days, roles=roles, row_security=row_security)
+                     lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture)
     target = migrate_core.Target.open(dsn, sql_dir, overrides)
     try:
         if show_status:
@@ -233,7 +237,11 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
     for mid, _ in done.migrations:
         click.echo(f"applied migration {mid}")
     for name, _ in done.functions:
-        click.echo("applied roles and grants (access.sql)" if name == "access" else f"created function {done.settings.schema}.{name}")
+        click.echo({"access": "applied roles and grants (access.sql)",
+                    "capture": f"{'installed' if done.settings.capture else 'removed'} change capture (capture.sql)"}
+                   .get(name, f"created function {done.settings.schema}.{name}"))
+    for signature in done.drops:
+        click.echo(f"dropped function {signature} (an older signature)")
     for job in done.jobs:
         click.echo(f"scheduled pg_cron job {job.name} ({job.schedule}) in {done.cron_database} for {done.database}")
     click.echo(f"{where}: deployment up to date")

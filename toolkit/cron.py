@@ -46,17 +46,21 @@ class RegisteredJob:
 def wanted_jobs(settings: Settings) -> list[Job]:
     """The spec's schedule: the platform job at 00:00 UTC, the user job after it at 01:00.
 
+    With change capture each job first takes its change log (late and corrected source rows).
     The user job writes yesterday, as the spec says, and then re-writes the lookback days
-    before it, so late events reach the rollup without a manual backfill.
+    before it.
     """
     schema = quote_ident(settings.schema)
-    user_command = f"select {schema}.aggregate_user_statistics()"
+    # With change capture each job first rewrites what late and corrected source rows touched.
+    catch_up = {table: f"select {schema}.aggregate_{table}_changes(); " if settings.capture else ""
+                for table in ("user", "platform")}
+    user_command = f"{catch_up['user']}select {schema}.aggregate_user_statistics()"
     if settings.lookback_days > 1:
         today = f"(now() at time zone {quote_literal(settings.time_zone)})::date"
         user_command += (f"; select {schema}.aggregate_user_statistics(null, {today} - n)"
                          f" from generate_series(2, {settings.lookback_days}) as n")
     return [
-        Job(settings.platform_job, PLATFORM_SCHEDULE, f"select {schema}.aggregate_daily_statistics()"),
+        Job(settings.platform_job, PLATFORM_SCHEDULE, f"{catch_up['platform']}select {schema}.aggregate_daily_statistics()"),
         Job(settings.user_job, USER_SCHEDULE, user_command),
     ]
 

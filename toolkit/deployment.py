@@ -25,6 +25,17 @@ create table if not exists {STATSKIT_SCHEMA}.function_checksums (
     sha256 text not null,
     applied_at timestamptz not null default now()
 );
+-- The change log (capture/capture.sql writes it, aggregate_*_changes take it): each user, and the
+-- platform, with the first day a late or corrected source row can have changed.
+create table if not exists {STATSKIT_SCHEMA}.user_changes (
+    user_id uuid not null,
+    first_day date not null,
+    logged_at timestamptz not null default now()
+);
+create table if not exists {STATSKIT_SCHEMA}.platform_changes (
+    first_day date not null,
+    logged_at timestamptz not null default now()
+);
 -- Days whose rows hold a metric's default only because the metric was added after they were written.
 create table if not exists {STATSKIT_SCHEMA}.unfilled_metrics (
     rollup_table text not null,
@@ -174,6 +185,12 @@ def check_can_deploy(conn: psycopg.Connection, catalog: Catalog, settings: Setti
             [[f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]],
         ).fetchall()
         missing += [f"SELECT WITH GRANT OPTION on {t} (to let {WRITER_ROLE} read it)" for (t,) in ungrantable]
+    if settings.capture:
+        untriggerable = conn.execute(
+            "select t from unnest(%s::text[]) t where to_regclass(t) is not null and not has_table_privilege(t, 'trigger')",
+            [[f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]],
+        ).fetchall()
+        missing += [f"TRIGGER on {t} (change capture; or deploy with --no-capture)" for (t,) in untriggerable]
     if missing:
         raise StatskitError(f"{user} cannot deploy here: it lacks {'; '.join(missing)} "
                             f"(see docs/managed.md); nothing changed")
@@ -244,3 +261,21 @@ def mark_filled(conn: psycopg.Connection, table: str, first: date, last: date) -
                      [last, table, first, last, last])
         conn.execute(f"delete from {unfilled_metrics} where rollup_table = %s and first_day >= %s and last_day <= %s",
                      [table, first, last])
+
+
+def stale_overloads(conn: psycopg.Connection, settings: Settings) -> list[str]:
+    """Our functions' names in the rollup schema with a signature statskit no longer renders
+    (an argument added since): left alone, each would linger as a second overload."""
+    rows = conn.execute(
+        "select p.proname, oidvectortypes(p.proargtypes) from pg_proc p"
+        " where p.pronamespace = to_regnamespace(%s) and p.proname = any(%s) order by 1, 2",
+        [quote_ident(settings.schema), list(FUNCTIONS)]).fetchall()
+    return [f"{quote_ident(settings.schema)}.{name}({args})" for name, args in rows if args != FUNCTIONS[name].arguments]
+
+
+def capture_triggers(conn: psycopg.Connection, settings: Settings, catalog: Catalog) -> int:
+    """How many of statskit's capture triggers the source tables carry (3 per table when installed)."""
+    return conn.execute(
+        "select count(*) from pg_trigger t where t.tgname like 'statskit\\_capture\\_%%'"
+        " and t.tgrelid in (select to_regclass(r) from unnest(%s::text[]) r)",
+        [[f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]]).fetchone()[0]

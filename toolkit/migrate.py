@@ -5,6 +5,7 @@ Flyway's repeatable migrations: statskit stores a checksum of each rendered func
 and re-creates exactly the ones whose text changed or that went missing.
 """
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -23,7 +24,7 @@ from . import access, cron, db, deployment
 from .catalog import Catalog, load_catalog
 from .deployment import YOYO_MIGRATION_TABLE
 from .errors import StatskitError, UsageError
-from .render import ACCESS_FILE, FUNCTIONS, quote_ident, render_all
+from .render import ACCESS_FILE, CAPTURE_FILE, FUNCTIONS, quote_ident, render_all
 from .settings import STATSKIT_SCHEMA, Settings
 
 
@@ -35,6 +36,7 @@ class MigratePlan:
     database: str
     migrations: list[tuple[str, str]] = field(default_factory=list)  # (id, sql) not yet applied
     functions: list[tuple[str, str]] = field(default_factory=list)  # (name, sql) to create or replace
+    drops: list[str] = field(default_factory=list)  # stale overloads of our functions, to drop
     jobs: list[cron.Job] = field(default_factory=list)  # to (re)schedule
     cron_database: str | None = None  # None: --no-cron
     notes: list[str] = field(default_factory=list)  # things done on the way that the user should hear of
@@ -42,10 +44,11 @@ class MigratePlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.migrations or self.functions or self.jobs)
+        return not (self.migrations or self.functions or self.jobs or self.drops)
 
     def script(self) -> str:
         parts = [f"-- migration {mid}\n{text}" for mid, text in self.migrations]
+        parts += [f"drop function {signature};\n" for signature in self.drops]
         parts += [f"-- function {name}\n{text}" for name, text in self.functions]
         parts += [
             f"-- pg_cron job {job.name}, run in database {self.cron_database}\n"
@@ -108,6 +111,8 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
         for state in deployment.function_states(conn, settings, target.rendered)
         if state.state != "current"
     ]
+    # An older signature of a function of ours (an argument added since) would linger as an overload.
+    result.drops = deployment.stale_overloads(conn, settings)
     access_sql = target.rendered[ACCESS_FILE]
     # After any re-created function too (CREATE OR REPLACE keeps the owner, but not when it
     # creates), and whenever an owner, grant or policy is not as it says: a restore with
@@ -116,6 +121,11 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
                            or deployment.function_checksums(conn).get("access") != deployment.checksum(access_sql)
                            or access.problems(conn, access.role_needs(settings, target.catalog))):
         result.functions.append(("access", access_sql))
+    capture_sql = target.rendered[CAPTURE_FILE]
+    triggers = 3 * len(target.catalog.source_tables) if settings.capture else 0
+    if (deployment.function_checksums(conn).get("capture") != deployment.checksum(capture_sql)
+            or deployment.capture_triggers(conn, settings, target.catalog) != triggers):
+        result.functions.append(("capture", capture_sql))
     if cron_conn is not None:
         result.cron_database = cron_conn.info.dbname
         result.jobs = cron.plan_jobs(cron_conn, settings, conn.info.dbname)
@@ -277,6 +287,8 @@ def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True, 
                     run = backend.connection.execute
                     run(f"create schema if not exists {quote_ident(target.settings.schema)}")
                     backend.apply_migrations(backend.to_apply(migrations))
+                    for signature in todo.drops:
+                        run(f"drop function {signature}")
                     if todo.migrations:
                         todo.unfilled = deployment.record_unfilled(
                             backend.connection, target.settings, target.catalog, [mid for mid, _ in todo.migrations])
@@ -352,6 +364,9 @@ def rollback(target: Target, cron_dsn: str | None = None, use_cron: bool = True,
                 for name, spec in reversed(FUNCTIONS.items()):
                     backend.connection.execute(f"drop function if exists {schema}.{name}({spec.arguments})")
                     result.dropped_functions.append(name)
+                # the triggers live on the application's tables: they go before statskit's schema
+                without_capture = dataclasses.replace(target.settings, capture=False)
+                backend.connection.execute(render_all(target.sql_dir, without_capture, target.catalog)[CAPTURE_FILE])
                 if jobs_inside:
                     result.unscheduled_jobs = cron.unschedule(backend.connection, target.settings, conn.info.dbname)
 

@@ -11,15 +11,16 @@ import jinja2
 from . import project
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
-from .settings import READER_ROLE, WRITER_ROLE, Settings
+from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 # An installed package carries sql/ as toolkit/sql; a checkout (or editable install) has it beside toolkit/.
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_SQL_DIR = _PACKAGE_DIR / "sql" if (_PACKAGE_DIR / "sql").is_dir() else _PACKAGE_DIR.parent / "sql"
 # Leftover files here are stale renderings (a migration or function the catalog no longer has).
-RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql", "access/*.sql")
+RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql", "access/*.sql", "capture/*.sql")
 # Repeatable files besides the functions: re-applied by migrate whenever their text changes.
 ACCESS_FILE = "access/access.sql"
+CAPTURE_FILE = "capture/capture.sql"
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,10 @@ FUNCTIONS = {
     "aggregate_single_user_statistics": FunctionSpec("uuid, date", "integer"),
     "aggregate_user_statistics": FunctionSpec("uuid, date", "integer"),
     "aggregate_daily_statistics": FunctionSpec("date", "integer"),
-    "aggregate_user_statistics_range": FunctionSpec("date, date, uuid, uuid", "integer"),
+    "aggregate_user_statistics_range": FunctionSpec("date, date, uuid, uuid, uuid[]", "integer"),
     "aggregate_daily_statistics_range": FunctionSpec("date, date", "integer"),
+    "aggregate_user_changes": FunctionSpec("", "integer"),
+    "aggregate_platform_changes": FunctionSpec("", "integer"),
     "user_metric": FunctionSpec("uuid, text, date, text", "record"),
     "platform_metric": FunctionSpec("text, date, text", "record"),
     "user_kpis": FunctionSpec("uuid, date, text", "record"),
@@ -81,6 +84,7 @@ def _environment(sql_dir: Path) -> jinja2.Environment:
     env.filters["literal"] = quote_literal
     env.filters["ident"] = quote_ident
     env.filters["digest"] = digest
+    env.filters["regex_replace"] = lambda text, pattern, replacement: re.sub(pattern, replacement, text)
     return env
 
 
@@ -111,6 +115,8 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
     source = quote_ident(settings.source_schema)
     context = {
         "schema": quote_ident(settings.schema),
+        "statskit": quote_ident(STATSKIT_SCHEMA),
+        "capture": settings.capture,
         "source": source,
         "time_zone": settings.time_zone,
         "user": _resolve_snippets(catalog.user, env, source),
@@ -120,7 +126,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "reader_role": READER_ROLE,
         "writer_role": WRITER_ROLE,
         "row_security": settings.row_security,
-        "source_tables": list(catalog.source_tables),
+        "source_tables": catalog.source_tables,
         "functions": FUNCTIONS,
         "lock_names": {t: lock_name(settings, t) for t in (catalog.user.table, catalog.platform.table)},
     }
@@ -141,6 +147,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         for name in FUNCTIONS:
             out[f"functions/{name}.sql"] = _tidy(env.get_template(f"functions/{name}.sql.j2").render(context))
         out[ACCESS_FILE] = _tidy(env.get_template("access/access.sql.j2").render(context))
+        out[CAPTURE_FILE] = _tidy(env.get_template("capture/capture.sql.j2").render(context))
     except jinja2.TemplateError as exc:
         raise StatskitError(f"template error: {exc}") from None
     return out

@@ -42,6 +42,7 @@ class Settings:
     lookback_days: int = 3  # days the nightly user job writes: yesterday and the days before it, for late data
     roles: bool = False  # create statskit_reader and statskit_writer, grant and hand over ownership
     row_security: str = ""  # SQL expression of the current user's id; "" = no row-level security
+    capture: bool = True  # triggers log late and corrected source rows; the nightly jobs re-aggregate them
 
     def __post_init__(self):
         check_identifier(self.schema, "schema")

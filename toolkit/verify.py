@@ -18,9 +18,9 @@ from .db import first_line
 from .errors import StatskitError
 from .migrate import Target
 from .render import FUNCTIONS, quote_ident
-from .settings import Settings
+from .settings import STATSKIT_SCHEMA, Settings
 
-CHECK_GROUPS = ("schema", "functions", "access", "migrations", "cron", "data", "sample")
+CHECK_GROUPS = ("schema", "functions", "access", "migrations", "cron", "capture", "data", "sample")
 CRON_STALE_AFTER = timedelta(hours=26)
 USER_JOB_HOUR_UTC = 1
 
@@ -229,6 +229,33 @@ def _cron_health(cron_conn, job: cron.RegisteredJob) -> Check:
     return Check(name, "pass", f"last run succeeded {age.total_seconds() / 3600:.1f} h ago")
 
 
+# -- capture ------------------------------------------------------------------------------
+
+def _check_capture(conn, target: Target) -> list[Check]:
+    s, catalog = target.settings, target.catalog
+    triggers = deployment.capture_triggers(conn, s, catalog)
+    if not s.capture:
+        problems = [f"{triggers} capture triggers left on the source tables: run statskit migrate"] if triggers else []
+        return [_result("capture", problems, ok="off (--no-capture): corrections older than the lookback days "
+                                               "need statskit backfill")]
+    expected = 3 * len(catalog.source_tables)
+    checks = [_result("capture triggers", [f"{triggers} of {expected} triggers on the source tables: run statskit migrate"]
+                      if triggers != expected else [], ok=f"{expected} triggers on {len(catalog.source_tables)} source tables")]
+    for table in ("user", "platform"):
+        entries, oldest_day, oldest_logged = conn.execute(
+            f"select count(*), min(first_day), min(logged_at) from {STATSKIT_SCHEMA}.{table}_changes").fetchone()
+        name = f"capture backlog {table}"
+        if not entries:
+            checks.append(Check(name, "pass", "empty: every logged change is in the rollup"))
+            continue
+        detail = f"{entries} entries, the oldest from {oldest_logged:%Y-%m-%d %H:%M} UTC touching {oldest_day}"
+        behind = datetime.now(timezone.utc) - oldest_logged > CRON_STALE_AFTER
+        checks.append(Check(name, "fail" if behind else "pass",
+                            f"{detail}: the nightly job has fallen behind (more than 26 h)" if behind
+                            else f"{detail}; the next nightly job takes them"))
+    return checks
+
+
 # -- data ---------------------------------------------------------------------------------
 
 def default_window(conn, settings: Settings) -> tuple[date, date]:
@@ -336,6 +363,7 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
         "access": lambda: _check_access(conn, target),
         "migrations": lambda: _check_migrations(conn, target),
         "cron": lambda: _with_cron(target, cron_dsn),
+        "capture": lambda: _check_capture(conn, target),
         "data": lambda: _check_data(conn, target, first, last),
         "sample": lambda: _check_sample(conn, target, first, last, sample_users),
     }

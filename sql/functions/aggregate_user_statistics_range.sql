@@ -10,13 +10,15 @@
 -- since PostgreSQL runs no data-modifying statement in parallel. Slices of one backfill write
 -- different rows, so they take the day locks shared: the one-day functions (exclusive) still
 -- wait for them and they for the one-day functions. statskit backfill holds a lock of its own
--- for the whole run, so two backfills' slices never overlap.
+-- for the whole run, so two backfills' slices never overlap. A list of users (p_users) is how
+-- aggregate_user_changes re-aggregates exactly the users whose source rows changed.
 
 create or replace function "public".aggregate_user_statistics_range(
     p_first date,
     p_last date,
     p_users_from uuid default null,
-    p_users_to uuid default null
+    p_users_to uuid default null,
+    p_users uuid[] default null
 )
 returns integer
 language plpgsql
@@ -37,7 +39,7 @@ begin
     if p_first > p_last then
         raise exception 'p_first % is after p_last %', p_first, p_last using errcode = '22023';
     end if;
-    if p_users_from is null and p_users_to is null then
+    if p_users_from is null and p_users_to is null and p_users is null then
         for v_day in 0 .. p_last - p_first loop
             perform pg_advisory_xact_lock(hashtext('public.user_statistics_daily'), p_first + v_day - date '2000-01-01');
         end loop;
@@ -71,6 +73,7 @@ begin
         ) as change (day, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent)
         where change.day <= p_last
           and (t.user_id >= p_users_from or p_users_from is null) and (t.user_id < p_users_to or p_users_to is null)
+          and (t.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     booking_days as (
@@ -112,6 +115,7 @@ begin
         ) as change (day, completed_sessions, monthly_sessions, upcoming_sessions, active_bookings, cancelled_sessions, total_hours, monthly_hours)
         where change.day <= p_last
           and (b.user_id >= p_users_from or p_users_from is null) and (b.user_id < p_users_to or p_users_to is null)
+          and (b.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     student_days as (
@@ -135,6 +139,7 @@ begin
         ) as change (day, total_students, new_students, returning_students)
         where change.day <= p_last
           and (pair.tutor_id >= p_users_from or p_users_from is null) and (pair.tutor_id < p_users_to or p_users_to is null)
+          and (pair.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     student_islands as (
@@ -169,6 +174,7 @@ begin
         ) as change (day, active_students)
         where change.day <= p_last
           and (island.tutor_id >= p_users_from or p_users_from is null) and (island.tutor_id < p_users_to or p_users_to is null)
+          and (island.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     review_days as (
@@ -188,6 +194,7 @@ begin
         ) as change (day, average_rating, total_reviews, five_star_reviews)
         where change.day <= p_last
           and (r.reviewee_id >= p_users_from or p_users_from is null) and (r.reviewee_id < p_users_to or p_users_to is null)
+          and (r.reviewee_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     listing_days as (
@@ -211,6 +218,7 @@ begin
         ) as change (day, active_listings, total_listings)
         where change.day <= p_last
           and (l.tutor_id >= p_users_from or p_users_from is null) and (l.tutor_id < p_users_to or p_users_to is null)
+          and (l.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     listing_view_days as (
@@ -230,6 +238,7 @@ begin
         ) as change (day, listing_views)
         where change.day <= p_last
           and (v.tutor_id >= p_users_from or p_users_from is null) and (v.tutor_id < p_users_to or p_users_to is null)
+          and (v.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     listing_booking_days as (
@@ -248,6 +257,7 @@ begin
         ) as change (day, listing_bookings)
         where change.day <= p_last
           and (b.tutor_id >= p_users_from or p_users_from is null) and (b.tutor_id < p_users_to or p_users_to is null)
+          and (b.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     received_message_days as (
@@ -268,6 +278,7 @@ begin
         ) as change (day, unread_messages)
         where change.day <= p_last
           and (m.recipient_id >= p_users_from or p_users_from is null) and (m.recipient_id < p_users_to or p_users_to is null)
+          and (m.recipient_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     conversation_days as (
@@ -292,6 +303,7 @@ begin
         ) as change (day, conversations)
         where change.day <= p_last
           and (conversation.user_id >= p_users_from or p_users_from is null) and (conversation.user_id < p_users_to or p_users_to is null)
+          and (conversation.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     referral_days as (
@@ -315,6 +327,7 @@ begin
         ) as change (day, referrals_made, referrals_converted, referral_earnings)
         where change.day <= p_last
           and (r.referrer_id >= p_users_from or p_users_from is null) and (r.referrer_id < p_users_to or p_users_to is null)
+          and (r.referrer_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     caas_days as (
@@ -337,6 +350,7 @@ begin
         ) as change (day, caas_score, profile_completeness, caas_rows)
         where change.day <= p_last
           and (c.user_id >= p_users_from or p_users_from is null) and (c.user_id < p_users_to or p_users_to is null)
+          and (c.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
 
@@ -346,6 +360,7 @@ begin
         from "public".profiles p
         where (p.created_at at time zone v_time_zone)::date <= p_last
           and (p.id >= p_users_from or p_users_from is null) and (p.id < p_users_to or p_users_to is null)
+          and (p.id = any (p_users) or p_users is null)
     ),
     changes as (
         select user_id, greatest(created_on, p_first) as day, created_on,
@@ -662,5 +677,5 @@ begin
 end;
 $function$;
 
-comment on function "public".aggregate_user_statistics_range(date, date, uuid, uuid) is
-    'Write the user_statistics_daily rows of every day from p_first to p_last for every user created as of that day (or those with p_users_from <= user_id < p_users_to): the numbers aggregate_user_statistics gives day by day, from one pass over the sources. Returns the number of rows inserted or changed.';
+comment on function "public".aggregate_user_statistics_range(date, date, uuid, uuid, uuid[]) is
+    'Write the user_statistics_daily rows of every day from p_first to p_last for every user created as of that day (or those with p_users_from <= user_id < p_users_to, or those in p_users): the numbers aggregate_user_statistics gives day by day, from one pass over the sources. Returns the number of rows inserted or changed.';
