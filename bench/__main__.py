@@ -159,6 +159,98 @@ def bench_backfill(cluster, users, days):
     return row
 
 
+def bench_capture(cluster, users, rounds=3):
+    """Change capture on the filled database of bench_backfill: what the triggers cost the
+    application's writes (capture on ÷ off, alternating rounds, medians), and what a late import
+    costs the next nightly run (aggregate_*_changes) against recomputing every user over the
+    same days."""
+    dsn = cluster.dsn(f"bench_{users}")
+    row = {"users": users}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        people = [r[0] for r in conn.execute("select id from profiles order by md5(id::text) limit 200")]
+        next_id = conn.execute("select max(id) + 1 from bookings").fetchone()[0]
+
+        def insert_bookings(count, days_back, single):
+            nonlocal next_id
+            created = f"now() - interval '{days_back} days'"
+            values = (f"(%s, %s, %s, 'pending', {created}, {created} + interval '2 days', 60)")
+            started = time.perf_counter()
+            if single:
+                for n in range(count):
+                    conn.execute(f"insert into bookings (id, tutor_id, client_id, status, created_at, session_start,"
+                                 f" duration_minutes) values {values}",
+                                 [next_id + n, people[n % 200], people[(n + 1) % 200]])
+            else:
+                conn.execute("insert into bookings (id, tutor_id, client_id, status, created_at, session_start,"
+                             " duration_minutes) select %s + n, (%s::uuid[])[1 + n %% 200], (%s::uuid[])[1 + (n + 1) %% 200],"
+                             f" 'pending', {created}, {created} + interval '2 days', 60 from generate_series(0, %s - 1) n",
+                             [next_id, people, people, count])
+            seconds = time.perf_counter() - started
+            conn.execute("alter table bookings disable trigger user")  # clean up without logging it
+            conn.execute("delete from bookings where id >= %s", [next_id])
+            conn.execute("alter table bookings enable trigger user")
+            conn.execute("truncate statskit.user_changes, statskit.platform_changes")
+            next_id += count
+            return seconds
+
+        for label, count, single in (("single", 2000, True), ("bulk", 50000, False)):
+            for days_back in (0, 100):
+                timings = {"on": [], "off": []}
+                for _ in range(rounds):
+                    for state in ("off", "on"):
+                        conn.execute(f"alter table bookings {'enable' if state == 'on' else 'disable'} trigger user")
+                        timings[state].append(insert_bookings(count, days_back, single))
+                conn.execute("alter table bookings enable trigger user")
+                key = f"{label}_{days_back}"
+                row[f"{key}_off_s"] = statistics.median(timings["off"])
+                row[f"{key}_on_s"] = statistics.median(timings["on"])
+
+        first, last = conn.execute("select min(date), max(date) from user_statistics_daily").fetchone()
+        late_first = max(first, last - timedelta(days=89))
+        late_days = (last - late_first).days + 1
+        for affected in (100, 1000):
+            conn.execute("truncate statskit.user_changes, statskit.platform_changes")
+            conn.execute(
+                "insert into transactions (id, user_id, kind, amount, created_at)"
+                " select (select max(id) from transactions) + n, u.ids[1 + n %% cardinality(u.ids)], 'refund', 5,"
+                " %s::date + (n %% %s) + interval '12 hours'"
+                " from generate_series(1, 10000) n,"
+                " (select array(select id from profiles order by md5(id::text) limit %s) as ids) u",
+                [late_first, late_days, affected])
+            logged = conn.execute("select count(distinct user_id) from statskit.user_changes").fetchone()[0]
+            started = time.perf_counter()
+            written = conn.execute("select aggregate_user_changes()").fetchone()[0]
+            row[f"late{affected}_user_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            conn.execute("select aggregate_platform_changes()")
+            row[f"late{affected}_platform_s"] = time.perf_counter() - started
+            row[f"late{affected}_logged"], row[f"late{affected}_written"] = logged, written
+        started = time.perf_counter()
+        conn.execute("select aggregate_user_statistics_range(%s, %s)", [late_first, last])
+        row["recompute_all_s"] = time.perf_counter() - started
+        row["late_days"] = late_days
+    return row
+
+
+def capture_markdown(rows) -> str:
+    out = ["| users | writes of bookings | dated | capture off | capture on | on ÷ off |", "|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        for label, text in (("single", "2,000 single-row inserts"), ("bulk", "one insert of 50,000 rows")):
+            for days_back, dated in ((0, "today"), (100, "100 days back")):
+                off, on = r[f"{label}_{days_back}_off_s"], r[f"{label}_{days_back}_on_s"]
+                out.append(f"| {r['users']:,} | {text} | {dated} | {off:.3f} s | {on:.3f} s | {on / off:.2f}× |")
+    out += ["", "| users | late import | users logged | nightly catch-up (users) | platform | rows written "
+            "| every user, same days | catch-up ÷ every user |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for affected in (100, 1000):
+            user_s = r[f"late{affected}_user_s"]
+            out.append(f"| {r['users']:,} | 10,000 refunds over {r['late_days']} days, {affected:,} users "
+                       f"| {r[f'late{affected}_logged']:,} | {user_s:.2f} s | {r[f'late{affected}_platform_s']:.2f} s "
+                       f"| {r[f'late{affected}_written']:,} | {r['recompute_all_s']:.2f} s "
+                       f"| {user_s / r['recompute_all_s']:.2f}× |")
+    return "\n".join(out) + "\n"
+
+
 def backfill_markdown(rows) -> str:
     out = [
         "| users × days | rows | one-day functions, day by day | backfill --jobs 1 | backfill --jobs 2 | rows/s "
@@ -230,22 +322,26 @@ def main():
     cluster = LocalCluster("bench", args.port, durable=False)
     cluster.start()
     started = time.perf_counter()
-    rows, backfills = [], []
+    rows, backfills, captures = [], [], []
     for users in args.users:
         rows.append(bench_size(cluster, users, args.days, args.bookings_per_user, args.seed, args.loop_sample))
         print(rows[-1], flush=True)
         if users in args.backfill_users:
             backfills.append(bench_backfill(cluster, users, args.days))
             print(backfills[-1], flush=True)
+            captures.append(bench_capture(cluster, users))
+            print(captures[-1], flush=True)
     with psycopg.connect(cluster.dsn()) as conn:
         version = conn.execute("show server_version").fetchone()[0].split()[0]
     table = markdown(rows, args, version, time.perf_counter() - started)
     print(table)
     backfill_table = backfill_markdown(backfills) if backfills else ""
+    capture_table = capture_markdown(captures) if captures else ""
     print(backfill_table)
+    print(capture_table)
     if args.markdown:
         text = args.markdown.read_text()
-        for marker, content in (("BENCH", table), ("BACKFILL", backfill_table)):
+        for marker, content in (("BENCH", table), ("BACKFILL", backfill_table), ("CAPTURE", capture_table)):
             head, rest = text.split(f"<!-- {marker}:START -->", 1)
             _, tail = rest.split(f"<!-- {marker}:END -->", 1)
             text = f"{head}<!-- {marker}:START -->\n{content}<!-- {marker}:END -->{tail}"

@@ -1,6 +1,6 @@
 """A tiny run of the benchmark, so bench/ keeps working; its numbers are not judged, its counts are."""
 
-from bench.__main__ import backfill_markdown, bench_backfill, bench_size, markdown
+from bench.__main__ import backfill_markdown, bench_backfill, bench_capture, bench_size, capture_markdown, markdown
 from conftest import cluster
 
 
@@ -19,6 +19,9 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         filled = bench_backfill(cluster, users=300, days=15)
         assert filled["rows"] > 0 and filled["copy_s"] > 0 and filled["jobs2_s"] > 0 and filled["day_by_day_s"] > 0
         assert "| 300 × 15 |" in backfill_markdown([filled])
+        captured = bench_capture(cluster, users=300, rounds=1)
+        assert captured["late100_logged"] == 100 and captured["late100_written"] > 0
+        assert captured["bulk_0_on_s"] > 0 and "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
     finally:
         import psycopg
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:

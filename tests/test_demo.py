@@ -26,9 +26,9 @@ def test_demo_runs_end_to_end_and_tells_the_story(empty_dsn, run_cli):
     result = run_cli("demo", "--dsn", empty_dsn, "--users", 80, "--days", 20, "--seed", 3)
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "migrate: 1 migrations, 8 functions, 2 pg_cron jobs" in out
+    assert "migrate: 1 migrations, 10 functions, 2 pg_cron jobs, change capture on the source tables" in out
     assert "backfill: 20 days," in out
-    assert "verify: WARN — 25 passed, 2 warnings, 0 failed" in out  # the jobs have not run yet
+    assert "verify: WARN — 30 passed, 2 warnings, 0 failed" in out  # the jobs have not run yet
     assert "KPIs of a tutor" in out and "KPIs of a client" in out
     with psycopg.connect(empty_dsn) as conn:
         days, users = conn.execute("select count(distinct date), count(distinct user_id) from user_statistics_daily").fetchone()

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from conftest import cron_connection
 from toolkit.cli import cli
+from toolkit.render import FUNCTIONS
 
 WINDOW = ["--from", "2026-03-25", "--to", "2026-03-31"]
 
@@ -42,7 +43,16 @@ def verify(run_cli, dsn, *extra):
 def test_a_clean_deployment_passes(deployed, run_cli):
     result = verify(run_cli, deployed)
     assert result.exit_code == 0, result.output
-    assert "verify: PASS — 27 passed, 0 warnings, 0 failed" in result.output
+    names = [line.split("  ")[0].strip() for line in result.output.splitlines()[:-1]]
+    assert names == [
+        "schema user_statistics_daily", "keys user_statistics_daily", "schema platform_statistics_daily",
+        "keys platform_statistics_daily", "keys source tables",
+        *[f"function {name}" for name in FUNCTIONS],
+        "access roles", "migrations",
+        *[f"cron {kind} aggregate-{table}-statistics" for table in ("platform", "user") for kind in ("job", "runs-as", "health")],
+        "capture triggers", "capture backlog user", "capture backlog platform",
+        "data user rows", "data platform rows", "data duplicates", "data new metrics", "data freshness", "sample"]
+    assert f"verify: PASS — {len(names)} passed, 0 warnings, 0 failed" in result.output
     assert re.search(r"sample +pass  \d+ stored rows recomputed, every metric equal", result.output)
 
 

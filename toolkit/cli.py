@@ -339,8 +339,11 @@ def demo(ctx, users, days, seed, port, dsn, sql_dir):
 def _tell(story):
     done = story.backfilled
     click.echo(f"loaded {story.rows_loaded} source rows ({story.first_day} .. {story.last_day})")
-    click.echo(f"migrate: {len(story.applied.migrations)} migrations, {len(story.applied.functions)} functions, "
-               f"{len(story.applied.jobs)} pg_cron jobs")
+    applied = [name for name, _ in story.applied.functions]
+    functions = len([name for name in applied if name not in ("access", "capture")])
+    capture = ", change capture on the source tables" if "capture" in applied else ""
+    click.echo(f"migrate: {len(story.applied.migrations)} migrations, {functions} functions, "
+               f"{len(story.applied.jobs)} pg_cron jobs{capture}")
     click.echo(f"backfill: {done.days_total} days, {done.rows_written} rows in {done.seconds:.1f} s "
                f"({done.rows_written / max(done.seconds, 1e-9):.0f} rows/s)")
     click.echo(f"verify: {report.summary_line(story.checks).split(': ', 1)[1]}")

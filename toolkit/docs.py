@@ -102,10 +102,12 @@ are then, for every stored day, including the rows of a user created in the past
 every day from its creation to the last stored day). A lookback window alone does not meet this.
 The work of a nightly run should be proportional to what changed, not to the length of history.
 
-Where statskit stands today: the nightly user job re-writes the last `--lookback-days` days
-(default 3), so corrections within them are exact after the next run; an older correction is
-not, until `statskit backfill` runs over the days it touches ([runbook.md](runbook.md)).
-Capturing changes per user, so that the nightly jobs alone meet the contract, is the next step.
+How statskit meets it: triggers on the source tables log each user a late or corrected row
+counts for, from the first day it can have changed, and the nightly jobs rewrite exactly those
+users on every stored day from then on ([architecture.md](architecture.md)). A deployment
+without capture (`--no-capture`) repairs only its lookback days; older corrections then need
+`statskit backfill` ([runbook.md](runbook.md)). Where the history starts after a user's
+creation, its rows start on the first stored day: statskit writes no day for some users only.
 
 ## The dashboard's functions
 
