@@ -40,6 +40,17 @@ def _function(settings: Settings, name: str) -> str:
     return f"{quote_ident(settings.schema)}.{name}({FUNCTIONS[name].arguments})"
 
 
+def _execute_need(role: str, settings: Settings, name: str, why: str) -> Need:
+    function = _function(settings, name)
+    return Need(role, f"EXECUTE on {function}",
+                f"has_function_privilege(%(role)s, to_regprocedure({_lit(function)}), 'execute')", why)
+
+
+def _usage_need(role: str, schema: str, why: str) -> Need:
+    return Need(role, f"USAGE on schema {schema}",
+                f"has_schema_privilege(%(role)s, to_regnamespace({_lit(quote_ident(schema))}), 'usage')", why)
+
+
 def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job: str) -> list[Need]:
     """What `role` needs to run one nightly job: the functions are SECURITY INVOKER, so all of it."""
     table = catalog.user if rollup == "user" else catalog.platform
@@ -47,18 +58,13 @@ def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job:
     schemas = dict.fromkeys((settings.schema, settings.source_schema))
     needs = [Need(role, "LOGIN (pg_cron's background workers refuse NOLOGIN roles)",
                   "(select rolcanlogin from pg_roles where rolname = %(role)s)", why)]
-    needs += [Need(role, f"USAGE on schema {s}", f"has_schema_privilege(%(role)s, to_regnamespace({_lit(quote_ident(s))}), 'usage')", why)
-              for s in schemas]
-    function = _function(settings, JOB_FUNCTIONS[rollup])
-    needs.append(Need(role, f"EXECUTE on {function}", f"has_function_privilege(%(role)s, to_regprocedure({_lit(function)}), 'execute')", why))
+    needs += [_usage_need(role, s, why) for s in schemas]
+    needs.append(_execute_need(role, settings, JOB_FUNCTIONS[rollup], why))
     needs += _table_needs(role, f"{quote_ident(settings.schema)}.{table.table}", "SELECT,INSERT,UPDATE", why)
     if settings.capture:  # the job first takes its change log
-        needs.append(Need(role, f"USAGE on schema {STATSKIT_SCHEMA}",
-                          f"has_schema_privilege(%(role)s, to_regnamespace({_lit(STATSKIT_SCHEMA)}), 'usage')", why))
+        needs.append(_usage_need(role, STATSKIT_SCHEMA, why))
         needs += _table_needs(role, f"{STATSKIT_SCHEMA}.{rollup}_changes", "SELECT,DELETE", why)
-        needs.append(Need(role, f"EXECUTE on {_function(settings, f'aggregate_{rollup}_changes')}",
-                          f"has_function_privilege(%(role)s, to_regprocedure({_lit(_function(settings, f'aggregate_{rollup}_changes'))}), 'execute')",
-                          why))
+        needs.append(_execute_need(role, settings, f"aggregate_{rollup}_changes", why))
     reads = (["profiles"] if rollup == "user" else []) + table.tables_read
     for source in dict.fromkeys(reads):
         needs += _table_needs(role, f"{quote_ident(settings.source_schema)}.{source}", "SELECT", why)
@@ -81,8 +87,7 @@ def role_needs(settings: Settings, catalog: Catalog) -> list[Need]:
         needs.append(Need(WRITER_ROLE, f"ownership of {function}",
                           f"(select proowner::regrole::text = %(role)s from pg_proc where oid = to_regprocedure({_lit(function)}))"))
         if spec.returns != "integer":  # the dashboard's functions
-            needs.append(Need(READER_ROLE, f"EXECUTE on {function}",
-                              f"has_function_privilege(%(role)s, to_regprocedure({_lit(function)}), 'execute')", "serves the dashboard"))
+            needs.append(_execute_need(READER_ROLE, settings, name, "serves the dashboard"))
     needs += job_needs(settings, catalog, WRITER_ROLE, "user", "the nightly user job")
     needs += job_needs(settings, catalog, WRITER_ROLE, "platform", "the nightly platform job")
     if settings.row_security:

@@ -113,17 +113,18 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     ]
     # An older signature of a function of ours (an argument added since) would linger as an overload.
     result.drops = deployment.stale_overloads(conn, settings)
+    applied_checksums = deployment.function_checksums(conn)
     access_sql = target.rendered[ACCESS_FILE]
     # After any re-created function too (CREATE OR REPLACE keeps the owner, but not when it
     # creates), and whenever an owner, grant or policy is not as it says: a restore with
     # --no-owner --no-privileges brings the checksum back without them.
     if settings.roles and (result.functions
-                           or deployment.function_checksums(conn).get("access") != deployment.checksum(access_sql)
+                           or applied_checksums.get("access") != deployment.checksum(access_sql)
                            or access.problems(conn, access.role_needs(settings, target.catalog))):
         result.functions.append(("access", access_sql))
     capture_sql = target.rendered[CAPTURE_FILE]
     triggers = 3 * len(target.catalog.source_tables) if settings.capture else 0
-    if (deployment.function_checksums(conn).get("capture") != deployment.checksum(capture_sql)
+    if (applied_checksums.get("capture") != deployment.checksum(capture_sql)
             or deployment.capture_triggers(conn, settings, target.catalog) != triggers):
         result.functions.append(("capture", capture_sql))
     if cron_conn is not None:

@@ -25,75 +25,92 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (id, first_day) as (
-            select n.id, (least(n.created_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.created_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (id, first_day) as (
-            select o.id, (least(o.created_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.id), (n.id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
-                        then least((least(o.created_at) at time zone 'UTC')::date, (least(n.created_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.created_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.created_at) < v_today_start)
+               or exists (select from new_rows n where least(n.created_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (id, first_day) as (
+                select n.id, (least(n.created_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (id, first_day) as (
+                select o.id, (least(o.created_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.id), (n.id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
+                            then least((least(o.created_at) at time zone 'UTC')::date, (least(n.created_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -129,77 +146,94 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (tutor_id, first_day) as (
-            select n.tutor_id, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.tutor_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.created_at, n.published_at, n.archived_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (tutor_id, first_day) as (
-            select o.tutor_id, (least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.tutor_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (tutor_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.tutor_id), (n.tutor_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
-                        then least((least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                        case when o.published_at is distinct from n.published_at then (least(o.published_at, n.published_at) at time zone 'UTC')::date end,
-                        case when o.archived_at is distinct from n.archived_at then (least(o.archived_at, n.archived_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.tutor_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.created_at, o.published_at, o.archived_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.created_at, o.published_at, o.archived_at) < v_today_start)
+               or exists (select from new_rows n where least(n.created_at, n.published_at, n.archived_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (tutor_id, first_day) as (
+                select n.tutor_id, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.tutor_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (tutor_id, first_day) as (
+                select o.tutor_id, (least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.tutor_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (tutor_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.tutor_id), (n.tutor_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
+                            then least((least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                            case when o.published_at is distinct from n.published_at then (least(o.published_at, n.published_at) at time zone 'UTC')::date end,
+                            case when o.archived_at is distinct from n.archived_at then (least(o.archived_at, n.archived_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.tutor_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -235,75 +269,92 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (listing_id, first_day) as (
-            select n.listing_id, (least(n.viewed_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.viewed_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (listing_id, first_day) as (
-            select o.listing_id, (least(o.viewed_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (listing_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.listing_id), (n.listing_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
-                        then least((least(o.viewed_at) at time zone 'UTC')::date, (least(n.viewed_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.viewed_at is distinct from n.viewed_at then (least(o.viewed_at, n.viewed_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.viewed_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.viewed_at) < v_today_start)
+               or exists (select from new_rows n where least(n.viewed_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (listing_id, first_day) as (
+                select n.listing_id, (least(n.viewed_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (listing_id, first_day) as (
+                select o.listing_id, (least(o.viewed_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (listing_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.listing_id), (n.listing_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
+                            then least((least(o.viewed_at) at time zone 'UTC')::date, (least(n.viewed_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.viewed_at is distinct from n.viewed_at then (least(o.viewed_at, n.viewed_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -339,85 +390,102 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (tutor_id, client_id, listing_id, first_day) as (
-            select n.tutor_id, n.client_id, n.listing_id, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.tutor_id),
-                (changed.client_id),
-                ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (tutor_id, client_id, listing_id, first_day) as (
-            select o.tutor_id, o.client_id, o.listing_id, (least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.tutor_id),
-                (changed.client_id),
-                ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (tutor_id, client_id, listing_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.tutor_id, o.client_id, o.listing_id), (n.tutor_id, n.client_id, n.listing_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
-                        then least((least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date)
-                    else least(
-                        case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                        case when o.confirmed_at is distinct from n.confirmed_at then (least(o.confirmed_at, n.confirmed_at) at time zone 'UTC')::date end,
-                        case when o.cancelled_at is distinct from n.cancelled_at then (least(o.cancelled_at, n.cancelled_at) at time zone 'UTC')::date end,
-                        case when o.completed_at is distinct from n.completed_at then (least(o.completed_at, n.completed_at) at time zone 'UTC')::date end,
-                        case when o.session_start is distinct from n.session_start then (least(o.session_start, n.session_start) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.tutor_id),
-                (changed.client_id),
-                ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) < v_today_start)
+               or exists (select from new_rows n where least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (tutor_id, client_id, listing_id, first_day) as (
+                select n.tutor_id, n.client_id, n.listing_id, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.tutor_id),
+                    (changed.client_id),
+                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (tutor_id, client_id, listing_id, first_day) as (
+                select o.tutor_id, o.client_id, o.listing_id, (least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.tutor_id),
+                    (changed.client_id),
+                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (tutor_id, client_id, listing_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.tutor_id, o.client_id, o.listing_id), (n.tutor_id, n.client_id, n.listing_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
+                            then least((least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                            case when o.confirmed_at is distinct from n.confirmed_at then (least(o.confirmed_at, n.confirmed_at) at time zone 'UTC')::date end,
+                            case when o.cancelled_at is distinct from n.cancelled_at then (least(o.cancelled_at, n.cancelled_at) at time zone 'UTC')::date end,
+                            case when o.completed_at is distinct from n.completed_at then (least(o.completed_at, n.completed_at) at time zone 'UTC')::date end,
+                            case when o.session_start is distinct from n.session_start then (least(o.session_start, n.session_start) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.tutor_id),
+                    (changed.client_id),
+                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -453,76 +521,93 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (user_id, first_day) as (
-            select n.user_id, (least(n.created_at, n.available_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.user_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.created_at, n.available_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (user_id, first_day) as (
-            select o.user_id, (least(o.created_at, o.available_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.user_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (user_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.user_id), (n.user_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
-                        then least((least(o.created_at, o.available_at) at time zone 'UTC')::date, (least(n.created_at, n.available_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                        case when o.available_at is distinct from n.available_at then (least(o.available_at, n.available_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.user_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.created_at, o.available_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.created_at, o.available_at) < v_today_start)
+               or exists (select from new_rows n where least(n.created_at, n.available_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (user_id, first_day) as (
+                select n.user_id, (least(n.created_at, n.available_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.user_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (user_id, first_day) as (
+                select o.user_id, (least(o.created_at, o.available_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.user_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (user_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.user_id), (n.user_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
+                            then least((least(o.created_at, o.available_at) at time zone 'UTC')::date, (least(n.created_at, n.available_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                            case when o.available_at is distinct from n.available_at then (least(o.available_at, n.available_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.user_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -558,75 +643,92 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (reviewee_id, first_day) as (
-            select n.reviewee_id, (least(n.created_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.reviewee_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.created_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (reviewee_id, first_day) as (
-            select o.reviewee_id, (least(o.created_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.reviewee_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (reviewee_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.reviewee_id), (n.reviewee_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
-                        then least((least(o.created_at) at time zone 'UTC')::date, (least(n.created_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.reviewee_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.created_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.created_at) < v_today_start)
+               or exists (select from new_rows n where least(n.created_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (reviewee_id, first_day) as (
+                select n.reviewee_id, (least(n.created_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.reviewee_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (reviewee_id, first_day) as (
+                select o.reviewee_id, (least(o.created_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.reviewee_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (reviewee_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.reviewee_id), (n.reviewee_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
+                            then least((least(o.created_at) at time zone 'UTC')::date, (least(n.created_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.reviewee_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -662,79 +764,96 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (sender_id, recipient_id, first_day) as (
-            select n.sender_id, n.recipient_id, (least(n.created_at, n.read_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.sender_id),
-                (changed.recipient_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.created_at, n.read_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (sender_id, recipient_id, first_day) as (
-            select o.sender_id, o.recipient_id, (least(o.created_at, o.read_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.sender_id),
-                (changed.recipient_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (sender_id, recipient_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.sender_id, o.recipient_id), (n.sender_id, n.recipient_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
-                        then least((least(o.created_at, o.read_at) at time zone 'UTC')::date, (least(n.created_at, n.read_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                        case when o.read_at is distinct from n.read_at then (least(o.read_at, n.read_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.sender_id),
-                (changed.recipient_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.created_at, o.read_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.created_at, o.read_at) < v_today_start)
+               or exists (select from new_rows n where least(n.created_at, n.read_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (sender_id, recipient_id, first_day) as (
+                select n.sender_id, n.recipient_id, (least(n.created_at, n.read_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.sender_id),
+                    (changed.recipient_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (sender_id, recipient_id, first_day) as (
+                select o.sender_id, o.recipient_id, (least(o.created_at, o.read_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.sender_id),
+                    (changed.recipient_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (sender_id, recipient_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.sender_id, o.recipient_id), (n.sender_id, n.recipient_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
+                            then least((least(o.created_at, o.read_at) at time zone 'UTC')::date, (least(n.created_at, n.read_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                            case when o.read_at is distinct from n.read_at then (least(o.read_at, n.read_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.sender_id),
+                    (changed.recipient_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -770,76 +889,93 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (referrer_id, first_day) as (
-            select n.referrer_id, (least(n.created_at, n.converted_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.referrer_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.created_at, n.converted_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (referrer_id, first_day) as (
-            select o.referrer_id, (least(o.created_at, o.converted_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.referrer_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (referrer_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.referrer_id), (n.referrer_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
-                        then least((least(o.created_at, o.converted_at) at time zone 'UTC')::date, (least(n.created_at, n.converted_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                        case when o.converted_at is distinct from n.converted_at then (least(o.converted_at, n.converted_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.referrer_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.created_at, o.converted_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.created_at, o.converted_at) < v_today_start)
+               or exists (select from new_rows n where least(n.created_at, n.converted_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (referrer_id, first_day) as (
+                select n.referrer_id, (least(n.created_at, n.converted_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.referrer_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (referrer_id, first_day) as (
+                select o.referrer_id, (least(o.created_at, o.converted_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.referrer_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (referrer_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.referrer_id), (n.referrer_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
+                            then least((least(o.created_at, o.converted_at) at time zone 'UTC')::date, (least(n.created_at, n.converted_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                            case when o.converted_at is distinct from n.converted_at then (least(o.converted_at, n.converted_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.referrer_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
@@ -875,75 +1011,92 @@ set lock_timeout = '1s'
 as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
+    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
 begin
+    -- Most writes are of today's events: they log nothing, and return before the handler below,
+    -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        with changed (user_id, first_day) as (
-            select n.user_id, (least(n.computed_at) at time zone 'UTC')::date from new_rows n
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.user_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from new_rows n where least(n.computed_at) < v_today_start) then
+            return null;
+        end if;
     elsif tg_op = 'DELETE' then
-        with changed (user_id, first_day) as (
-            select o.user_id, (least(o.computed_at) at time zone 'UTC')::date from old_rows o
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.user_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
-    else
-        with changed (user_id, first_day) as (
-            select side.*, first.day
-            from old_rows o
-            full join new_rows n on n.id = o.id
-            cross join lateral (values (o.user_id), (n.user_id)) as side
-            cross join lateral (
-                select case
-                    when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
-                        then least((least(o.computed_at) at time zone 'UTC')::date, (least(n.computed_at) at time zone 'UTC')::date)
-                    else least(
-                        case when o.computed_at is distinct from n.computed_at then (least(o.computed_at, n.computed_at) at time zone 'UTC')::date end
-                    )
-                end as day
-            ) as first
-        ),
-        logged_users as (
-            insert into "statskit".user_changes (user_id, first_day)
-            select affected.user_id, min(changed.first_day)
-            from changed
-            cross join lateral (values
-                (changed.user_id)
-            ) as affected (user_id)
-            where changed.first_day < v_today and affected.user_id is not null
-            group by affected.user_id
-        )
-        insert into "statskit".platform_changes (first_day)
-        select min(changed.first_day) from changed where changed.first_day < v_today
-        having min(changed.first_day) is not null;
+        if not exists (select from old_rows o where least(o.computed_at) < v_today_start) then
+            return null;
+        end if;
+    elsif not (exists (select from old_rows o where least(o.computed_at) < v_today_start)
+               or exists (select from new_rows n where least(n.computed_at) < v_today_start)) then
+        return null;
     end if;
-    return null;
-exception when others then
-    raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
-        tg_table_schema, tg_table_name, sqlerrm;
+
+    begin
+        if tg_op = 'INSERT' then
+            with changed (user_id, first_day) as (
+                select n.user_id, (least(n.computed_at) at time zone 'UTC')::date from new_rows n
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.user_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        elsif tg_op = 'DELETE' then
+            with changed (user_id, first_day) as (
+                select o.user_id, (least(o.computed_at) at time zone 'UTC')::date from old_rows o
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.user_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        else
+            with changed (user_id, first_day) as (
+                select side.*, first.day
+                from old_rows o
+                full join new_rows n on n.id = o.id
+                cross join lateral (values (o.user_id), (n.user_id)) as side
+                cross join lateral (
+                    select case
+                        when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
+                            then least((least(o.computed_at) at time zone 'UTC')::date, (least(n.computed_at) at time zone 'UTC')::date)
+                        else least(
+                            case when o.computed_at is distinct from n.computed_at then (least(o.computed_at, n.computed_at) at time zone 'UTC')::date end
+                        )
+                    end as day
+                ) as first
+            ),
+            logged_users as (
+                insert into "statskit".user_changes (user_id, first_day)
+                select affected.user_id, min(changed.first_day)
+                from changed
+                cross join lateral (values
+                    (changed.user_id)
+                ) as affected (user_id)
+                where changed.first_day < v_today and affected.user_id is not null
+                group by affected.user_id
+            )
+            insert into "statskit".platform_changes (first_day)
+            select min(changed.first_day) from changed where changed.first_day < v_today
+            having min(changed.first_day) is not null;
+        end if;
+    exception when others then
+        raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
+            tg_table_schema, tg_table_name, sqlerrm;
+    end;
     return null;
 end;
 $function$;
