@@ -19,6 +19,10 @@ from toolkit.migrate import Target, migrate
 REPO = Path(__file__).resolve().parent.parent
 SQL_DIR = REPO / "sql"
 TEST_PORT = int(os.environ.get("STATSKIT_TEST_PORT", "54329"))
+# Servers some tests start mid-session, after thousands of client connections, listen below
+# Linux's ephemeral range (32768-60999): a client socket that just used their port would hold
+# it in TIME_WAIT for 60 s and the server could not bind it.
+SIDE_PORT = 31000 + TEST_PORT % 1000
 
 cluster = LocalCluster(f"test-cluster-{TEST_PORT}", TEST_PORT, durable=False)
 

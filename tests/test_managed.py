@@ -14,7 +14,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import SQL_DIR, TEST_PORT
+from conftest import SIDE_PORT, SQL_DIR
 from test_migrate import objects
 from toolkit import demo_data
 from toolkit.cluster import LocalCluster
@@ -33,7 +33,7 @@ grant execute on function cron.alter_job(bigint, text, text, text, text, boolean
 
 @pytest.fixture(scope="module")
 def server():
-    cluster = LocalCluster(f"managed-{TEST_PORT + 11}", TEST_PORT + 11, durable=False, cron_database=CRON_DB)
+    cluster = LocalCluster(f"managed-{SIDE_PORT}", SIDE_PORT, durable=False, cron_database=CRON_DB)
     cluster.destroy()
     cluster.start()
     with psycopg.connect(cluster.dsn(), autocommit=True) as conn:

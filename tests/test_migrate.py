@@ -7,7 +7,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import SQL_DIR, TEST_PORT, cron_connection, deploy
+from conftest import SIDE_PORT, SQL_DIR, TEST_PORT, cron_connection, deploy
 from toolkit.cron import registered_jobs
 
 
@@ -239,7 +239,7 @@ def test_unknown_time_zone_is_refused(dsn, run_cli):
 
 def test_a_server_without_pg_cron_stops_migrate_unless_no_cron(run_cli, tmp_path):
     from toolkit.cluster import LocalCluster
-    bare = LocalCluster("no-cron", 54339, durable=False, with_cron=False)
+    bare = LocalCluster(f"no-cron-{SIDE_PORT + 1}", SIDE_PORT + 1, durable=False, with_cron=False)
     bare.start()
     try:
         result = run_cli("migrate", "--dsn", bare.dsn("postgres"))

@@ -141,13 +141,7 @@ class LocalCluster:
         if not self.running():
             if port_in_use(self.port):
                 raise StatskitError(f"port {self.port} is taken by another server; choose another with --port")
-            for attempt in range(5):
-                result = self._run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60")
-                # The port may be a client's ephemeral source port for a moment (Linux hands out
-                # 32768-60999 to outgoing connections): it is free again when that connection ends.
-                if result.returncode == 0 or "Address already in use" not in self.logfile.read_text()[-2000:]:
-                    break
-                time.sleep(1 + attempt)
+            result = self._run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60")
             self._check(result, "starting PostgreSQL")
         self._wait_ready()
         if self.with_cron:
