@@ -339,10 +339,8 @@ def demo(ctx, users, days, seed, port, dsn, sql_dir):
 def _tell(story):
     done = story.backfilled
     click.echo(f"loaded {story.rows_loaded} source rows ({story.first_day} .. {story.last_day})")
-    applied = [name for name, _ in story.applied.functions]
-    functions = len([name for name in applied if name not in ("access", "capture")])
-    capture = ", change capture on the source tables" if "capture" in applied else ""
-    click.echo(f"migrate: {len(story.applied.migrations)} migrations, {functions} functions, "
+    capture = ", change capture on the source tables" if story.applied.settings.capture else ""
+    click.echo(f"migrate: {len(story.applied.migrations)} migrations, {len(story.applied.created_functions)} functions, "
                f"{len(story.applied.jobs)} pg_cron jobs{capture}")
     click.echo(f"backfill: {done.days_total} days, {done.rows_written} rows in {done.seconds:.1f} s "
                f"({done.rows_written / max(done.seconds, 1e-9):.0f} rows/s)")
@@ -472,7 +470,7 @@ def _progress_printer(quiet):
               help="Users whose stored rows (2 days each) are recomputed and compared.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "junit"]), default="text", show_default=True)
 def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
-    """Prove the deployment right: schema, functions, migrations, cron, data, spot check.
+    """Prove the deployment right: schema, functions, access, migrations, cron, capture, data, spot check.
 
     Read-only: the spot check recomputes sampled rows in a transaction that is rolled back.
 

@@ -46,6 +46,11 @@ class MigratePlan:
     def empty(self) -> bool:
         return not (self.migrations or self.functions or self.jobs or self.drops)
 
+    @property
+    def created_functions(self) -> list[str]:
+        """The functions among `functions` (the rest are the repeatable access and capture SQL)."""
+        return [name for name, _ in self.functions if name in FUNCTIONS]
+
     def script(self) -> str:
         parts = [f"-- migration {mid}\n{text}" for mid, text in self.migrations]
         parts += [f"drop function {signature};\n" for signature in self.drops]
