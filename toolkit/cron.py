@@ -28,6 +28,7 @@ class Job:
     name: str
     schedule: str
     command: str
+    rollup: str  # "platform" or "user": the table the job writes
     username: str | None = None  # None: the user of the cron connection
     replaces: int | None = None  # jobid of this database's job under another user, removed first
 
@@ -60,8 +61,9 @@ def wanted_jobs(settings: Settings) -> list[Job]:
         user_command += (f"; select {schema}.aggregate_user_statistics(null, {today} - n)"
                          f" from generate_series(2, {settings.lookback_days}) as n")
     return [
-        Job(settings.platform_job, PLATFORM_SCHEDULE, f"{catch_up['platform']}select {schema}.aggregate_daily_statistics()"),
-        Job(settings.user_job, USER_SCHEDULE, user_command),
+        Job(settings.platform_job, PLATFORM_SCHEDULE, f"{catch_up['platform']}select {schema}.aggregate_daily_statistics()",
+            "platform"),
+        Job(settings.user_job, USER_SCHEDULE, user_command, "user"),
     ]
 
 

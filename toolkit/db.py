@@ -54,9 +54,10 @@ def mask_secrets(text: str, dsn: str) -> str:
     return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
-def first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else exc.__class__.__name__
+def first_line(what: Exception | str, empty: str | None = None) -> str:
+    """The first non-blank line of an error or a message (PostgreSQL appends context lines)."""
+    lines = [line.strip() for line in str(what).splitlines() if line.strip()]
+    return lines[0] if lines else empty or what.__class__.__name__
 
 
 def connect(dsn: str, autocommit: bool = False, application_name: str = "statskit") -> psycopg.Connection:

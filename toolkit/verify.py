@@ -179,7 +179,7 @@ def _check_cron(cron_conn, target: Target) -> list[Check]:
     viewer, sees_all = cron_conn.execute(
         "select current_user, rolsuper or rolbypassrls from pg_roles where rolname = current_user").fetchone()
     checks = []
-    for rollup, wanted in zip(("platform", "user"), cron.wanted_jobs(target.settings)):
+    for wanted in cron.wanted_jobs(target.settings):
         mine = [j for j in registered if j.jobname == wanted.name and j.database == database]
         if not mine and not sees_all:
             # cron.job's row security shows a role only its own jobs: absent here is not absent.
@@ -200,7 +200,7 @@ def _check_cron(cron_conn, target: Target) -> list[Check]:
         if not job.active:
             problems.append("inactive")
         checks.append(_result(f"cron job {wanted.name}", problems, ok=f"{job.schedule}, active, in {database}"))
-        needs = access.job_needs(target.settings, target.catalog, job.username, rollup, wanted.name)
+        needs = access.job_needs(target.settings, target.catalog, job.username, wanted.rollup, wanted.name)
         checks.append(_result(f"cron runs-as {wanted.name}", access.problems(target.conn, needs),
                               ok=f"{job.username} can run it"))
         checks.append(_cron_health(cron_conn, job))
@@ -219,8 +219,7 @@ def _cron_health(cron_conn, job: cron.RegisteredJob) -> Check:
     status, message, when = last
     if status == "failed":
         # pg_cron stores the whole error, function context included: its first line names it.
-        reason = next((line.strip() for line in (message or "").splitlines() if line.strip()), "no message")
-        return Check(name, "fail", f"last run failed at {when:%Y-%m-%d %H:%M}: {reason}")
+        return Check(name, "fail", f"last run failed at {when:%Y-%m-%d %H:%M}: {first_line(message or '', 'no message')}")
     if status != "succeeded":
         return Check(name, "warn", f"last run is {status} (started {when:%Y-%m-%d %H:%M})")
     age = datetime.now(timezone.utc) - when
