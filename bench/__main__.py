@@ -232,6 +232,63 @@ def bench_capture(cluster, users, rounds=3):
     return row
 
 
+def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720)):
+    """The nightly day (aggregate_daily_statistics and aggregate_user_statistics of one day, the
+    work of both jobs before their lookback) on the same users with the same daily activity and
+    a longer history, against the floor: a COPY of the rows that day writes."""
+    rows = []
+    for days in histories:
+        dbname = f"bench_history_{users}_{days}"
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute(f"drop database if exists {dbname} with (force)")
+            admin.execute(f"create database {dbname}")
+        dsn = cluster.dsn(dbname)
+        first_day = date(2026, 1, 1)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            counts = generate(conn, users, days, round(bookings_per_day * days), seed, first_day)
+        target = Target.open(dsn, REPO / "sql")
+        try:
+            migrate(target, use_cron=False)
+        finally:
+            target.close()
+        row = {"users": users, "days": days, "source_rows": sum(counts.values())}
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("vacuum analyze")
+            # The generated activity ends `days` days after first_day; its last days are the nightly's.
+            last_day = first_day + timedelta(days=days - 1)
+            nightly = [sum(timed(conn, query, [day])[0] for query in (
+                          "select aggregate_daily_statistics(%s)", "select aggregate_user_statistics(null, %s)"))
+                       for day in (last_day - timedelta(days=n) for n in range(3))]
+            row["nightly_s"] = statistics.median(nightly)
+            conn.execute("create temporary table copy_floor (like user_statistics_daily including all)")
+            with conn.cursor().copy("copy (select * from user_statistics_daily where date = %s) to stdout",
+                                    [last_day]) as copy:
+                data = [bytes(block) for block in copy]
+            started = time.perf_counter()
+            with conn.transaction():
+                with conn.cursor().copy("copy copy_floor from stdin") as copy:
+                    for block in data:
+                        copy.write(block)
+            row["copy_s"] = time.perf_counter() - started
+            row["rows"] = conn.execute("select count(*) from copy_floor").fetchone()[0]
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute(f"drop database {dbname} with (force)")
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def history_markdown(rows) -> str:
+    base = rows[0]
+    out = ["| users | days of history | source rows | nightly day | ÷ shortest history | rows written "
+           "| COPY of those rows | nightly ÷ COPY |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['users']:,} | {r['days']} | {r['source_rows']:,} | {r['nightly_s']:.2f} s "
+                   f"| {r['nightly_s'] / base['nightly_s']:.2f}× | {r['rows']:,} | {r['copy_s']:.3f} s "
+                   f"| {r['nightly_s'] / r['copy_s']:.0f}× |")
+    return "\n".join(out) + "\n"
+
+
 def capture_markdown(rows) -> str:
     out = ["| users | writes of bookings | dated | capture off | capture on | on ÷ off |", "|---:|---|---|---:|---:|---:|"]
     for r in rows:
@@ -316,6 +373,8 @@ def main():
     parser.add_argument("--port", type=int, default=54916)
     parser.add_argument("--backfill-users", type=int, nargs="*", default=[10000],
                         help="sizes (among --users) whose whole period is also backfilled and timed")
+    parser.add_argument("--history-users", type=int, default=10000,
+                        help="users of the history-length bench (120 and 720 days, same daily activity); 0 skips it")
     parser.add_argument("--markdown", type=Path, help="write the tables here, between the BENCH markers")
     args = parser.parse_args()
 
@@ -331,6 +390,8 @@ def main():
             print(backfills[-1], flush=True)
             captures.append(bench_capture(cluster, users))
             print(captures[-1], flush=True)
+    history = (bench_history(cluster, args.history_users, args.bookings_per_user / args.days, args.seed)
+               if args.history_users else [])
     with psycopg.connect(cluster.dsn()) as conn:
         version = conn.execute("show server_version").fetchone()[0].split()[0]
     table = markdown(rows, args, version, time.perf_counter() - started)
@@ -339,9 +400,12 @@ def main():
     capture_table = capture_markdown(captures) if captures else ""
     print(backfill_table)
     print(capture_table)
+    history_table = history_markdown(history) if history else ""
+    print(history_table)
     if args.markdown:
         text = args.markdown.read_text()
-        for marker, content in (("BENCH", table), ("BACKFILL", backfill_table), ("CAPTURE", capture_table)):
+        for marker, content in (("BENCH", table), ("BACKFILL", backfill_table), ("CAPTURE", capture_table),
+                                ("HISTORY", history_table)):
             head, rest = text.split(f"<!-- {marker}:START -->", 1)
             _, tail = rest.split(f"<!-- {marker}:END -->", 1)
             text = f"{head}<!-- {marker}:START -->\n{content}<!-- {marker}:END -->{tail}"

@@ -1,6 +1,7 @@
 """A tiny run of the benchmark, so bench/ keeps working; its numbers are not judged, its counts are."""
 
-from bench.__main__ import backfill_markdown, bench_backfill, bench_capture, bench_size, capture_markdown, markdown
+from bench.__main__ import (backfill_markdown, bench_backfill, bench_capture, bench_history, bench_size, capture_markdown,
+                             history_markdown, markdown)
 from conftest import cluster
 
 
@@ -22,6 +23,10 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         captured = bench_capture(cluster, users=300, rounds=1)
         assert captured["late100_logged"] == 100 and captured["late100_written"] > 0
         assert captured["bulk_0_on_s"] > 0 and "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
+        history = bench_history(cluster, users=200, bookings_per_day=20 / 15, seed=0.5, histories=(15, 30))
+        assert [h["days"] for h in history] == [15, 30] and all(h["rows"] > 0 and h["nightly_s"] > 0 for h in history)
+        assert history[1]["source_rows"] > 1.5 * history[0]["source_rows"]  # same daily activity, twice the days
+        assert "| 200 | 30 |" in history_markdown(history)
     finally:
         import psycopg
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:

@@ -114,7 +114,7 @@ def test_late_and_corrected_data_of_any_age_end_up_equal_to_the_spec(rolled_up):
     run_registered_jobs(dsn)
     days, problems = every_stored_day_equals_the_spec(dsn)
     assert problems == [], problems[:10]
-    assert len(days) == 31 + 3  # the window, plus yesterday and two lookback days the user job wrote
+    assert len(days) == 31 + 1  # the window, plus yesterday the jobs wrote (capture on: no lookback days)
     with psycopg.connect(dsn) as conn:
         assert log_size(conn) == (0, 0)
         assert conn.execute("select min(date) from user_statistics_daily where user_id = %s", [migrated]).fetchone()[0] \

@@ -15,11 +15,8 @@ group = "spending"
 type = "integer"
 unit = "count"
 default = "0"
-source = "transaction_totals"
-sql = "count(*) filter (where t.kind = 'payment')"
 meaning = "The user's 'payment' transactions created as of D"
 added_in = "0002_payments_made"
-[user.metrics.range]
 source = "transaction_days"
 where = "t.kind = 'payment'"
 value = "1"
@@ -100,6 +97,18 @@ def test_a_new_metric_is_a_new_migration_old_rows_keep_their_values(grown, run_c
             " where t.user_id = s.user_id and t.kind = 'payment' and t.created_at < s.date + 1)").fetchone()[0]
         filled = conn.execute("select count(*) from user_statistics_daily where payments_made > 0").fetchone()[0]
     assert wrong == 0 and filled > 0
+    # The one-day and one-user functions come from the same entry as the range function backfill ran.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("update user_statistics_daily set payments_made = -1 where date = '2026-03-31'")
+        assert conn.execute("select aggregate_user_statistics(null, '2026-03-31')").fetchone()[0] > 0
+        someone = conn.execute("select user_id from user_statistics_daily where payments_made > 0 limit 1").fetchone()[0]
+        conn.execute("update user_statistics_daily set payments_made = -1 where user_id = %s and date = '2026-03-30'",
+                     [someone])
+        assert conn.execute("select aggregate_single_user_statistics(%s, '2026-03-30')", [someone]).fetchone()[0] == 1
+        assert conn.execute(
+            "select count(*) from user_statistics_daily s where s.date >= '2026-03-30' and s.payments_made <> (select"
+            " count(*) from transactions t where t.user_id = s.user_id and t.kind = 'payment' and t.created_at < s.date + 1)"
+            " and (s.date = '2026-03-31' or s.user_id = %s)", [someone]).fetchone()[0] == 0
     assert run_cli("verify", "--dsn", dsn, "--sql-dir", sql_copy, "--from", "2026-03-29", "--to", "2026-03-31",
                    "--only", "schema,functions,migrations,sample").exit_code == 0
 
@@ -136,24 +145,24 @@ def test_removing_and_retyping_metrics_are_migrations_with_a_warning(grown, run_
     assert restored["five_star_reviews"] == "integer" and restored["total_hours"] == "numeric(10,2)"
 
 
-def test_a_metric_without_a_range_form_is_refused_by_name(tmp_path, run_cli):
+def test_a_metric_without_its_span_is_refused_by_name(tmp_path, run_cli):
     sql_copy = tmp_path / "sql"
     shutil.copytree(SQL_DIR, sql_copy)
     catalog = sql_copy / "catalog.toml"
     add_migration(catalog, "0002_payments_made", "Add payments_made to user_statistics_daily")
-    catalog.write_text(catalog.read_text() + NEW_METRIC.split("[user.metrics.range]")[0])
+    catalog.write_text(catalog.read_text() + NEW_METRIC.split('source = "transaction_days"')[0])
     result = run_cli("render", "--sql-dir", sql_copy)
     assert result.exit_code == 2
-    assert result.output.strip() == ("statskit: error: catalog: user_statistics_daily.payments_made has no [range] form"
-                                     " (backfill computes ranges of days with it)")
+    assert result.output.strip() == ("statskit: error: catalog: user_statistics_daily.payments_made lacks source, value,"
+                                     " enters (a metric counts `value` of each `source` row from the day it `enters`)")
 
 
-def test_a_range_source_no_metric_uses_is_refused_by_name(tmp_path, run_cli):
+def test_a_source_no_metric_uses_is_refused_by_name(tmp_path, run_cli):
     sql_copy = tmp_path / "sql"
     shutil.copytree(SQL_DIR, sql_copy)
     catalog = sql_copy / "catalog.toml"
-    unused = '\n[[user.range_sources]]\nname = "orphan_days"\nfrom = "{{ source }}.reviews r"\nuser_key = "r.reviewee_id"\n'
+    unused = '\n[[user.sources]]\nname = "orphan_days"\nfrom = "{{ source }}.reviews r"\nuser_key = "r.reviewee_id"\n'
     catalog.write_text(catalog.read_text().replace("\n[platform]\n", unused + "\n[platform]\n", 1))
     result = run_cli("render", "--sql-dir", sql_copy)
     assert result.exit_code == 2
-    assert result.output.strip() == "statskit: error: catalog: range source orphan_days of user_statistics_daily feeds no metric"
+    assert result.output.strip() == "statskit: error: catalog: source orphan_days of user_statistics_daily feeds no metric"

@@ -41,7 +41,7 @@ def test_rendered_files_are_clean(sql_copy):
 def test_check_catches_a_hand_edit_and_a_leftover_file(sql_copy, run_cli):
     assert run_cli("render", "--check", "--sql-dir", sql_copy).exit_code == 0
     function = sql_copy / "functions" / "aggregate_daily_statistics.sql"
-    function.write_text(function.read_text().replace("round(avg(r.rating), 2)", "avg(r.rating)"))
+    function.write_text(function.read_text().replace("nullif(ratings, 0), 2)", "nullif(ratings, 0), 3)"))
     (sql_copy / "functions" / "old_function.sql").write_text("select 1;\n")
     result = run_cli("render", "--check", "--sql-dir", sql_copy)
     assert result.exit_code == 1

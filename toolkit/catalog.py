@@ -19,21 +19,25 @@ UNITS = ("money", "count", "hours", "rating", "score", "percent")
 
 @dataclass(frozen=True)
 class Source:
-    """One pass over a source table, grouped by user (or one row, for the platform)."""
+    """A pass over a source table (or a small join, or a window over one): one row per fact, with
+    the days it can count on computed in the statistics time zone."""
 
     name: str
     comment: str
     from_sql: str
-    where: str | None
-    user_key: str | None = None
-    one_user: str | None = None
-    latest_by: str | None = None
+    user_key: str | None = None  # the user a row counts for; None for the platform
+    scan: str | None = None  # the rows that can count on day D, in raw timestamps (a superset)
+
+    @property
+    def alias(self) -> str:
+        """The name the source's rows go by in its snippets (`... ) as t`)."""
+        return self.from_sql.split()[-1]
 
 
 @dataclass(frozen=True)
 class Span:
-    """A metric's second form, for a range of days: each row of a range source adds `value` to
-    the metric on every day from `enters` up to, not including, `leaves` (never, when None).
+    """A metric's one definition: each row of `source` (matching `where`) adds `value` to the
+    metric on every day from `enters` up to, not including, `leaves` (never, when None or NULL).
     Both are dates; a row whose `leaves` is not after `enters` never counts."""
 
     source: str
@@ -41,14 +45,32 @@ class Span:
     enters: str
     leaves: str | None = None
     where: str | None = None
-    sum_type: str = "numeric"  # of the running sum: integer or numeric
-    final: str | None = None  # the stored value, from the running sums by name; default: this sum
+    sum_type: str = "numeric"  # of the sum: integer or numeric
+    final: str | None = None  # the stored value, from the sums by name; default: this sum
+    days: int | None = None  # counts for this many days from `enters` (then `leaves` is enters + days)
+
+    def __post_init__(self):
+        if self.days:
+            object.__setattr__(self, "leaves", f"{self.enters} + {self.days}")
+
+    @property
+    def matched_value(self) -> str:
+        return f"case when {self.where} then {self.value} end" if self.where else self.value
 
     def signed(self, sign: str) -> str:
-        value = f"case when {self.where} then {self.value} end" if self.where else self.value
+        value = self.matched_value
         if sign == "+":
             return value
         return f"-{value}" if value.isalnum() else f"-({value})"
+
+    def counts_on(self, day: str) -> str:
+        """Whether a row counts on `day`: it entered by then and has not left."""
+        if self.days == 1:
+            return f"{self.enters} = {day}"
+        if self.days:
+            return f"{self.enters} between {day} - {self.days - 1} and {day}"
+        entered = f"{self.enters} <= {day}"
+        return f"{entered} and ({self.leaves} > {day} or {self.leaves} is null)" if self.leaves else entered
 
     @property
     def leaving_day(self) -> str | None:
@@ -56,12 +78,14 @@ class Span:
         # that never enters never leaves either (NULL, as for a NULL leaves).
         if not self.leaves:
             return None
+        if self.days:
+            return self.leaves
         return f"case when {self.leaves} > {self.enters} then {self.leaves} when {self.leaves} <= {self.enters} then {self.enters} end"
 
 
 @dataclass(frozen=True)
-class RangeSum:
-    """A running sum kept per user and day by the range function: a metric's, or a helper's."""
+class Sum:
+    """A sum the functions keep per user (or platform) and day: a metric's, or a helper's."""
 
     name: str
     span: Span
@@ -69,25 +93,29 @@ class RangeSum:
 
 @dataclass(frozen=True)
 class Metric:
-    """One statistics column: its type, default, meaning and the aggregate that computes it."""
+    """One statistics column: its type, default, meaning and its span."""
 
     name: str
     group: str
     type: str
     unit: str
     default: str | None
-    source: str
-    sql: str
     meaning: str
     added_in: str
+    span: Span | None  # None only for a removed metric
     removed_in: str | None = None
     retyped_in: str | None = None
     was: str | None = None  # the type before retyped_in
-    span: Span | None = None  # the range form, for backfill
 
     @property
     def nullable(self) -> bool:
         return self.default is None
+
+    @property
+    def stored_value(self) -> str:
+        """The stored value from the sums: counts and sums are 0, not NULL, when nothing happened."""
+        value = self.span.final or self.name
+        return value if self.nullable else f"coalesce({value}, {self.default})"
 
 
 @dataclass(frozen=True)
@@ -102,25 +130,24 @@ class Rollup:
     comment: str
     sources: tuple[Source, ...]
     history: tuple[Metric, ...]
-    range_sources: tuple[Source, ...] = ()
-    range_helpers: tuple[RangeSum, ...] = ()
+    helpers: tuple[Sum, ...] = ()
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
         return tuple(m for m in self.history if m.removed_in is None)
 
     @property
-    def range_sums(self) -> tuple[RangeSum, ...]:
-        return tuple(RangeSum(m.name, m.span) for m in self.metrics) + self.range_helpers
+    def sums(self) -> tuple[Sum, ...]:
+        return tuple(Sum(m.name, m.span) for m in self.metrics) + self.helpers
 
-    def range_sums_of(self, source: Source) -> list[RangeSum]:
-        return [s for s in self.range_sums if s.span.source == source.name]
+    def sums_of(self, source: Source) -> list[Sum]:
+        return [s for s in self.sums if s.span.source == source.name]
 
-    def range_changes(self, source: Source) -> tuple[list[RangeSum], list[tuple[str, list[str]]]]:
-        """The sums a range source feeds, and its change rows: (day, signed value per sum), one
-        per distinct day expression. A row adds a value on the day it enters and takes it back
-        on the day it leaves."""
-        sums = self.range_sums_of(source)
+    def changes(self, source: Source) -> tuple[list[Sum], list[tuple[str, list[str]]]]:
+        """The sums a source feeds, and its change rows: (day, signed value per sum), one per
+        distinct day expression. A row adds a value on the day it enters and takes it back on
+        the day it leaves."""
+        sums = self.sums_of(source)
         days = list(dict.fromkeys(d for s in sums for d in (s.span.enters, s.span.leaving_day) if d))
         rows = []
         for day in days:
@@ -130,11 +157,8 @@ class Rollup:
 
     @property
     def tables_read(self) -> list[str]:
-        """The source tables the one-day functions read, in catalog order."""
+        """The source tables the functions read, in catalog order."""
         return list(dict.fromkeys(t for s in self.sources for t in SOURCE_TABLE.findall(s.from_sql)))
-
-    def metrics_of(self, source: Source) -> list[Metric]:
-        return [m for m in self.metrics if m.source == source.name]
 
     def metrics_added_in(self, migration_id: str) -> list[Metric]:
         """Metrics a migration adds, with the type they had then."""
@@ -247,28 +271,17 @@ def _read_source(raw: dict, table: str, per_user: bool) -> Source:
     check_identifier(raw["name"], "source name")
     if per_user and "user_key" not in raw:
         raise UsageError(f"catalog: source {raw['name']} of {table} has no user_key")
-    return Source(
-        name=raw["name"],
-        comment=raw.get("comment", ""),
-        from_sql=raw["from"].strip(),
-        where=raw.get("where"),
-        user_key=raw.get("user_key"),
-        one_user=raw.get("one_user") or (f"{raw['user_key']} = p_user_id" if per_user else None),
-        latest_by=raw.get("latest_by"),
-    )
+    return Source(name=raw["name"], comment=raw.get("comment", ""), from_sql=raw["from"].strip(),
+                  user_key=raw.get("user_key"), scan=raw.get("scan"))
 
 
 def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_user: bool) -> Rollup:
     table = check_identifier(raw["table"], "table name")
     sources = [_read_source(s, table, per_user) for s in raw["sources"]]
     source_names = {s.name for s in sources}
-    range_sources = [_read_source(s, table, per_user) for s in raw.get("range_sources", [])]
-    range_names = {s.name for s in range_sources}
     metrics = []
     for m in raw["metrics"]:
         name = check_identifier(m["name"], "metric name")
-        if m["source"] not in source_names:
-            raise UsageError(f"catalog: metric {name} names unknown source {m['source']}")
         added_in = m.get("added_in", first_migration)
         for key in ("added_in", "removed_in", "retyped_in"):
             if m.get(key, added_in) not in migration_ids:
@@ -284,43 +297,44 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
                 type=m["type"],
                 unit=m["unit"],
                 default=m.get("default"),
-                source=m["source"],
-                sql=m["sql"],
                 meaning=m["meaning"],
                 added_in=added_in,
+                span=None if m.get("removed_in") else _read_span(m, table, source_names),
                 removed_in=m.get("removed_in"),
                 retyped_in=m.get("retyped_in"),
                 was=m.get("was"),
-                span=_read_span(m, table, range_names),
             )
         )
     names = [m.name for m in metrics if m.removed_in is None]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise UsageError(f"catalog: {table} defines {', '.join(duplicated)} twice")
-    helpers = tuple(RangeSum(check_identifier(h["name"], "range helper name"), _read_span(h, table, range_names))
-                    for h in raw.get("range_helpers", []))
-    rollup = Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), tuple(range_sources), helpers)
-    unused = sorted(range_names - {s.span.source for s in rollup.range_sums})
+    helpers = tuple(Sum(check_identifier(h["name"], "helper name"), _read_span(h, table, source_names))
+                    for h in raw.get("helpers", []))
+    rollup = Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), helpers)
+    unused = sorted(source_names - {s.span.source for s in rollup.sums})
     if unused:
-        raise UsageError(f"catalog: range source {', '.join(unused)} of {table} feeds no metric")
+        raise UsageError(f"catalog: source {', '.join(unused)} of {table} feeds no metric")
     return rollup
 
 
-def _read_span(entry: dict, table: str, range_sources: set[str]) -> Span | None:
-    """A metric's range form; every current metric needs one, since backfill computes with it."""
-    raw = entry.get("range")
-    if raw is None:
-        if entry.get("removed_in"):
-            return None
-        raise UsageError(f"catalog: {table}.{entry['name']} has no [range] form (backfill computes ranges of days with it)")
-    if raw.get("source") not in range_sources:
-        raise UsageError(f"catalog: the range form of {table}.{entry['name']} names unknown range source {raw.get('source')}")
-    sum_type = raw.get("type") or ("integer" if entry.get("type", "").startswith("integer") else "numeric")
+def _read_span(entry: dict, table: str, sources: set[str]) -> Span:
+    """A metric's (or helper's) span: the one definition every function is generated from."""
+    missing = [key for key in ("source", "value", "enters") if key not in entry]
+    if missing:
+        raise UsageError(f"catalog: {table}.{entry['name']} lacks {', '.join(missing)} "
+                         f"(a metric counts `value` of each `source` row from the day it `enters`)")
+    if entry["source"] not in sources:
+        raise UsageError(f"catalog: {table}.{entry['name']} names unknown source {entry['source']}")
+    if "leaves" in entry and "days" in entry:
+        raise UsageError(f"catalog: {table}.{entry['name']} has both leaves and days: a row leaves once")
+    if "days" in entry and not (isinstance(entry["days"], int) and entry["days"] > 0):
+        raise UsageError(f"catalog: {table}.{entry['name']} has days = {entry['days']!r}: use a whole number of days, 1 or more")
+    sum_type = entry.get("sum_type") or ("integer" if entry.get("type", "").startswith("integer") else "numeric")
     if sum_type not in ("integer", "numeric"):
-        raise UsageError(f"catalog: the range form of {table}.{entry['name']} has type {sum_type!r}: use integer or numeric")
-    return Span(source=raw["source"], value=raw["value"], enters=raw["enters"], leaves=raw.get("leaves"),
-                where=raw.get("where"), sum_type=sum_type, final=raw.get("final"))
+        raise UsageError(f"catalog: {table}.{entry['name']} has sum_type {sum_type!r}: use integer or numeric")
+    return Span(source=entry["source"], value=entry["value"], enters=entry["enters"], leaves=entry.get("leaves"),
+                where=entry.get("where"), sum_type=sum_type, final=entry.get("final"), days=entry.get("days"))
 
 
 def load_catalog(path: Path) -> Catalog:

@@ -188,7 +188,8 @@ def render(sql_dir, check):
 @click.option("--job-suffix", help="Suffix for the pg_cron job names, so several databases on one server each have their own jobs.")
 @lock_options
 @click.option("--lookback-days", type=int,
-              help="Days the nightly user job writes: yesterday and the days before it, for late data. Default: 3; 1 = yesterday only.")
+              help="Days the nightly user job writes: yesterday and the days before it, for late data. "
+                   "Default: 1 (yesterday only) with change capture, which repairs late data itself; 3 without.")
 @click.option("--roles", is_flag=True, default=None,
               help="Create statskit_reader (dashboards: read only) and statskit_writer (owns the rollup, runs the jobs); see docs/operations.md.")
 @click.option("--row-security", metavar="EXPR",

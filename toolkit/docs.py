@@ -33,7 +33,7 @@ def _metric_table(rollup: Rollup) -> str:
     rows = ["| column | type | unit | meaning | reads |", "|---|---|---|---|---|"]
     for m in rollup.metrics:
         nullable = " (NULL when none)" if m.nullable else ""
-        reads = ", ".join(dict.fromkeys(SOURCE_TABLE.findall(sources[m.source].from_sql)))
+        reads = ", ".join(dict.fromkeys(SOURCE_TABLE.findall(sources[m.span.source].from_sql)))
         rows.append(f"| `{m.name}` | {m.type}{nullable} | {m.unit} | {m.meaning} | {reads} |")
     return "\n".join(rows) + "\n"
 

@@ -94,11 +94,8 @@ def _resolve_snippets(rollup: Rollup, env: jinja2.Environment, source: str) -> R
     def fill(text):
         return env.from_string(text).render(source=source) if text else text
 
-    def resolved(sources):
-        return tuple(dataclasses.replace(s, from_sql=fill(s.from_sql), where=fill(s.where), one_user=fill(s.one_user))
-                     for s in sources)
-
-    return dataclasses.replace(rollup, sources=resolved(rollup.sources), range_sources=resolved(rollup.range_sources))
+    return dataclasses.replace(
+        rollup, sources=tuple(dataclasses.replace(s, from_sql=fill(s.from_sql)) for s in rollup.sources))
 
 
 def _tidy(text: str) -> str:

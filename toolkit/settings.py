@@ -31,6 +31,10 @@ def check_identifier(value: str, what: str) -> str:
     return value
 
 
+def default_lookback(capture: bool) -> int:
+    return 1 if capture else 3
+
+
 @dataclass(frozen=True)
 class Settings:
     """What a deployment is rendered with; stored in statskit.settings at the first migrate."""
@@ -39,7 +43,9 @@ class Settings:
     source_schema: str = "public"
     time_zone: str = "UTC"
     job_suffix: str = ""
-    lookback_days: int = 3  # days the nightly user job writes: yesterday and the days before it, for late data
+    # Days the nightly user job writes: yesterday and the days before it, for late data. 0 = chosen
+    # by capture: with it the change log repairs every late row, so yesterday alone; without, 3.
+    lookback_days: int = 0
     roles: bool = False  # create statskit_reader and statskit_writer, grant and hand over ownership
     row_security: str = ""  # SQL expression of the current user's id; "" = no row-level security
     capture: bool = True  # triggers log late and corrected source rows; the nightly jobs re-aggregate them
@@ -49,6 +55,8 @@ class Settings:
         check_identifier(self.source_schema, "source schema")
         if not TIME_ZONE.match(self.time_zone):
             raise UsageError(f"invalid time zone {self.time_zone!r}")
+        if self.lookback_days == 0:
+            object.__setattr__(self, "lookback_days", default_lookback(self.capture))
         if not 1 <= self.lookback_days <= 31:
             raise UsageError(f"--lookback-days {self.lookback_days}: use 1 to 31 (1 writes yesterday only)")
         if self.row_security and not ROW_SECURITY.match(self.row_security):
@@ -93,4 +101,7 @@ class Settings:
     def merged(self, **overrides) -> "Settings":
         """Return a copy with every override that is not None applied."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        return Settings.from_dict({**self.as_dict(), **given})
+        values = {**self.as_dict(), **given}
+        if "lookback_days" not in given and self.lookback_days == default_lookback(self.capture):
+            values["lookback_days"] = 0  # the default follows a change of capture
+        return Settings.from_dict(values)

@@ -10,8 +10,9 @@ language plpgsql
 set search_path = pg_catalog, pg_temp
 as $function$
 declare
-    v_day_start       constant timestamptz := p_date::timestamp at time zone 'UTC';
-    v_day_end         constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
+    v_time_zone constant text := 'UTC';
+    v_day_start constant timestamptz := p_date::timestamp at time zone 'UTC';
+    v_day_end constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
     v_rows integer;
 begin
     if p_date is null then
@@ -20,63 +21,113 @@ begin
     perform pg_advisory_xact_lock(hashtext('public.platform_statistics_daily'), p_date - date '2000-01-01');
 
     with
-    profile_totals as (
-        -- profiles created as of D
+    profile_days as (
+        -- profiles
         select
-            count(*) as total_users,
-            count(*) filter (where p.created_at >= v_day_start) as new_users,
-            count(*) filter (where p.role = 'tutor') as total_tutors,
-            count(*) filter (where p.role = 'client') as total_clients,
-            count(*) filter (where p.role = 'agent') as total_agents
-        from "public".profiles p
-        where p.created_at < v_day_end
+            count(*) filter (where p.created_on <= p_date) as total_users,
+            count(*) filter (where p.created_on = p_date) as new_users,
+            count(*) filter (where p.role = 'tutor' and p.created_on <= p_date) as total_tutors,
+            count(*) filter (where p.role = 'client' and p.created_on <= p_date) as total_clients,
+            count(*) filter (where p.role = 'agent' and p.created_on <= p_date) as total_agents
+        from (
+            select * from (
+                select p.role, (p.created_at at time zone v_time_zone)::date as created_on
+                from "public".profiles p
+            ) as p
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as p
     ),
-    listing_totals as (
-        -- listings published as of D
+    listing_days as (
+        -- listings
         select
-            count(*) filter (where l.archived_at is null or l.archived_at >= v_day_end) as active_listings
-        from "public".listings l
-        where l.published_at < v_day_end
+            count(*) filter (where l.published_on <= p_date and (l.archived_on > p_date or l.archived_on is null)) as active_listings
+        from (
+            select * from (
+                select (l.published_at at time zone v_time_zone)::date as published_on,
+                       (l.archived_at at time zone v_time_zone)::date as archived_on
+                from "public".listings l
+            ) as l
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as l
     ),
-    booking_totals as (
-        -- bookings with any event in the day window
+    booking_days as (
+        -- bookings
         select
-            count(*) filter (where b.created_at >= v_day_start and b.created_at < v_day_end) as bookings_created,
-            count(*) filter (where b.completed_at >= v_day_start and b.completed_at < v_day_end) as sessions_completed,
-            count(*) filter (where b.cancelled_at >= v_day_start and b.cancelled_at < v_day_end) as sessions_cancelled,
-            round(sum(b.duration_minutes) filter (where b.completed_at >= v_day_start and b.completed_at < v_day_end) / 60.0, 2) as hours_completed
-        from "public".bookings b
-        where (b.created_at >= v_day_start and b.created_at < v_day_end) or (b.completed_at >= v_day_start and b.completed_at < v_day_end) or (b.cancelled_at >= v_day_start and b.cancelled_at < v_day_end)
+            count(*) filter (where b.created_on = p_date) as bookings_created,
+            count(*) filter (where b.completed_on = p_date) as sessions_completed,
+            count(*) filter (where b.cancelled_on = p_date) as sessions_cancelled,
+            sum(b.duration_minutes) filter (where b.completed_on = p_date) as hours_completed
+        from (
+            select * from (
+                select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
+                       (b.created_at at time zone v_time_zone)::date as created_on,
+                       (b.completed_at at time zone v_time_zone)::date as completed_on,
+                       (b.cancelled_at at time zone v_time_zone)::date as cancelled_on
+                from "public".bookings b
+            ) as b
+            -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
+            where (b.created_at >= v_day_start and b.created_at < v_day_end)
+              or (b.completed_at >= v_day_start and b.completed_at < v_day_end)
+              or (b.cancelled_at >= v_day_start and b.cancelled_at < v_day_end)
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as b
     ),
-    transaction_totals as (
-        -- transactions created in the day window
+    transaction_days as (
+        -- transactions
         select
-            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) as gross_revenue,
-            sum(t.amount) filter (where t.kind = 'earning') as tutor_earnings
-        from "public".transactions t
-        where t.created_at >= v_day_start and t.created_at < v_day_end
+            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on = p_date) as gross_revenue,
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on = p_date) as tutor_earnings
+        from (
+            select * from (
+                select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
+                from "public".transactions t
+            ) as t
+            -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
+            where t.created_at >= v_day_start and t.created_at < v_day_end
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as t
     ),
-    review_totals as (
-        -- reviews created as of D
+    review_days as (
+        -- reviews
         select
-            count(*) filter (where r.created_at >= v_day_start) as reviews_created,
-            round(avg(r.rating), 2) as average_rating
-        from "public".reviews r
-        where r.created_at < v_day_end
+            count(*) filter (where r.created_on = p_date) as reviews_created,
+            sum(r.rating) filter (where r.created_on <= p_date) as average_rating,
+            count(*) filter (where r.created_on <= p_date) as ratings
+        from (
+            select * from (
+                select r.rating, (r.created_at at time zone v_time_zone)::date as created_on
+                from "public".reviews r
+            ) as r
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as r
     ),
-    message_totals as (
-        -- messages created in the day window
+    message_days as (
+        -- messages
         select
-            count(*) as messages_sent
-        from "public".messages m
-        where m.created_at >= v_day_start and m.created_at < v_day_end
+            count(*) filter (where m.created_on = p_date) as messages_sent
+        from (
+            select * from (
+                select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
+                from "public".messages m
+            ) as m
+            -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
+            where m.created_at >= v_day_start and m.created_at < v_day_end
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as m
     ),
-    referral_totals as (
-        -- referrals converted in the day window
+    referral_days as (
+        -- referrals
         select
-            count(*) as referrals_converted
-        from "public".referrals r
-        where r.converted_at >= v_day_start and r.converted_at < v_day_end
+            count(*) filter (where r.converted_on = p_date) as referrals_converted
+        from (
+            select * from (
+                select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
+                from "public".referrals r
+            ) as r
+            -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
+            where r.converted_at >= v_day_start and r.converted_at < v_day_end
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as r
     )
     insert into "public".platform_statistics_daily as stored (
         date,
@@ -100,30 +151,30 @@ begin
     )
     select
         p_date as date,
-        coalesce(profile_totals.total_users, 0) as total_users,
-        coalesce(profile_totals.new_users, 0) as new_users,
-        coalesce(profile_totals.total_tutors, 0) as total_tutors,
-        coalesce(profile_totals.total_clients, 0) as total_clients,
-        coalesce(profile_totals.total_agents, 0) as total_agents,
-        coalesce(listing_totals.active_listings, 0) as active_listings,
-        coalesce(booking_totals.bookings_created, 0) as bookings_created,
-        coalesce(booking_totals.sessions_completed, 0) as sessions_completed,
-        coalesce(booking_totals.sessions_cancelled, 0) as sessions_cancelled,
-        coalesce(booking_totals.hours_completed, 0) as hours_completed,
-        coalesce(transaction_totals.gross_revenue, 0) as gross_revenue,
-        coalesce(transaction_totals.tutor_earnings, 0) as tutor_earnings,
-        coalesce(review_totals.reviews_created, 0) as reviews_created,
-        review_totals.average_rating as average_rating,
-        coalesce(message_totals.messages_sent, 0) as messages_sent,
-        coalesce(referral_totals.referrals_converted, 0) as referrals_converted,
+        coalesce(total_users, 0) as total_users,
+        coalesce(new_users, 0) as new_users,
+        coalesce(total_tutors, 0) as total_tutors,
+        coalesce(total_clients, 0) as total_clients,
+        coalesce(total_agents, 0) as total_agents,
+        coalesce(active_listings, 0) as active_listings,
+        coalesce(bookings_created, 0) as bookings_created,
+        coalesce(sessions_completed, 0) as sessions_completed,
+        coalesce(sessions_cancelled, 0) as sessions_cancelled,
+        coalesce(round(hours_completed / 60.0, 2), 0) as hours_completed,
+        coalesce(gross_revenue, 0) as gross_revenue,
+        coalesce(tutor_earnings, 0) as tutor_earnings,
+        coalesce(reviews_created, 0) as reviews_created,
+        round(average_rating::numeric / nullif(ratings, 0), 2) as average_rating,
+        coalesce(messages_sent, 0) as messages_sent,
+        coalesce(referrals_converted, 0) as referrals_converted,
         now() as updated_at
-    from profile_totals
-    cross join listing_totals
-    cross join booking_totals
-    cross join transaction_totals
-    cross join review_totals
-    cross join message_totals
-    cross join referral_totals
+    from profile_days
+    cross join listing_days
+    cross join booking_days
+    cross join transaction_days
+    cross join review_days
+    cross join message_days
+    cross join referral_days
     on conflict (date) do update
     set
         total_users = excluded.total_users,

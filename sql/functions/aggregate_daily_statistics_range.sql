@@ -41,7 +41,7 @@ begin
              ) as p
         cross join lateral (values
             (p.created_on, 1, 1, case when p.role = 'tutor' then 1 end, case when p.role = 'client' then 1 end, case when p.role = 'agent' then 1 end),
-            (case when p.created_on + 1 > p.created_on then p.created_on + 1 when p.created_on + 1 <= p.created_on then p.created_on end, 0, -1, 0, 0, 0)
+            (p.created_on + 1, 0, -1, 0, 0, 0)
         ) as change (day, total_users, new_users, total_tutors, total_clients, total_agents)
         where change.day <= p_last
         group by 1
@@ -72,7 +72,7 @@ begin
             sum(change.sessions_cancelled)::integer as sessions_cancelled,
             sum(change.hours_completed)::integer as hours_completed
         from (
-                 select b.duration_minutes,
+                 select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
                         (b.created_at at time zone v_time_zone)::date as created_on,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on
@@ -80,11 +80,11 @@ begin
              ) as b
         cross join lateral (values
             (b.created_on, 1, 0, 0, 0),
-            (case when b.created_on + 1 > b.created_on then b.created_on + 1 when b.created_on + 1 <= b.created_on then b.created_on end, -1, 0, 0, 0),
+            (b.created_on + 1, -1, 0, 0, 0),
             (b.completed_on, 0, 1, 0, b.duration_minutes),
-            (case when b.completed_on + 1 > b.completed_on then b.completed_on + 1 when b.completed_on + 1 <= b.completed_on then b.completed_on end, 0, -1, 0, -(b.duration_minutes)),
+            (b.completed_on + 1, 0, -1, 0, -(b.duration_minutes)),
             (b.cancelled_on, 0, 0, 1, 0),
-            (case when b.cancelled_on + 1 > b.cancelled_on then b.cancelled_on + 1 when b.cancelled_on + 1 <= b.cancelled_on then b.cancelled_on end, 0, 0, -1, 0)
+            (b.cancelled_on + 1, 0, 0, -1, 0)
         ) as change (day, bookings_created, sessions_completed, sessions_cancelled, hours_completed)
         where change.day <= p_last
         group by 1
@@ -96,12 +96,12 @@ begin
             sum(change.gross_revenue)::numeric as gross_revenue,
             sum(change.tutor_earnings)::numeric as tutor_earnings
         from (
-                 select t.kind, t.amount, (t.created_at at time zone v_time_zone)::date as created_on
+                 select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
                  from "public".transactions t
              ) as t
         cross join lateral (values
             (t.created_on, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case when t.kind = 'earning' then t.amount end),
-            (case when t.created_on + 1 > t.created_on then t.created_on + 1 when t.created_on + 1 <= t.created_on then t.created_on end, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end), -(case when t.kind = 'earning' then t.amount end))
+            (t.created_on + 1, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end), -(case when t.kind = 'earning' then t.amount end))
         ) as change (day, gross_revenue, tutor_earnings)
         where change.day <= p_last
         group by 1
@@ -119,7 +119,7 @@ begin
              ) as r
         cross join lateral (values
             (r.created_on, 1, r.rating, 1),
-            (case when r.created_on + 1 > r.created_on then r.created_on + 1 when r.created_on + 1 <= r.created_on then r.created_on end, -1, 0, 0)
+            (r.created_on + 1, -1, 0, 0)
         ) as change (day, reviews_created, average_rating, ratings)
         where change.day <= p_last
         group by 1
@@ -130,12 +130,12 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.messages_sent)::integer as messages_sent
         from (
-                 select (m.created_at at time zone v_time_zone)::date as created_on
+                 select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
                  from "public".messages m
              ) as m
         cross join lateral (values
             (m.created_on, 1),
-            (case when m.created_on + 1 > m.created_on then m.created_on + 1 when m.created_on + 1 <= m.created_on then m.created_on end, -1)
+            (m.created_on + 1, -1)
         ) as change (day, messages_sent)
         where change.day <= p_last
         group by 1
@@ -146,72 +146,34 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.referrals_converted)::integer as referrals_converted
         from (
-                 select (r.converted_at at time zone v_time_zone)::date as converted_on
+                 select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
                  from "public".referrals r
              ) as r
         cross join lateral (values
             (r.converted_on, 1),
-            (case when r.converted_on + 1 > r.converted_on then r.converted_on + 1 when r.converted_on + 1 <= r.converted_on then r.converted_on end, -1)
+            (r.converted_on + 1, -1)
         ) as change (day, referrals_converted)
         where change.day <= p_last
         group by 1
     ),
 
+    first_days as (
+        -- the platform has a row on every day of the range
+        select p_first as day, p_first as created_on
+    ),
     changes as (
-        select p_first as day, created_on,
-               null::integer as total_users,
-               null::integer as new_users,
-               null::integer as total_tutors,
-               null::integer as total_clients,
-               null::integer as total_agents,
-               null::integer as active_listings,
-               null::integer as bookings_created,
-               null::integer as sessions_completed,
-               null::integer as sessions_cancelled,
-               null::integer as hours_completed,
-               null::numeric as gross_revenue,
-               null::numeric as tutor_earnings,
-               null::integer as reviews_created,
-               null::integer as average_rating,
-               null::integer as messages_sent,
-               null::integer as referrals_converted,
-               null::integer as ratings
-        from (select p_first as created_on) as first_day
-        union all
-        select day, null,
-               total_users, new_users, total_tutors, total_clients, total_agents, null, null, null, null, null,
-               null, null, null, null, null, null, null
-        from profile_days
-        union all
-        select day, null,
-               null, null, null, null, null, active_listings, null, null, null, null, null, null, null, null, null,
-               null, null
-        from listing_days
-        union all
-        select day, null,
-               null, null, null, null, null, null, bookings_created, sessions_completed, sessions_cancelled,
-               hours_completed, null, null, null, null, null, null, null
-        from booking_days
-        union all
-        select day, null,
-               null, null, null, null, null, null, null, null, null, null, gross_revenue, tutor_earnings, null,
-               null, null, null, null
-        from transaction_days
-        union all
-        select day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, reviews_created,
-               average_rating, null, null, ratings
-        from review_days
-        union all
-        select day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, messages_sent,
-               null, null
-        from message_days
-        union all
-        select day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               referrals_converted, null
-        from referral_days
+        select day, created_on,
+               total_users, new_users, total_tutors, total_clients, total_agents, active_listings,
+               bookings_created, sessions_completed, sessions_cancelled, hours_completed, gross_revenue,
+               tutor_earnings, reviews_created, average_rating, messages_sent, referrals_converted, ratings
+        from first_days
+        full join profile_days using (day)
+        full join listing_days using (day)
+        full join booking_days using (day)
+        full join transaction_days using (day)
+        full join review_days using (day)
+        full join message_days using (day)
+        full join referral_days using (day)
     ),
     running as (
         select

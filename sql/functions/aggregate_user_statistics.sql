@@ -19,9 +19,7 @@ set jit = off
 set work_mem = '64MB'
 as $function$
 declare
-    v_day_end         constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
-    v_month_start     constant timestamptz := date_trunc('month', p_date)::date::timestamp at time zone 'UTC';
-    v_window30_start  constant timestamptz := (p_date - 29)::timestamp at time zone 'UTC';
+    v_time_zone constant text := 'UTC';
     v_rows integer;
 begin
     if p_user_id is not null then
@@ -33,144 +31,219 @@ begin
     perform pg_advisory_xact_lock(hashtext('public.user_statistics_daily'), p_date - date '2000-01-01');
 
     with
-    transaction_totals as (
-        -- money of the user, as of D
+    transaction_days as (
+        -- the user's transactions
         select
             t.user_id as user_id,
-            sum(t.amount) filter (where t.kind = 'earning') as total_earnings,
-            sum(t.amount) filter (where t.kind = 'earning' and t.created_at >= v_month_start) as monthly_earnings,
-            sum(t.amount) filter (where t.kind = 'earning' and (t.available_at is null or t.available_at >= v_day_end)) as pending_earnings,
-            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) as total_spent,
-            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_at >= v_month_start) as monthly_spent
-        from "public".transactions t
-        where t.created_at < v_day_end
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date) as total_earnings,
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date and (t.next_month_on > p_date or t.next_month_on is null)) as monthly_earnings,
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date and (t.available_on > p_date or t.available_on is null)) as pending_earnings,
+            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date) as total_spent,
+            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date and (t.next_month_on > p_date or t.next_month_on is null)) as monthly_spent
+        from (
+            select * from (
+                select t.user_id, t.kind, t.amount,
+                       (t.created_at at time zone v_time_zone)::date as created_on,
+                       (t.available_at at time zone v_time_zone)::date as available_on,
+                       (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                from "public".transactions t
+            ) as t
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as t
         group by t.user_id
     ),
-    booking_totals as (
+    booking_days as (
         -- each booking once for each participant; a booking whose tutor is also its client counts once
         select
             b.user_id as user_id,
-            count(*) filter (where b.completed_at < v_day_end) as completed_sessions,
-            count(*) filter (where b.completed_at >= v_month_start and b.completed_at < v_day_end) as monthly_sessions,
-            count(*) filter (where b.confirmed_at < v_day_end and b.session_start >= v_day_end and (b.cancelled_at is null or b.cancelled_at >= v_day_end) and (b.completed_at is null or b.completed_at >= v_day_end)) as upcoming_sessions,
-            count(*) filter (where b.created_at < v_day_end and (b.cancelled_at is null or b.cancelled_at >= v_day_end) and (b.completed_at is null or b.completed_at >= v_day_end)) as active_bookings,
-            count(*) filter (where b.cancelled_at < v_day_end) as cancelled_sessions,
-            round(sum(b.duration_minutes) filter (where b.completed_at < v_day_end) / 60.0, 2) as total_hours,
-            round(sum(b.duration_minutes) filter (where b.completed_at >= v_month_start and b.completed_at < v_day_end) / 60.0, 2) as monthly_hours
+            count(*) filter (where b.completed_on <= p_date) as completed_sessions,
+            count(*) filter (where b.completed_on <= p_date and (b.next_month_on > p_date or b.next_month_on is null)) as monthly_sessions,
+            count(*) filter (where b.confirmed_on <= p_date and (least(b.session_on, b.cancelled_on, b.completed_on) > p_date or least(b.session_on, b.cancelled_on, b.completed_on) is null)) as upcoming_sessions,
+            count(*) filter (where b.created_on <= p_date and (least(b.cancelled_on, b.completed_on) > p_date or least(b.cancelled_on, b.completed_on) is null)) as active_bookings,
+            count(*) filter (where b.cancelled_on <= p_date) as cancelled_sessions,
+            sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_hours,
+            sum(b.duration_minutes) filter (where b.completed_on <= p_date and (b.next_month_on > p_date or b.next_month_on is null)) as monthly_hours
         from (
-                 select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                 from "public".bookings b
-                 union all
-                 select b.client_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                 from "public".bookings b
-                 where b.client_id <> b.tutor_id
-             ) as b
-        where least(b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at) < v_day_end
+            select * from (
+                select b.user_id, b.duration_minutes,
+                       (b.created_at at time zone v_time_zone)::date as created_on,
+                       (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
+                       (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
+                       (b.completed_at at time zone v_time_zone)::date as completed_on,
+                       (b.session_start at time zone v_time_zone)::date as session_on,
+                       (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                from (
+                    select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
+                    from "public".bookings b
+                    union all
+                    select b.client_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
+                    from "public".bookings b
+                    where b.client_id <> b.tutor_id
+                ) as b
+            ) as b
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as b
         group by b.user_id
     ),
-    student_totals as (
-        -- one row per (tutor, client) pair with at least one booking completed as of D
+    student_days as (
+        -- completed bookings of each (tutor, client) pair, in completion order
         select
             pair.tutor_id as user_id,
-            count(*) as total_students,
-            count(*) filter (where pair.completed_in_30_days) as active_students,
-            count(*) filter (where pair.first_completed_at >= v_month_start) as new_students,
-            count(*) filter (where pair.completed_bookings >= 2) as returning_students
+            count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date) as total_students,
+            count(*) filter (where pair.completed_on <= p_date and (least(pair.next_completed_on, pair.completed_on + 30) > p_date or least(pair.next_completed_on, pair.completed_on + 30) is null)) as active_students,
+            count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date and (pair.next_month_on > p_date or pair.next_month_on is null)) as new_students,
+            count(*) filter (where pair.nth = 2 and pair.completed_on <= p_date) as returning_students
         from (
-                 select b.tutor_id,
-                        b.client_id,
-                        count(*) as completed_bookings,
-                        min(b.completed_at) as first_completed_at,
-                        bool_or(b.completed_at >= v_window30_start) as completed_in_30_days
-                 from "public".bookings b
-                 where b.completed_at < v_day_end
-                 group by b.tutor_id, b.client_id
-             ) as pair
+            select * from (
+                select b.tutor_id,
+                       (b.completed_at at time zone v_time_zone)::date as completed_on,
+                       (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
+                       row_number() over pair_order as nth,
+                       lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
+                from "public".bookings b
+                where b.completed_at is not null
+                window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
+            ) as pair
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as pair
         group by pair.tutor_id
     ),
-    review_totals as (
-        -- reviews received, as of D
+    review_days as (
+        -- reviews received
         select
             r.reviewee_id as user_id,
-            round(avg(r.rating), 2) as average_rating,
-            count(*) as total_reviews,
-            count(*) filter (where r.rating = 5) as five_star_reviews
-        from "public".reviews r
-        where r.created_at < v_day_end
+            sum(r.rating) filter (where r.created_on <= p_date) as average_rating,
+            count(*) filter (where r.created_on <= p_date) as total_reviews,
+            count(*) filter (where r.rating = 5 and r.created_on <= p_date) as five_star_reviews
+        from (
+            select * from (
+                select r.reviewee_id, r.rating, (r.created_at at time zone v_time_zone)::date as created_on
+                from "public".reviews r
+            ) as r
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as r
         group by r.reviewee_id
     ),
-    listing_totals as (
+    listing_days as (
         -- listings owned
         select
             l.tutor_id as user_id,
-            count(*) filter (where l.published_at < v_day_end and (l.archived_at is null or l.archived_at >= v_day_end)) as active_listings,
-            count(*) filter (where l.created_at < v_day_end) as total_listings
-        from "public".listings l
-        where least(l.created_at, l.published_at) < v_day_end
+            count(*) filter (where l.published_on <= p_date and (l.archived_on > p_date or l.archived_on is null)) as active_listings,
+            count(*) filter (where l.created_on <= p_date) as total_listings
+        from (
+            select * from (
+                select l.tutor_id,
+                       (l.created_at at time zone v_time_zone)::date as created_on,
+                       (l.published_at at time zone v_time_zone)::date as published_on,
+                       (l.archived_at at time zone v_time_zone)::date as archived_on
+                from "public".listings l
+            ) as l
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as l
         group by l.tutor_id
     ),
-    listing_view_totals as (
-        -- views of the user's listings in the 30-day window
+    listing_view_days as (
+        -- views of the user's listings
         select
-            l.tutor_id as user_id,
-            count(*) as listing_views
-        from "public".listing_views v
-             join "public".listings l on l.id = v.listing_id
-        where v.viewed_at >= v_window30_start and v.viewed_at < v_day_end
-        group by l.tutor_id
+            v.tutor_id as user_id,
+            count(*) filter (where v.viewed_on between p_date - 29 and p_date) as listing_views
+        from (
+            select * from (
+                select l.tutor_id, (v.viewed_at at time zone v_time_zone)::date as viewed_on
+                from "public".listing_views v
+                join "public".listings l on l.id = v.listing_id
+            ) as v
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as v
+        group by v.tutor_id
     ),
-    listing_booking_totals as (
-        -- bookings made through the user's listings, as of D
+    listing_booking_days as (
+        -- bookings made through the user's listings
         select
-            l.tutor_id as user_id,
-            count(*) as listing_bookings
-        from "public".bookings b
-             join "public".listings l on l.id = b.listing_id
-        where b.created_at < v_day_end
-        group by l.tutor_id
+            b.tutor_id as user_id,
+            count(*) filter (where b.created_on <= p_date) as listing_bookings
+        from (
+            select * from (
+                select l.tutor_id, (b.created_at at time zone v_time_zone)::date as created_on
+                from "public".bookings b
+                join "public".listings l on l.id = b.listing_id
+            ) as b
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as b
+        group by b.tutor_id
     ),
-    message_totals as (
-        -- one row per (user, conversation) with a message sent or received as of D
+    received_message_days as (
+        -- messages to the user
+        select
+            m.recipient_id as user_id,
+            count(*) filter (where m.created_on <= p_date and (m.read_on > p_date or m.read_on is null)) as unread_messages
+        from (
+            select * from (
+                select m.recipient_id,
+                       (m.created_at at time zone v_time_zone)::date as created_on,
+                       (m.read_at at time zone v_time_zone)::date as read_on
+                from "public".messages m
+            ) as m
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as m
+        group by m.recipient_id
+    ),
+    conversation_days as (
+        -- the first day of each (user, conversation) with a message sent or received
         select
             conversation.user_id as user_id,
-            sum(conversation.unread) as unread_messages,
-            count(*) as conversations
+            count(*) filter (where conversation.first_on <= p_date) as conversations
         from (
-                 select side.user_id, side.conversation_id, count(*) filter (where side.unread) as unread
-                 from (
-                     select m.sender_id as user_id, m.conversation_id, false as unread
-                     from "public".messages m
-                     where m.created_at < v_day_end
-                     union all
-                     select m.recipient_id, m.conversation_id, m.read_at is null or m.read_at >= v_day_end
-                     from "public".messages m
-                     where m.created_at < v_day_end
-                 ) as side
-                 group by side.user_id, side.conversation_id
-             ) as conversation
+            select * from (
+                select side.user_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
+                from (
+                    select m.sender_id as user_id, m.conversation_id, m.created_at
+                    from "public".messages m
+                    union all
+                    select m.recipient_id, m.conversation_id, m.created_at
+                    from "public".messages m
+                ) as side
+                group by side.user_id, side.conversation_id
+            ) as conversation
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as conversation
         group by conversation.user_id
     ),
-    referral_totals as (
+    referral_days as (
         -- referrals the user made
         select
             r.referrer_id as user_id,
-            count(*) filter (where r.created_at < v_day_end) as referrals_made,
-            count(*) filter (where r.created_at < v_day_end and r.converted_at < v_day_end) as referrals_converted,
-            sum(r.commission) filter (where r.converted_at < v_day_end) as referral_earnings
-        from "public".referrals r
-        where least(r.created_at, r.converted_at) < v_day_end
+            count(*) filter (where r.created_on <= p_date) as referrals_made,
+            count(*) filter (where r.converted_on is not null and greatest(r.created_on, r.converted_on) <= p_date) as referrals_converted,
+            sum(r.commission) filter (where r.converted_on <= p_date) as referral_earnings
+        from (
+            select * from (
+                select r.referrer_id, r.commission,
+                       (r.created_at at time zone v_time_zone)::date as created_on,
+                       (r.converted_at at time zone v_time_zone)::date as converted_on
+                from "public".referrals r
+            ) as r
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as r
         group by r.referrer_id
     ),
-    latest_caas_score as (
-        -- the latest score computed as of D; ties on computed_at go to the highest id
+    caas_days as (
+        -- each score from the day it was computed until the day the next one was (ties on computed_at: highest id last)
         select
-            distinct on (c.user_id)
             c.user_id as user_id,
-            c.score as caas_score,
-            c.profile_completeness as profile_completeness
-        from "public".caas_scores c
-        where c.computed_at < v_day_end
-        order by c.user_id, c.computed_at desc, c.id desc
+            sum(c.score) filter (where c.computed_on <= p_date and (c.next_on > p_date or c.next_on is null)) as caas_score,
+            sum(c.profile_completeness) filter (where c.computed_on <= p_date and (c.next_on > p_date or c.next_on is null)) as profile_completeness,
+            count(*) filter (where c.computed_on <= p_date and (c.next_on > p_date or c.next_on is null)) as caas_rows
+        from (
+            select * from (
+                select c.user_id, c.score, c.profile_completeness,
+                       (c.computed_at at time zone v_time_zone)::date as computed_on,
+                       lead((c.computed_at at time zone v_time_zone)::date) over (partition by c.user_id order by c.computed_at, c.id) as next_on
+                from "public".caas_scores c
+            ) as c
+            offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
+        ) as c
+        group by c.user_id
     )
     insert into "public".user_statistics_daily as stored (
         user_id,
@@ -210,49 +283,50 @@ begin
     select
         p.id as user_id,
         p_date as date,
-        coalesce(transaction_totals.total_earnings, 0) as total_earnings,
-        coalesce(transaction_totals.monthly_earnings, 0) as monthly_earnings,
-        coalesce(transaction_totals.pending_earnings, 0) as pending_earnings,
-        coalesce(transaction_totals.total_spent, 0) as total_spent,
-        coalesce(transaction_totals.monthly_spent, 0) as monthly_spent,
-        coalesce(booking_totals.completed_sessions, 0) as completed_sessions,
-        coalesce(booking_totals.monthly_sessions, 0) as monthly_sessions,
-        coalesce(booking_totals.upcoming_sessions, 0) as upcoming_sessions,
-        coalesce(booking_totals.active_bookings, 0) as active_bookings,
-        coalesce(booking_totals.cancelled_sessions, 0) as cancelled_sessions,
-        coalesce(booking_totals.total_hours, 0) as total_hours,
-        coalesce(booking_totals.monthly_hours, 0) as monthly_hours,
-        coalesce(student_totals.total_students, 0) as total_students,
-        coalesce(student_totals.active_students, 0) as active_students,
-        coalesce(student_totals.new_students, 0) as new_students,
-        coalesce(student_totals.returning_students, 0) as returning_students,
-        review_totals.average_rating as average_rating,
-        coalesce(review_totals.total_reviews, 0) as total_reviews,
-        coalesce(review_totals.five_star_reviews, 0) as five_star_reviews,
-        coalesce(listing_totals.active_listings, 0) as active_listings,
-        coalesce(listing_totals.total_listings, 0) as total_listings,
-        coalesce(listing_view_totals.listing_views, 0) as listing_views,
-        coalesce(listing_booking_totals.listing_bookings, 0) as listing_bookings,
-        coalesce(message_totals.unread_messages, 0) as unread_messages,
-        coalesce(message_totals.conversations, 0) as conversations,
-        coalesce(referral_totals.referrals_made, 0) as referrals_made,
-        coalesce(referral_totals.referrals_converted, 0) as referrals_converted,
-        coalesce(referral_totals.referral_earnings, 0) as referral_earnings,
-        latest_caas_score.caas_score as caas_score,
-        latest_caas_score.profile_completeness as profile_completeness,
+        coalesce(total_earnings, 0) as total_earnings,
+        coalesce(monthly_earnings, 0) as monthly_earnings,
+        coalesce(pending_earnings, 0) as pending_earnings,
+        coalesce(total_spent, 0) as total_spent,
+        coalesce(monthly_spent, 0) as monthly_spent,
+        coalesce(completed_sessions, 0) as completed_sessions,
+        coalesce(monthly_sessions, 0) as monthly_sessions,
+        coalesce(upcoming_sessions, 0) as upcoming_sessions,
+        coalesce(active_bookings, 0) as active_bookings,
+        coalesce(cancelled_sessions, 0) as cancelled_sessions,
+        coalesce(round(total_hours / 60.0, 2), 0) as total_hours,
+        coalesce(round(monthly_hours / 60.0, 2), 0) as monthly_hours,
+        coalesce(total_students, 0) as total_students,
+        coalesce(active_students, 0) as active_students,
+        coalesce(new_students, 0) as new_students,
+        coalesce(returning_students, 0) as returning_students,
+        round(average_rating::numeric / nullif(total_reviews, 0), 2) as average_rating,
+        coalesce(total_reviews, 0) as total_reviews,
+        coalesce(five_star_reviews, 0) as five_star_reviews,
+        coalesce(active_listings, 0) as active_listings,
+        coalesce(total_listings, 0) as total_listings,
+        coalesce(listing_views, 0) as listing_views,
+        coalesce(listing_bookings, 0) as listing_bookings,
+        coalesce(unread_messages, 0) as unread_messages,
+        coalesce(conversations, 0) as conversations,
+        coalesce(referrals_made, 0) as referrals_made,
+        coalesce(referrals_converted, 0) as referrals_converted,
+        coalesce(referral_earnings, 0) as referral_earnings,
+        case when caas_rows > 0 then caas_score end as caas_score,
+        case when caas_rows > 0 then profile_completeness end as profile_completeness,
         now() as updated_at
     from "public".profiles p
-    left join transaction_totals on transaction_totals.user_id = p.id
-    left join booking_totals on booking_totals.user_id = p.id
-    left join student_totals on student_totals.user_id = p.id
-    left join review_totals on review_totals.user_id = p.id
-    left join listing_totals on listing_totals.user_id = p.id
-    left join listing_view_totals on listing_view_totals.user_id = p.id
-    left join listing_booking_totals on listing_booking_totals.user_id = p.id
-    left join message_totals on message_totals.user_id = p.id
-    left join referral_totals on referral_totals.user_id = p.id
-    left join latest_caas_score on latest_caas_score.user_id = p.id
-    where p.created_at < v_day_end
+    left join transaction_days on transaction_days.user_id = p.id
+    left join booking_days on booking_days.user_id = p.id
+    left join student_days on student_days.user_id = p.id
+    left join review_days on review_days.user_id = p.id
+    left join listing_days on listing_days.user_id = p.id
+    left join listing_view_days on listing_view_days.user_id = p.id
+    left join listing_booking_days on listing_booking_days.user_id = p.id
+    left join received_message_days on received_message_days.user_id = p.id
+    left join conversation_days on conversation_days.user_id = p.id
+    left join referral_days on referral_days.user_id = p.id
+    left join caas_days on caas_days.user_id = p.id
+    where (p.created_at at time zone v_time_zone)::date <= p_date
     on conflict (user_id, date) do update
     set
         total_earnings = excluded.total_earnings,

@@ -63,12 +63,13 @@ begin
         from (
                  select t.user_id, t.kind, t.amount,
                         (t.created_at at time zone v_time_zone)::date as created_on,
-                        (t.available_at at time zone v_time_zone)::date as available_on
+                        (t.available_at at time zone v_time_zone)::date as available_on,
+                        (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
                  from "public".transactions t
              ) as t
         cross join lateral (values
             (t.created_on, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end),
-            (case when (date_trunc('month', t.created_on) + interval '1 month')::date > t.created_on then (date_trunc('month', t.created_on) + interval '1 month')::date when (date_trunc('month', t.created_on) + interval '1 month')::date <= t.created_on then t.created_on end, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end)),
+            (case when t.next_month_on > t.created_on then t.next_month_on when t.next_month_on <= t.created_on then t.created_on end, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end)),
             (case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end, 0, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0)
         ) as change (day, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent)
         where change.day <= p_last
@@ -94,7 +95,8 @@ begin
                         (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (b.session_start at time zone v_time_zone)::date as session_on
+                        (b.session_start at time zone v_time_zone)::date as session_on,
+                        (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
                  from (
                      select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                      from "public".bookings b
@@ -106,7 +108,7 @@ begin
              ) as b
         cross join lateral (values
             (b.completed_on, 1, 1, 0, 0, 0, b.duration_minutes, b.duration_minutes),
-            (case when (date_trunc('month', b.completed_on) + interval '1 month')::date > b.completed_on then (date_trunc('month', b.completed_on) + interval '1 month')::date when (date_trunc('month', b.completed_on) + interval '1 month')::date <= b.completed_on then b.completed_on end, 0, -1, 0, 0, 0, 0, -(b.duration_minutes)),
+            (case when b.next_month_on > b.completed_on then b.next_month_on when b.next_month_on <= b.completed_on then b.completed_on end, 0, -1, 0, 0, 0, 0, -(b.duration_minutes)),
             (b.confirmed_on, 0, 0, 1, 0, 0, 0, 0),
             (case when least(b.session_on, b.cancelled_on, b.completed_on) > b.confirmed_on then least(b.session_on, b.cancelled_on, b.completed_on) when least(b.session_on, b.cancelled_on, b.completed_on) <= b.confirmed_on then b.confirmed_on end, 0, 0, -1, 0, 0, 0, 0),
             (b.created_on, 0, 0, 0, 1, 0, 0, 0),
@@ -119,62 +121,32 @@ begin
         group by 1, 2
     ),
     student_days as (
-        -- completed bookings of each (tutor, client) pair, numbered in completion order: what changes on each day
+        -- completed bookings of each (tutor, client) pair, in completion order: what changes on each day
         select
             pair.tutor_id as user_id,
             greatest(change.day, p_first) as day,
             sum(change.total_students)::integer as total_students,
+            sum(change.active_students)::integer as active_students,
             sum(change.new_students)::integer as new_students,
             sum(change.returning_students)::integer as returning_students
         from (
                  select b.tutor_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        row_number() over (partition by b.tutor_id, b.client_id order by b.completed_at) as nth
+                        (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
+                        row_number() over pair_order as nth,
+                        lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
                  from "public".bookings b
                  where b.completed_at is not null
+                 window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
              ) as pair
         cross join lateral (values
-            (pair.completed_on, case when pair.nth = 1 then 1 end, case when pair.nth = 1 then 1 end, case when pair.nth = 2 then 1 end),
-            (case when (date_trunc('month', pair.completed_on) + interval '1 month')::date > pair.completed_on then (date_trunc('month', pair.completed_on) + interval '1 month')::date when (date_trunc('month', pair.completed_on) + interval '1 month')::date <= pair.completed_on then pair.completed_on end, 0, -(case when pair.nth = 1 then 1 end), 0)
-        ) as change (day, total_students, new_students, returning_students)
+            (pair.completed_on, case when pair.nth = 1 then 1 end, 1, case when pair.nth = 1 then 1 end, case when pair.nth = 2 then 1 end),
+            (case when least(pair.next_completed_on, pair.completed_on + 30) > pair.completed_on then least(pair.next_completed_on, pair.completed_on + 30) when least(pair.next_completed_on, pair.completed_on + 30) <= pair.completed_on then pair.completed_on end, 0, -1, 0, 0),
+            (case when pair.next_month_on > pair.completed_on then pair.next_month_on when pair.next_month_on <= pair.completed_on then pair.completed_on end, 0, 0, -(case when pair.nth = 1 then 1 end), 0)
+        ) as change (day, total_students, active_students, new_students, returning_students)
         where change.day <= p_last
           and (pair.tutor_id >= p_users_from or p_users_from is null) and (pair.tutor_id < p_users_to or p_users_to is null)
           and (pair.tutor_id = any (p_users) or p_users is null)
-        group by 1, 2
-    ),
-    student_islands as (
-        -- the runs of days on which a (tutor, client) pair has a completion in the 30-day window: what changes on each day
-        select
-            island.tutor_id as user_id,
-            greatest(change.day, p_first) as day,
-            sum(change.active_students)::integer as active_students
-        from (
-                 select island.tutor_id,
-                        min(island.completed_on) as first_on,
-                        max(island.completed_on) + 30 as gone_on
-                 from (
-                     select b.tutor_id, b.client_id, b.completed_on,
-                            -- a completion more than 30 days after the previous one starts a new run
-                            count(*) filter (where b.starts_run) over (partition by b.tutor_id, b.client_id order by b.completed_on) as run
-                     from (
-                         select b.tutor_id, b.client_id, b.completed_on,
-                                b.completed_on - lag(b.completed_on) over (partition by b.tutor_id, b.client_id order by b.completed_on) > 30 is not false as starts_run
-                         from (
-                             select b.tutor_id, b.client_id, (b.completed_at at time zone v_time_zone)::date as completed_on
-                             from "public".bookings b
-                             where b.completed_at is not null
-                         ) as b
-                     ) as b
-                 ) as island
-                 group by island.tutor_id, island.client_id, island.run
-             ) as island
-        cross join lateral (values
-            (island.first_on, 1),
-            (case when island.gone_on > island.first_on then island.gone_on when island.gone_on <= island.first_on then island.first_on end, -1)
-        ) as change (day, active_students)
-        where change.day <= p_last
-          and (island.tutor_id >= p_users_from or p_users_from is null) and (island.tutor_id < p_users_to or p_users_to is null)
-          and (island.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
     review_days as (
@@ -234,7 +206,7 @@ begin
              ) as v
         cross join lateral (values
             (v.viewed_on, 1),
-            (case when v.viewed_on + 30 > v.viewed_on then v.viewed_on + 30 when v.viewed_on + 30 <= v.viewed_on then v.viewed_on end, -1)
+            (v.viewed_on + 30, -1)
         ) as change (day, listing_views)
         where change.day <= p_last
           and (v.tutor_id >= p_users_from or p_users_from is null) and (v.tutor_id < p_users_to or p_users_to is null)
@@ -288,12 +260,12 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.conversations)::integer as conversations
         from (
-                 select side.user_id, min(side.created_on) as first_on
+                 select side.user_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
                  from (
-                     select m.sender_id as user_id, m.conversation_id, (m.created_at at time zone v_time_zone)::date as created_on
+                     select m.sender_id as user_id, m.conversation_id, m.created_at
                      from "public".messages m
                      union all
-                     select m.recipient_id, m.conversation_id, (m.created_at at time zone v_time_zone)::date
+                     select m.recipient_id, m.conversation_id, m.created_at
                      from "public".messages m
                  ) as side
                  group by side.user_id, side.conversation_id
@@ -356,113 +328,36 @@ begin
 
     first_days as (
         -- every user created by p_last gets rows from the day they were created (or p_first)
-        select p.id as user_id, (p.created_at at time zone v_time_zone)::date as created_on
-        from "public".profiles p
-        where (p.created_at at time zone v_time_zone)::date <= p_last
-          and (p.id >= p_users_from or p_users_from is null) and (p.id < p_users_to or p_users_to is null)
-          and (p.id = any (p_users) or p_users is null)
+        select p.id as user_id, greatest(p.created_on, p_first) as day, p.created_on
+        from (
+            select p.id, (p.created_at at time zone v_time_zone)::date as created_on
+            from "public".profiles p
+            where (p.id >= p_users_from or p_users_from is null) and (p.id < p_users_to or p_users_to is null)
+              and (p.id = any (p_users) or p_users is null)
+        ) as p
+        where p.created_on <= p_last
     ),
     changes as (
-        select user_id, greatest(created_on, p_first) as day, created_on,
-               null::numeric as total_earnings,
-               null::numeric as monthly_earnings,
-               null::numeric as pending_earnings,
-               null::numeric as total_spent,
-               null::numeric as monthly_spent,
-               null::integer as completed_sessions,
-               null::integer as monthly_sessions,
-               null::integer as upcoming_sessions,
-               null::integer as active_bookings,
-               null::integer as cancelled_sessions,
-               null::integer as total_hours,
-               null::integer as monthly_hours,
-               null::integer as total_students,
-               null::integer as active_students,
-               null::integer as new_students,
-               null::integer as returning_students,
-               null::integer as average_rating,
-               null::integer as total_reviews,
-               null::integer as five_star_reviews,
-               null::integer as active_listings,
-               null::integer as total_listings,
-               null::integer as listing_views,
-               null::integer as listing_bookings,
-               null::integer as unread_messages,
-               null::integer as conversations,
-               null::integer as referrals_made,
-               null::integer as referrals_converted,
-               null::numeric as referral_earnings,
-               null::numeric as caas_score,
-               null::numeric as profile_completeness,
-               null::integer as caas_rows
-        from first_days
-        union all
-        select user_id, day, null,
-               total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent, null, null, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null, null, null, null
-        from transaction_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, completed_sessions, monthly_sessions, upcoming_sessions,
-               active_bookings, cancelled_sessions, total_hours, monthly_hours, null, null, null, null, null, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null
-        from booking_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, total_students, null,
-               new_students, returning_students, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null
-        from student_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, active_students, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null
-        from student_islands
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               average_rating, total_reviews, five_star_reviews, null, null, null, null, null, null, null, null,
-               null, null, null, null
-        from review_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, active_listings, total_listings, null, null, null, null, null, null, null, null,
-               null, null
-        from listing_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null, null, listing_views, null, null, null, null, null, null, null, null, null
-        from listing_view_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null, null, null, listing_bookings, null, null, null, null, null, null, null, null
-        from listing_booking_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null, null, null, null, unread_messages, null, null, null, null, null, null, null
-        from received_message_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null, null, null, null, null, conversations, null, null, null, null, null, null
-        from conversation_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null, null, null, null, null, null, referrals_made, referrals_converted,
-               referral_earnings, null, null, null
-        from referral_days
-        union all
-        select user_id, day, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, null, null, null, null,
-               null, null, null, null, null, null, null, null, null, null, null, null, caas_score,
+        select user_id, day, created_on,
+               total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent,
+               completed_sessions, monthly_sessions, upcoming_sessions, active_bookings,
+               cancelled_sessions, total_hours, monthly_hours, total_students, active_students,
+               new_students, returning_students, average_rating, total_reviews, five_star_reviews,
+               active_listings, total_listings, listing_views, listing_bookings, unread_messages,
+               conversations, referrals_made, referrals_converted, referral_earnings, caas_score,
                profile_completeness, caas_rows
-        from caas_days
+        from first_days
+        full join transaction_days using (user_id, day)
+        full join booking_days using (user_id, day)
+        full join student_days using (user_id, day)
+        full join review_days using (user_id, day)
+        full join listing_days using (user_id, day)
+        full join listing_view_days using (user_id, day)
+        full join listing_booking_days using (user_id, day)
+        full join received_message_days using (user_id, day)
+        full join conversation_days using (user_id, day)
+        full join referral_days using (user_id, day)
+        full join caas_days using (user_id, day)
     ),
     running as (
         select

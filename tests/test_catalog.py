@@ -1,0 +1,58 @@
+"""The catalog's one definition per metric: what it accepts, and the conditions generated from a span."""
+
+import shutil
+
+import pytest
+
+from conftest import SQL_DIR
+from toolkit.catalog import Span, load_catalog
+from toolkit.errors import UsageError
+
+
+def test_a_span_counts_from_the_day_it_enters_until_the_day_it_leaves():
+    assert Span("s", "1", "t.created_on").counts_on("p_date") == "t.created_on <= p_date"
+    assert Span("s", "1", "t.created_on", leaves="t.available_on").counts_on("p_date") == (
+        "t.created_on <= p_date and (t.available_on > p_date or t.available_on is null)")
+    assert Span("s", "1", "m.created_on", days=1).counts_on("p_date") == "m.created_on = p_date"
+    window = Span("s", "1", "v.viewed_on", days=30)
+    assert window.counts_on("p_date") == "v.viewed_on between p_date - 29 and p_date"
+    assert window.leaving_day == "v.viewed_on + 30"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('days = 30\nleaves = "v.viewed_on"', "has both leaves and days: a row leaves once"),
+    ("days = 0", "has days = 0: use a whole number of days, 1 or more"),
+    ('sum_type = "bigint"', "has sum_type 'bigint': use integer or numeric"),
+])
+def test_a_bad_span_is_refused_by_name(tmp_path, entry, message):
+    catalog = tmp_path / "catalog.toml"
+    shutil.copy(SQL_DIR / "catalog.toml", catalog)
+    text = catalog.read_text()
+    anchor = 'name = "listing_views"\n'
+    listing_views = text.index(anchor)
+    end = text.index("\n\n", listing_views)
+    block = "\n".join(line for line in text[listing_views:end].splitlines() if not line.startswith("days"))
+    catalog.write_text(text[:listing_views] + block + "\n" + entry + text[end:])
+    with pytest.raises(UsageError) as refused:
+        load_catalog(catalog)
+    assert str(refused.value) == f"catalog: user_statistics_daily.listing_views {message}"
+
+
+def test_every_metric_is_one_entry_with_no_second_form():
+    """Guard for the one-definition rule: the catalog states no SQL aggregate next to a span."""
+    text = (SQL_DIR / "catalog.toml").read_text()
+    assert "\nsql = " not in text and ".range]" not in text and "range_sources" not in text
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    for rollup in (catalog.user, catalog.platform):
+        assert all(m.span is not None for m in rollup.metrics)
+
+
+def test_the_lookback_default_follows_change_capture():
+    from toolkit.settings import Settings
+
+    assert Settings().lookback_days == 1 and Settings(capture=False).lookback_days == 3
+    assert Settings().merged(capture=False).lookback_days == 3  # the log no longer repairs late data
+    assert Settings(capture=False).merged(capture=True).lookback_days == 1
+    assert Settings(lookback_days=5).merged(capture=False).lookback_days == 5  # a chosen value stays
+    # a deployment that stored the old default keeps it
+    assert Settings.from_dict({"lookback_days": "3", "capture": "True"}).merged().lookback_days == 3
