@@ -51,16 +51,23 @@ def test_cron_jobs_are_registered_for_the_target_database(dsn):
     assert jobs["aggregate-platform-statistics"].command == (
         'select "public".aggregate_platform_changes(); select "public".aggregate_daily_statistics()')
     assert jobs["aggregate-user-statistics"].schedule == "0 1 * * *"
+    # with change capture the log repairs late data: yesterday alone, no lookback days
     assert jobs["aggregate-user-statistics"].command == (
-        'select "public".aggregate_user_changes(); select "public".aggregate_user_statistics(); '
-        'select "public".aggregate_user_statistics(null, '
-        "(now() at time zone 'UTC')::date - n) from generate_series(2, 3) as n")
+        'select "public".aggregate_user_changes(); select "public".aggregate_user_statistics()')
     assert all(j.active for j in jobs.values())
     # a job moved by hand is put back by the next migrate
     with cron_connection() as conn:
         conn.execute("update cron.job set schedule = '0 5 * * *' where jobid = %s", [jobs["aggregate-user-statistics"].jobid])
     assert [j.name for j in deploy(dsn).jobs] == ["aggregate-user-statistics"]
     assert jobs_for(dbname)["aggregate-user-statistics"].schedule == "0 1 * * *"
+
+
+def test_without_capture_the_user_job_rewrites_three_lookback_days_by_default(dsn):
+    deploy(dsn, capture=False)
+    jobs = jobs_for(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+    assert jobs["aggregate-user-statistics"].command == (
+        'select "public".aggregate_user_statistics(); select "public".aggregate_user_statistics(null, '
+        "(now() at time zone 'UTC')::date - n) from generate_series(2, 3) as n")
 
 
 def test_without_capture_and_lookback_the_jobs_are_the_specs_literal_ones(dsn):
