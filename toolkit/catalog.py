@@ -143,6 +143,12 @@ class Rollup:
     def sums_of(self, source: Source) -> list[Sum]:
         return [s for s in self.sums if s.span.source == source.name]
 
+    def entered_by(self, source: Source, day: str) -> str:
+        """Whether a row of the source counts for any sum by `day`: none counts before it enters."""
+        enters = list(dict.fromkeys(s.span.enters for s in self.sums_of(source)))
+        first = enters[0] if len(enters) == 1 else f"least({', '.join(enters)})"
+        return f"{first} <= {day}"
+
     def changes(self, source: Source) -> tuple[list[Sum], list[tuple[str, list[str]]]]:
         """The sums a source feeds, and its change rows: (day, signed value per sum), one per
         distinct day expression. A row adds a value on the day it enters and takes it back on

@@ -36,6 +36,7 @@ begin
             ) as p
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as p
+        where p.created_on <= p_date -- rows that enter later count on no day up to D
     ),
     listing_days as (
         -- listings
@@ -49,6 +50,7 @@ begin
             ) as l
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as l
+        where l.published_on <= p_date -- rows that enter later count on no day up to D
     ),
     booking_days as (
         -- bookings
@@ -71,6 +73,7 @@ begin
               or (b.cancelled_at >= v_day_start and b.cancelled_at < v_day_end)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
+        where least(b.created_on, b.completed_on, b.cancelled_on) <= p_date -- rows that enter later count on no day up to D
     ),
     transaction_days as (
         -- transactions
@@ -86,6 +89,7 @@ begin
             where t.created_at >= v_day_start and t.created_at < v_day_end
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as t
+        where t.created_on <= p_date -- rows that enter later count on no day up to D
     ),
     review_days as (
         -- reviews
@@ -100,6 +104,7 @@ begin
             ) as r
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
+        where r.created_on <= p_date -- rows that enter later count on no day up to D
     ),
     message_days as (
         -- messages
@@ -114,6 +119,7 @@ begin
             where m.created_at >= v_day_start and m.created_at < v_day_end
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as m
+        where m.created_on <= p_date -- rows that enter later count on no day up to D
     ),
     referral_days as (
         -- referrals
@@ -128,6 +134,7 @@ begin
             where r.converted_at >= v_day_start and r.converted_at < v_day_end
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
+        where r.converted_on <= p_date -- rows that enter later count on no day up to D
     )
     insert into "public".platform_statistics_daily as stored (
         date,

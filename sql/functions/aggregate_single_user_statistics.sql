@@ -46,6 +46,7 @@ begin
                  from "public".transactions t
              ) as t
         where t.user_id = p_user_id
+          and t.created_on <= p_date
         group by t.user_id
     ),
     booking_days as (
@@ -77,6 +78,7 @@ begin
                  ) as b
              ) as b
         where b.user_id = p_user_id
+          and least(b.completed_on, b.confirmed_on, b.created_on, b.cancelled_on) <= p_date
         group by b.user_id
     ),
     student_days as (
@@ -98,6 +100,7 @@ begin
                  window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
              ) as pair
         where pair.tutor_id = p_user_id
+          and pair.completed_on <= p_date
         group by pair.tutor_id
     ),
     review_days as (
@@ -112,6 +115,7 @@ begin
                  from "public".reviews r
              ) as r
         where r.reviewee_id = p_user_id
+          and r.created_on <= p_date
         group by r.reviewee_id
     ),
     listing_days as (
@@ -128,6 +132,7 @@ begin
                  from "public".listings l
              ) as l
         where l.tutor_id = p_user_id
+          and least(l.published_on, l.created_on) <= p_date
         group by l.tutor_id
     ),
     listing_view_days as (
@@ -141,6 +146,7 @@ begin
                  join "public".listings l on l.id = v.listing_id
              ) as v
         where v.tutor_id = p_user_id
+          and v.viewed_on <= p_date
         group by v.tutor_id
     ),
     listing_booking_days as (
@@ -154,6 +160,7 @@ begin
                  join "public".listings l on l.id = b.listing_id
              ) as b
         where b.tutor_id = p_user_id
+          and b.created_on <= p_date
         group by b.tutor_id
     ),
     received_message_days as (
@@ -168,6 +175,7 @@ begin
                  from "public".messages m
              ) as m
         where m.recipient_id = p_user_id
+          and m.created_on <= p_date
         group by m.recipient_id
     ),
     conversation_days as (
@@ -187,6 +195,7 @@ begin
                  group by side.user_id, side.conversation_id
              ) as conversation
         where conversation.user_id = p_user_id
+          and conversation.first_on <= p_date
         group by conversation.user_id
     ),
     referral_days as (
@@ -203,6 +212,7 @@ begin
                  from "public".referrals r
              ) as r
         where r.referrer_id = p_user_id
+          and least(r.created_on, greatest(r.created_on, r.converted_on), r.converted_on) <= p_date
         group by r.referrer_id
     ),
     caas_days as (
@@ -219,6 +229,7 @@ begin
                  from "public".caas_scores c
              ) as c
         where c.user_id = p_user_id
+          and c.computed_on <= p_date
         group by c.user_id
     )
     insert into "public".user_statistics_daily as stored (

@@ -50,6 +50,7 @@ begin
             ) as t
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as t
+        where t.created_on <= p_date -- rows that enter later count on no day up to D
         group by t.user_id
     ),
     booking_days as (
@@ -83,6 +84,7 @@ begin
             ) as b
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
+        where least(b.completed_on, b.confirmed_on, b.created_on, b.cancelled_on) <= p_date -- rows that enter later count on no day up to D
         group by b.user_id
     ),
     student_days as (
@@ -106,6 +108,7 @@ begin
             ) as pair
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as pair
+        where pair.completed_on <= p_date -- rows that enter later count on no day up to D
         group by pair.tutor_id
     ),
     review_days as (
@@ -122,6 +125,7 @@ begin
             ) as r
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
+        where r.created_on <= p_date -- rows that enter later count on no day up to D
         group by r.reviewee_id
     ),
     listing_days as (
@@ -140,6 +144,7 @@ begin
             ) as l
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as l
+        where least(l.published_on, l.created_on) <= p_date -- rows that enter later count on no day up to D
         group by l.tutor_id
     ),
     listing_view_days as (
@@ -155,6 +160,7 @@ begin
             ) as v
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as v
+        where v.viewed_on <= p_date -- rows that enter later count on no day up to D
         group by v.tutor_id
     ),
     listing_booking_days as (
@@ -170,6 +176,7 @@ begin
             ) as b
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
+        where b.created_on <= p_date -- rows that enter later count on no day up to D
         group by b.tutor_id
     ),
     received_message_days as (
@@ -186,6 +193,7 @@ begin
             ) as m
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as m
+        where m.created_on <= p_date -- rows that enter later count on no day up to D
         group by m.recipient_id
     ),
     conversation_days as (
@@ -207,6 +215,7 @@ begin
             ) as conversation
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as conversation
+        where conversation.first_on <= p_date -- rows that enter later count on no day up to D
         group by conversation.user_id
     ),
     referral_days as (
@@ -225,6 +234,7 @@ begin
             ) as r
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
+        where least(r.created_on, greatest(r.created_on, r.converted_on), r.converted_on) <= p_date -- rows that enter later count on no day up to D
         group by r.referrer_id
     ),
     caas_days as (
@@ -243,6 +253,7 @@ begin
             ) as c
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as c
+        where c.computed_on <= p_date -- rows that enter later count on no day up to D
         group by c.user_id
     )
     insert into "public".user_statistics_daily as stored (
