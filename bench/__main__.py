@@ -43,26 +43,48 @@ def wal_bytes(conn, start, end):
     return conn.execute("select pg_wal_lsn_diff(%s, %s)", [end, start]).fetchone()[0]
 
 
-def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
-    dbname = f"bench_{users}"
+def generated_database(cluster, dbname, users, days, bookings_per_user, seed, first_day):
+    """Create `dbname` afresh with the generated source tables and migrate it; return its DSN, the
+    row count of each source table and the seconds the generation took."""
     with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
         admin.execute(f"drop database if exists {dbname} with (force)")
         admin.execute(f"create database {dbname}")
     dsn = cluster.dsn(dbname)
-    first_day = date(2026, 1, 1)
-    last_day = first_day + timedelta(days=days - 1)
-    row = {"users": users}
     with psycopg.connect(dsn, autocommit=True) as conn:
         started = time.perf_counter()
         counts = generate(conn, users, days, bookings_per_user, seed, first_day)
-        row["generate_s"] = time.perf_counter() - started
-        row["source_rows"] = sum(counts.values())
-        row["bookings"] = counts["bookings"]
+        seconds = time.perf_counter() - started
     target = Target.open(dsn, REPO / "sql")
     try:
         migrate(target, use_cron=False)
     finally:
         target.close()
+    return dsn, counts, seconds
+
+
+def copy_floor(dsn, day=None):
+    """(seconds, rows) to COPY the stored user rows, of `day` or of all days, into an identical
+    empty table with its indexes: the physical cost of writing them at all."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("create temporary table copy_floor (like user_statistics_daily including all)")
+        with conn.cursor().copy("copy (select * from user_statistics_daily where %s::date is null or date = %s)"
+                                " to stdout", [day, day]) as copy:
+            data = [bytes(block) for block in copy]
+        started = time.perf_counter()
+        with conn.cursor().copy("copy copy_floor from stdin") as copy:
+            for block in data:
+                copy.write(block)
+        conn.commit()
+        seconds = time.perf_counter() - started
+        return seconds, conn.execute("select count(*) from copy_floor").fetchone()[0]
+
+
+def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
+    first_day = date(2026, 1, 1)
+    last_day = first_day + timedelta(days=days - 1)
+    dsn, counts, generate_s = generated_database(cluster, f"bench_{users}", users, days, bookings_per_user, seed,
+                                                 first_day)
+    row = {"users": users, "generate_s": generate_s, "source_rows": sum(counts.values()), "bookings": counts["bookings"]}
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         fresh_days = [last_day - timedelta(days=i) for i in range(3)]
@@ -146,16 +168,7 @@ def bench_backfill(cluster, users, days):
         done = backfill.backfill(dsn, backfill.Request(first_day, last_day, jobs=jobs))
         row[f"jobs{jobs}_s"] = time.perf_counter() - started
         row["rows"] = done.rows_written
-    with psycopg.connect(dsn) as conn:
-        conn.execute("create temporary table copy_floor (like user_statistics_daily including all)")
-        with conn.cursor().copy("copy (select * from user_statistics_daily) to stdout") as copy:
-            data = [bytes(block) for block in copy]
-        started = time.perf_counter()
-        with conn.cursor().copy("copy copy_floor from stdin") as copy:
-            for block in data:
-                copy.write(block)
-        conn.commit()
-        row["copy_s"] = time.perf_counter() - started
+    row["copy_s"], _ = copy_floor(dsn)
     return row
 
 
@@ -239,18 +252,9 @@ def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720)):
     rows = []
     for days in histories:
         dbname = f"bench_history_{users}_{days}"
-        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-            admin.execute(f"drop database if exists {dbname} with (force)")
-            admin.execute(f"create database {dbname}")
-        dsn = cluster.dsn(dbname)
         first_day = date(2026, 1, 1)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            counts = generate(conn, users, days, round(bookings_per_day * days), seed, first_day)
-        target = Target.open(dsn, REPO / "sql")
-        try:
-            migrate(target, use_cron=False)
-        finally:
-            target.close()
+        dsn, counts, _ = generated_database(cluster, dbname, users, days, round(bookings_per_day * days), seed,
+                                            first_day)
         row = {"users": users, "days": days, "source_rows": sum(counts.values())}
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("vacuum analyze")
@@ -260,17 +264,7 @@ def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720)):
                           "select aggregate_daily_statistics(%s)", "select aggregate_user_statistics(null, %s)"))
                        for day in (last_day - timedelta(days=n) for n in range(3))]
             row["nightly_s"] = statistics.median(nightly)
-            conn.execute("create temporary table copy_floor (like user_statistics_daily including all)")
-            with conn.cursor().copy("copy (select * from user_statistics_daily where date = %s) to stdout",
-                                    [last_day]) as copy:
-                data = [bytes(block) for block in copy]
-            started = time.perf_counter()
-            with conn.transaction():
-                with conn.cursor().copy("copy copy_floor from stdin") as copy:
-                    for block in data:
-                        copy.write(block)
-            row["copy_s"] = time.perf_counter() - started
-            row["rows"] = conn.execute("select count(*) from copy_floor").fetchone()[0]
+        row["copy_s"], row["rows"] = copy_floor(dsn, last_day)
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute(f"drop database {dbname} with (force)")
         rows.append(row)

@@ -53,12 +53,8 @@ class Span:
         if self.days:
             object.__setattr__(self, "leaves", f"{self.enters} + {self.days}")
 
-    @property
-    def matched_value(self) -> str:
-        return f"case when {self.where} then {self.value} end" if self.where else self.value
-
     def signed(self, sign: str) -> str:
-        value = self.matched_value
+        value = f"case when {self.where} then {self.value} end" if self.where else self.value
         if sign == "+":
             return value
         return f"-{value}" if value.isalnum() else f"-({value})"

@@ -91,11 +91,8 @@ def _environment(sql_dir: Path) -> jinja2.Environment:
 def _resolve_snippets(rollup: Rollup, env: jinja2.Environment, source: str) -> Rollup:
     """Put the source schema into the catalog's SQL snippets."""
 
-    def fill(text):
-        return env.from_string(text).render(source=source) if text else text
-
-    return dataclasses.replace(
-        rollup, sources=tuple(dataclasses.replace(s, from_sql=fill(s.from_sql)) for s in rollup.sources))
+    return dataclasses.replace(rollup, sources=tuple(
+        dataclasses.replace(s, from_sql=env.from_string(s.from_sql).render(source=source)) for s in rollup.sources))
 
 
 def _tidy(text: str) -> str:
