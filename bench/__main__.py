@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 
+from toolkit.catalog import load_catalog
 from toolkit.cluster import LocalCluster
 from toolkit.migrate import Target, migrate
 
@@ -60,6 +61,17 @@ def generated_database(cluster, dbname, users, days, bookings_per_user, seed, fi
     finally:
         target.close()
     return dsn, counts, seconds
+
+
+def step_indexes(conn, tables=None):
+    """Create the indexes migrate advises for the nightly step (of `tables`, or all); return their names."""
+    names = []
+    for table, column in load_catalog(REPO / "sql" / "catalog.toml").step_lookups:
+        if tables is None or table in tables:
+            names.append(f"{table}_{column}_step_idx")
+            conn.execute(f"create index if not exists {names[-1]} on {table} ({column})")
+    conn.execute("analyze")
+    return names
 
 
 def copy_floor(dsn, day=None):
@@ -116,9 +128,13 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
         row["rerun_dead"] = after[1] - before[1]
         row["rerun_wal"] = wal_bytes(conn, before[2], after[2])
 
-        unwritten_day = last_day + timedelta(days=1)  # for the WAL of a first write, to compare with
+        # The next night, as the jobs run it: a step from the sums of last_day, through the indexes
+        # migrate advises for it (dropped again below: the write benches run without them).
+        unwritten_day = last_day + timedelta(days=1)  # also for the WAL of a first write, to compare with
+        created = step_indexes(conn)
+        row["step_platform_s"] = timed(conn, "select aggregate_daily_statistics(%s)", [unwritten_day])[0]
         start = table_writes(conn, "user_statistics_daily")
-        conn.execute("select aggregate_user_statistics(null, %s)", [unwritten_day])
+        row["step_s"] = timed(conn, "select aggregate_user_statistics(null, %s)", [unwritten_day])[0]
         row["first_write_wal"] = wal_bytes(conn, start[2], table_writes(conn, "user_statistics_daily")[2])
 
         # Late data for 1% of users: a re-run rewrites about that many rows, not the whole day.
@@ -135,6 +151,9 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
         row["late_rows_written"] = late_written[0]
         row["late_updated"] = after[0] - before[0]
         row["late_wal"] = wal_bytes(conn, before[2], after[2])
+        for name in created:
+            conn.execute(f"drop index {name}")
+    row["step_copy_s"], _ = copy_floor(dsn, unwritten_day)
     return row
 
 
@@ -217,6 +236,15 @@ def bench_capture(cluster, users, rounds=3):
                 key = f"{label}_{days_back}"
                 row[f"{key}_off_s"] = statistics.median(timings["off"])
                 row[f"{key}_on_s"] = statistics.median(timings["on"])
+        # The nightly step's advised indexes on bookings (five timestamps), with capture on, against
+        # the same writes with neither: what following migrate's advice costs the application.
+        created = step_indexes(conn, ["bookings"])
+        for label, count, single in (("single", 2000, True), ("bulk", 50000, False)):
+            for days_back in (0, 100):
+                row[f"{label}_{days_back}_indexed_s"] = statistics.median(
+                    insert_bookings(count, days_back, single) for _ in range(rounds))
+        for name in created:
+            conn.execute(f"drop index {name}")
 
         first, last = conn.execute("select min(date), max(date) from user_statistics_daily").fetchone()
         late_first = max(first, last - timedelta(days=89))
@@ -245,25 +273,35 @@ def bench_capture(cluster, users, rounds=3):
     return row
 
 
-def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720)):
-    """The nightly day (aggregate_daily_statistics and aggregate_user_statistics of one day, the
-    work of both jobs before their lookback) on the same users with the same daily activity and
-    a longer history, against the floor: a COPY of the rows that day writes."""
+def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720), last_day=date(2026, 10, 31)):
+    """The nightly day (aggregate_daily_statistics and aggregate_user_statistics of one day, both
+    jobs' work) on the same users with the same daily activity and a longer history, all ending
+    on `last_day` (a past day: sums are kept only for days before today). A first night sums
+    every user from history; the nights after it step from the sums, without and then with the
+    indexes migrate advises for the step. The floor: a COPY of the rows one day writes."""
     rows = []
     for days in histories:
         dbname = f"bench_history_{users}_{days}"
-        first_day = date(2026, 1, 1)
+        first_day = last_day - timedelta(days=days - 1)
         dsn, counts, _ = generated_database(cluster, dbname, users, days, round(bookings_per_day * days), seed,
                                             first_day)
         row = {"users": users, "days": days, "source_rows": sum(counts.values())}
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("vacuum analyze")
-            # The generated activity ends `days` days after first_day; its last days are the nightly's.
-            last_day = first_day + timedelta(days=days - 1)
-            nightly = [sum(timed(conn, query, [day])[0] for query in (
-                          "select aggregate_daily_statistics(%s)", "select aggregate_user_statistics(null, %s)"))
-                       for day in (last_day - timedelta(days=n) for n in range(3))]
-            row["nightly_s"] = statistics.median(nightly)
+
+            def night(day):
+                return sum(timed(conn, query, [day])[0] for query in (
+                    "select aggregate_daily_statistics(%s)", "select aggregate_user_statistics(null, %s)"))
+
+            # the generated activity runs on past last_day (sessions, reviews): the nights are its last days
+            nights = [last_day - timedelta(days=n) for n in range(6, -1, -1)]
+            row["history_s"] = night(nights[0])
+            row["step_s"] = statistics.median(night(day) for day in nights[1:4])
+            step_indexes(conn)
+            row["indexed_s"] = statistics.median(night(day) for day in nights[4:])
+            # the nights stepped: every user's sums are of the last one
+            row["stepped_users"] = conn.execute("select count(*) from statskit.user_statistics_daily_sums"
+                                                " where date = %s", [last_day]).fetchone()[0]
         row["copy_s"], row["rows"] = copy_floor(dsn, last_day)
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute(f"drop database {dbname} with (force)")
@@ -274,22 +312,26 @@ def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720)):
 
 def history_markdown(rows) -> str:
     base = rows[0]
-    out = ["| users | days of history | source rows | nightly day | ÷ shortest history | rows written "
-           "| COPY of those rows | nightly ÷ COPY |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| users | days of history | source rows | first night (from history) | step | step, advised indexes "
+           "| ÷ shortest history | rows written | COPY of those rows | step ÷ COPY |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['users']:,} | {r['days']} | {r['source_rows']:,} | {r['nightly_s']:.2f} s "
-                   f"| {r['nightly_s'] / base['nightly_s']:.2f}× | {r['rows']:,} | {r['copy_s']:.3f} s "
-                   f"| {r['nightly_s'] / r['copy_s']:.0f}× |")
+        out.append(f"| {r['users']:,} | {r['days']} | {r['source_rows']:,} | {r['history_s']:.2f} s "
+                   f"| {r['step_s']:.2f} s | {r['indexed_s']:.2f} s | {r['indexed_s'] / base['indexed_s']:.2f}× "
+                   f"| {r['rows']:,} | {r['copy_s']:.3f} s | {r['indexed_s'] / r['copy_s']:.1f}× |")
     return "\n".join(out) + "\n"
 
 
 def capture_markdown(rows) -> str:
-    out = ["| users | writes of bookings | dated | capture off | capture on | on ÷ off |", "|---:|---|---|---:|---:|---:|"]
+    out = ["| users | writes of bookings | dated | capture off | capture on | on ÷ off "
+           "| capture on, step indexes | ÷ off |", "|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         for label, text in (("single", "2,000 single-row inserts"), ("bulk", "one insert of 50,000 rows")):
             for days_back, dated in ((0, "today"), (100, "100 days back")):
-                off, on = r[f"{label}_{days_back}_off_s"], r[f"{label}_{days_back}_on_s"]
-                out.append(f"| {r['users']:,} | {text} | {dated} | {off:.3f} s | {on:.3f} s | {on / off:.2f}× |")
+                key = f"{label}_{days_back}"
+                off, on, indexed = r[f"{key}_off_s"], r[f"{key}_on_s"], r[f"{key}_indexed_s"]
+                out.append(f"| {r['users']:,} | {text} | {dated} | {off:.3f} s | {on:.3f} s | {on / off:.2f}× "
+                           f"| {indexed:.3f} s | {indexed / off:.2f}× |")
     out += ["", "| users | late import | users logged | nightly catch-up (users) | platform | rows written "
             "| every user, same days | catch-up ÷ every user |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -333,6 +375,18 @@ def markdown(rows, args, server_version, seconds) -> str:
             f"| {r['users']:,} | {r['source_rows']:,} | {r['generate_s']:.1f} s | {r['set_based_s']:.2f} s "
             f"| {r['rows_per_day'] / r['set_based_s']:,.0f} | {r['one_user_ms']:.2f} ms | {loop} "
             f"| {r['speedup']:.0f}× | {r['platform_s']:.3f} s |")
+    out += [
+        "",
+        "The next night as the jobs run it (change capture on): a step from the day before, with the indexes "
+        "migrate advises for it, against a COPY of the rows it writes:",
+        "",
+        "| users | user step | platform step | COPY of the day's rows | user step ÷ COPY | both ÷ COPY |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['users']:,} | {r['step_s']:.2f} s | {r['step_platform_s']:.3f} s | {r['step_copy_s']:.3f} s "
+            f"| {r['step_s'] / r['step_copy_s']:.1f}× | {(r['step_s'] + r['step_platform_s']) / r['step_copy_s']:.1f}× |")
     out += [
         "",
         "Re-running a stored day (rows whose numbers did not change are not rewritten):",

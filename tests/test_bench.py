@@ -10,6 +10,7 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
     try:
         assert row["rows_per_day"] > 0 and row["bookings"] > 1000
         assert row["loop_sampled"] and row["speedup"] > 0
+        assert row["step_s"] > 0 and row["step_platform_s"] > 0 and row["step_copy_s"] > 0
         assert (row["rerun_rows_written"], row["rerun_updated"], row["rerun_dead"]) == (0, 0, 0)
         assert row["late_rows_written"] == row["late_updated"] == row["late_users"] == 3
 
@@ -22,9 +23,11 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         assert "| 300 × 15 |" in backfill_markdown([filled])
         captured = bench_capture(cluster, users=300, rounds=1)
         assert captured["late100_logged"] == 100 and captured["late100_written"] > 0
-        assert captured["bulk_0_on_s"] > 0 and "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
+        assert captured["bulk_0_on_s"] > 0 and captured["single_100_indexed_s"] > 0 and "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
         history = bench_history(cluster, users=200, bookings_per_day=20 / 15, seed=0.5, histories=(15, 30))
-        assert [h["days"] for h in history] == [15, 30] and all(h["rows"] > 0 and h["nightly_s"] > 0 for h in history)
+        assert [h["days"] for h in history] == [15, 30]
+        assert all(h["rows"] > 0 and h["history_s"] > 0 and h["step_s"] > 0 and h["indexed_s"] > 0 for h in history)
+        assert all(h["stepped_users"] == h["rows"] for h in history)  # every user's row of the last night stepped
         assert history[1]["source_rows"] > 1.5 * history[0]["source_rows"]  # same daily activity, twice the days
         assert "| 200 | 30 |" in history_markdown(history)
     finally:

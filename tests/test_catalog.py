@@ -56,3 +56,37 @@ def test_the_lookback_default_follows_change_capture():
     assert Settings(lookback_days=5).merged(capture=False).lookback_days == 5  # a chosen value stays
     # a deployment that stored the old default keeps it
     assert Settings.from_dict({"lookback_days": "3", "capture": "True"}).merged().lookback_days == 3
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('changes_on = { viewed_at = [0, 30] }\n', "",
+     "source listing_view_days of user_statistics_daily has no changes_on (the timestamps of the rows that can"
+     " change a sum on a day, for the nightly step)"),
+    ("viewed_at = [0, 30]", "viewed_at = [-1]",
+     "source listing_view_days of user_statistics_daily has changes_on.viewed_at = [-1]: use days before D (0 = D)"
+     ' and "month"'),
+    ('partition = { table = "caas_scores", keys = ["user_id"] }', 'partition = { table = "scores", keys = ["user_id"] }',
+     "source caas_days of user_statistics_daily is partitioned by unknown table scores"),
+    ('partition = { table = "caas_scores", keys = ["user_id"] }', 'partition = { table = "caas_scores", keys = ["owner"] }',
+     "source caas_days of user_statistics_daily: table caas_scores has no column owner"),
+])
+def test_a_source_without_a_usable_changes_on_is_refused_by_name(tmp_path, old, new, message):
+    catalog = tmp_path / "catalog.toml"
+    text = (SQL_DIR / "catalog.toml").read_text()
+    assert text.count(old) == 1
+    catalog.write_text(text.replace(old, new))
+    with pytest.raises(UsageError) as refused:
+        load_catalog(catalog)
+    assert str(refused.value) == f"catalog: {message}"
+
+
+def test_changes_on_names_the_rows_of_d_and_the_indexes_that_find_them():
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    assert catalog.user.offsets == [0, 30, "month"] and catalog.platform.offsets == [0, 1]
+    views = next(s for s in catalog.user.sources if s.name == "listing_view_days")
+    assert views.changed("v") == ("(v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)\n"
+                                  "or (v.viewed_at >= v_from_30 and v.viewed_at < v_to_30)")
+    lookups = catalog.step_lookups
+    # a partitioned source is found by its key; a join's timestamp only in the table that has it
+    assert ("messages", "conversation_id") in lookups and ("listing_views", "viewed_at") in lookups
+    assert ("listings", "viewed_at") not in lookups and len(lookups) == len(set(lookups))

@@ -1,5 +1,6 @@
 """`statskit migrate`, `--status`, `--dry-run`, `rollback` and the pg_cron jobs, on a real server."""
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -198,6 +199,11 @@ def test_missing_lookup_indexes_are_advised_not_refused(dsn, run_cli):
     assert ("note: no index leads with public.bookings(listing_id): the one-user function and verify's sample "
             "look users up by it") in result.output
     assert "no index leads with public.bookings(tutor_id)" not in result.output
+    # the nightly step's: each day's rows by their timestamps, the conversations by their key
+    step = re.search(r"note: no index leads with (.*): the nightly step reads each day's rows through them", result.output)
+    assert step and "public.messages(conversation_id)" in step[1] and "public.bookings(completed_at)" in step[1]
+    assert "public.bookings(listing_id)" not in step[1]  # named once, with the one-user lookups
+    assert run_cli("migrate", "--dsn", dsn, "--no-capture").output.count("nightly step") == 0  # no capture, no step
 
 
 def test_rollup_and_sources_in_their_own_schemas(dsn, run_cli):

@@ -27,11 +27,26 @@ class Source:
     from_sql: str
     user_key: str | None = None  # the user a row counts for; None for the platform
     scan: str | None = None  # the rows that can count on day D, in raw timestamps (a superset)
+    # The rows that can change a sum on day D: timestamp column -> the days before D it matters on
+    # (0 = D itself, "month" = the month before D when D is the 1st).
+    changes_on: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
+    partition: tuple[str, tuple[str, ...]] | None = None  # (source table, the columns it is partitioned by)
 
     @property
     def alias(self) -> str:
         """The name the source's rows go by in its snippets (`... ) as t`)."""
         return self.from_sql.split()[-1]
+
+    @property
+    def offsets(self) -> list[int | str]:
+        return [o for _, offsets in self.changes_on for o in offsets]
+
+    def changed(self, alias: str) -> str:
+        """Whether a row (of the source, or of its partition table) can change a sum on D: one
+        of its timestamps falls on a day the catalog names. The bounds are declared by
+        step_bounds (v_from_N, v_to_N: start and end of D - N)."""
+        return "\nor ".join(f"({alias}.{column} >= v_from_{o} and {alias}.{column} < v_to_{o})"
+                            for column, offsets in self.changes_on for o in offsets)
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,12 @@ class Rollup:
     @property
     def sums(self) -> tuple[Sum, ...]:
         return tuple(Sum(m.name, m.span) for m in self.metrics) + self.helpers
+
+    @property
+    def offsets(self) -> list[int | str]:
+        """The days before D whose rows the nightly step reads, in a stable order."""
+        found = {o for s in self.sources for o in s.offsets}
+        return sorted((o for o in found if o != "month"), key=int) + (["month"] if "month" in found else [])
 
     def sums_of(self, source: Source) -> list[Sum]:
         return [s for s in self.sums if s.span.source == source.name]
@@ -265,16 +286,53 @@ class Catalog:
     platform: Rollup
 
     @property
+    def step_lookups(self) -> list[tuple[str, str]]:
+        """(table, column) the nightly step finds the rows of a day by: each `changes_on` column
+        in the tables a source reads that have it, and each partition key."""
+        found = []
+        for rollup in (self.user, self.platform):
+            for source in rollup.sources:
+                if source.partition:
+                    table, keys = source.partition
+                    found += [(table, column) for column, _ in source.changes_on] + [(table, key) for key in keys]
+                    continue
+                for table in SOURCE_TABLE.findall(source.from_sql):
+                    names = {c.name for c in self.source_tables[table].columns}
+                    found += [(table, column) for column, _ in source.changes_on if column in names]
+        return list(dict.fromkeys(found))
+
+    def key_types(self, source: Source) -> dict[str, str]:
+        """The SQL type of each key of a partitioned source, for the nightly step's lists of keys."""
+        table, keys = source.partition
+        return {key: next(c.type for c in self.source_tables[table].columns if c.name == key) for key in keys}
+
+    @property
     def metric_names(self) -> list[str]:
         return [m.name for m in self.user.metrics]
 
 
 def _read_source(raw: dict, table: str, per_user: bool) -> Source:
-    check_identifier(raw["name"], "source name")
+    name = check_identifier(raw["name"], "source name")
     if per_user and "user_key" not in raw:
-        raise UsageError(f"catalog: source {raw['name']} of {table} has no user_key")
-    return Source(name=raw["name"], comment=raw.get("comment", ""), from_sql=raw["from"].strip(),
-                  user_key=raw.get("user_key"), scan=raw.get("scan"))
+        raise UsageError(f"catalog: source {name} of {table} has no user_key")
+    changes_on = raw.get("changes_on") or {}
+    if not changes_on:
+        raise UsageError(f"catalog: source {name} of {table} has no changes_on "
+                         f"(the timestamps of the rows that can change a sum on a day, for the nightly step)")
+    for column, offsets in changes_on.items():
+        check_identifier(column, "changes_on column")
+        if not offsets or not all(o == "month" or (isinstance(o, int) and o >= 0) for o in offsets):
+            raise UsageError(f"catalog: source {name} of {table} has changes_on.{column} = {offsets!r}: "
+                             f"use days before D (0 = D) and \"month\"")
+    partition = raw.get("partition")
+    if partition is not None:
+        if set(partition) != {"table", "keys"} or not partition["keys"]:
+            raise UsageError(f"catalog: source {name} of {table} needs partition = {{ table, keys }}")
+        partition = (check_identifier(partition["table"], "partition table"),
+                     tuple(check_identifier(k, "partition key") for k in partition["keys"]))
+    return Source(name=name, comment=raw.get("comment", ""), from_sql=raw["from"].strip(),
+                  user_key=raw.get("user_key"), scan=raw.get("scan"),
+                  changes_on=tuple((c, tuple(o)) for c, o in changes_on.items()), partition=partition)
 
 
 def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_user: bool) -> Rollup:
@@ -339,6 +397,19 @@ def _read_span(entry: dict, table: str, sources: set[str]) -> Span:
                 where=entry.get("where"), sum_type=sum_type, final=entry.get("final"), days=entry.get("days"))
 
 
+def _check_partitions(rollup: Rollup, source_tables: dict[str, SourceTable]) -> None:
+    for source in rollup.sources:
+        if source.partition is None:
+            continue
+        table, keys = source.partition
+        if table not in source_tables:
+            raise UsageError(f"catalog: source {source.name} of {rollup.table} is partitioned by unknown table {table}")
+        columns = {c.name for c in source_tables[table].columns}
+        missing = sorted((set(keys) | {c for c, _ in source.changes_on}) - columns)
+        if missing:
+            raise UsageError(f"catalog: source {source.name} of {rollup.table}: table {table} has no column {', '.join(missing)}")
+
+
 def load_catalog(path: Path) -> Catalog:
     """Read the catalog file; raise UsageError naming the first thing that is wrong in it."""
     try:
@@ -356,12 +427,10 @@ def load_catalog(path: Path) -> Catalog:
         unknown = sorted({m for metrics in kpis.values() for m in metrics} - {m.name for m in user.metrics})
         if unknown:
             raise UsageError(f"catalog: KPI sets name unknown metrics {', '.join(unknown)}")
-        return Catalog(
-            migrations=migrations,
-            source_tables={table: _read_source_table(table, spec) for table, spec in raw["source_tables"].items()},
-            kpis=kpis,
-            user=user,
-            platform=_read_rollup(raw["platform"], first, ids, per_user=False),
-        )
+        source_tables = {table: _read_source_table(table, spec) for table, spec in raw["source_tables"].items()}
+        platform = _read_rollup(raw["platform"], first, ids, per_user=False)
+        for rollup in (user, platform):
+            _check_partitions(rollup, source_tables)
+        return Catalog(migrations=migrations, source_tables=source_tables, kpis=kpis, user=user, platform=platform)
     except (KeyError, IndexError) as exc:
         raise UsageError(f"catalog {path} lacks required entry {exc}") from None

@@ -144,14 +144,28 @@ def check_source_tables(conn: psycopg.Connection, catalog: Catalog, settings: Se
                             f"(docs/contract.md): {'; '.join(problems)}; nothing changed")
 
 
-def missing_lookup_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[str]:
-    """Source columns the one-user paths look users up by that no index leads with: advice."""
+def _not_indexed(conn: psycopg.Connection, settings: Settings, columns: list[tuple[str, str]]) -> list[str]:
+    """The (table, column) of the source schema that no index leads with, as schema.table(column)."""
     indexed = {(table, column) for table, column in conn.execute(
         "select c.relname, a.attname from pg_index i join pg_class c on c.oid = i.indrelid"
         " join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]"
         " where c.relnamespace = %s::regnamespace", [quote_ident(settings.source_schema)]).fetchall()}
-    return [f"{settings.source_schema}.{name}({column})" for name, table in catalog.source_tables.items()
-            for column in table.lookup if (name, column) not in indexed]
+    return [f"{settings.source_schema}.{table}({column})" for table, column in columns if (table, column) not in indexed]
+
+
+def missing_lookup_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[str]:
+    """Source columns the one-user paths look users up by that no index leads with: advice."""
+    return _not_indexed(conn, settings, [(name, column) for name, table in catalog.source_tables.items()
+                                         for column in table.lookup])
+
+
+def missing_step_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[str]:
+    """Source columns the nightly step finds a day's rows by that no index leads with (with change
+    capture only: without it there is no step). Advice: each costs the application's writes."""
+    if not settings.capture:
+        return []
+    lookups = set(missing_lookup_indexes(conn, catalog, settings))
+    return [c for c in _not_indexed(conn, settings, catalog.step_lookups) if c not in lookups]
 
 
 def check_can_deploy(conn: psycopg.Connection, catalog: Catalog, settings: Settings, plan) -> None:

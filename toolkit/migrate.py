@@ -276,6 +276,11 @@ def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True, 
         advice = [f"no index leads with {column}: the one-user function and verify's sample look users up by it "
                   f"(CREATE INDEX CONCURRENTLY on {column})"
                   for column in deployment.missing_lookup_indexes(conn, target.catalog, target.settings)]
+        step = deployment.missing_step_indexes(conn, target.catalog, target.settings)
+        if step:
+            advice.append(f"no index leads with {', '.join(step)}: the nightly step reads each day's rows through "
+                          f"them, and without them scans every table every night (CREATE INDEX CONCURRENTLY; "
+                          f"docs/performance.md weighs their cost on the application's writes)")
         checked.notes = advice
         if dry_run:
             return checked

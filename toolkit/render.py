@@ -123,6 +123,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "source_tables": catalog.source_tables,
         "functions": FUNCTIONS,
         "lock_names": {t: lock_name(settings, t) for t in (catalog.user.table, catalog.platform.table)},
+        "key_types": {s.name: catalog.key_types(s) for r in (catalog.user, catalog.platform) for s in r.sources if s.partition},
     }
     out = {}
     try:

@@ -25,6 +25,9 @@ begin
         perform pg_advisory_xact_lock(hashtext('public.platform_statistics_daily'), p_first + v_day - date '2000-01-01');
     end loop;
 
+    perform pg_advisory_xact_lock_shared(hashtext('public.platform_statistics_daily sums'));
+    delete from "statskit".platform_statistics_daily_sums s;
+
     with
     profile_days as (
         -- profiles: what changes on each day
@@ -36,7 +39,7 @@ begin
             sum(change.total_clients)::integer as total_clients,
             sum(change.total_agents)::integer as total_agents
         from (
-                 select p.role, (p.created_at at time zone v_time_zone)::date as created_on
+                 select p.role, p.created_at, (p.created_at at time zone v_time_zone)::date as created_on
                  from "public".profiles p
              ) as p
         cross join lateral (values
@@ -52,7 +55,8 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.active_listings)::integer as active_listings
         from (
-                 select (l.published_at at time zone v_time_zone)::date as published_on,
+                 select l.published_at, l.archived_at,
+                        (l.published_at at time zone v_time_zone)::date as published_on,
                         (l.archived_at at time zone v_time_zone)::date as archived_on
                  from "public".listings l
              ) as l
@@ -114,7 +118,7 @@ begin
             sum(change.average_rating)::integer as average_rating,
             sum(change.ratings)::integer as ratings
         from (
-                 select r.rating, (r.created_at at time zone v_time_zone)::date as created_on
+                 select r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
                  from "public".reviews r
              ) as r
         cross join lateral (values

@@ -39,7 +39,7 @@ begin
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date) as total_spent,
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date and (t.next_month_on > p_date or t.next_month_on is null)) as monthly_spent
         from (
-                 select t.user_id, t.kind, t.amount,
+                 select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
                         (t.created_at at time zone v_time_zone)::date as created_on,
                         (t.available_at at time zone v_time_zone)::date as available_on,
                         (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
@@ -61,7 +61,7 @@ begin
             sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_hours,
             sum(b.duration_minutes) filter (where b.completed_on <= p_date and (b.next_month_on > p_date or b.next_month_on is null)) as monthly_hours
         from (
-                 select b.user_id, b.duration_minutes,
+                 select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
                         (b.created_at at time zone v_time_zone)::date as created_on,
                         (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
@@ -90,7 +90,7 @@ begin
             count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date and (pair.next_month_on > p_date or pair.next_month_on is null)) as new_students,
             count(*) filter (where pair.nth = 2 and pair.completed_on <= p_date) as returning_students
         from (
-                 select b.tutor_id,
+                 select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
                         (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
                         row_number() over pair_order as nth,
@@ -111,7 +111,7 @@ begin
             count(*) filter (where r.created_on <= p_date) as total_reviews,
             count(*) filter (where r.rating = 5 and r.created_on <= p_date) as five_star_reviews
         from (
-                 select r.reviewee_id, r.rating, (r.created_at at time zone v_time_zone)::date as created_on
+                 select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
                  from "public".reviews r
              ) as r
         where r.reviewee_id = p_user_id
@@ -125,7 +125,7 @@ begin
             count(*) filter (where l.published_on <= p_date and (l.archived_on > p_date or l.archived_on is null)) as active_listings,
             count(*) filter (where l.created_on <= p_date) as total_listings
         from (
-                 select l.tutor_id,
+                 select l.tutor_id, l.created_at, l.published_at, l.archived_at,
                         (l.created_at at time zone v_time_zone)::date as created_on,
                         (l.published_at at time zone v_time_zone)::date as published_on,
                         (l.archived_at at time zone v_time_zone)::date as archived_on
@@ -141,7 +141,7 @@ begin
             v.tutor_id as user_id,
             count(*) filter (where v.viewed_on between p_date - 29 and p_date) as listing_views
         from (
-                 select l.tutor_id, (v.viewed_at at time zone v_time_zone)::date as viewed_on
+                 select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
                  from "public".listing_views v
                  join "public".listings l on l.id = v.listing_id
              ) as v
@@ -155,7 +155,7 @@ begin
             b.tutor_id as user_id,
             count(*) filter (where b.created_on <= p_date) as listing_bookings
         from (
-                 select l.tutor_id, (b.created_at at time zone v_time_zone)::date as created_on
+                 select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
                  from "public".bookings b
                  join "public".listings l on l.id = b.listing_id
              ) as b
@@ -169,7 +169,7 @@ begin
             m.recipient_id as user_id,
             count(*) filter (where m.created_on <= p_date and (m.read_on > p_date or m.read_on is null)) as unread_messages
         from (
-                 select m.recipient_id,
+                 select m.recipient_id, m.created_at, m.read_at,
                         (m.created_at at time zone v_time_zone)::date as created_on,
                         (m.read_at at time zone v_time_zone)::date as read_on
                  from "public".messages m
@@ -184,7 +184,7 @@ begin
             conversation.user_id as user_id,
             count(*) filter (where conversation.first_on <= p_date) as conversations
         from (
-                 select side.user_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
+                 select side.user_id, side.conversation_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
                  from (
                      select m.sender_id as user_id, m.conversation_id, m.created_at
                      from "public".messages m
@@ -206,7 +206,7 @@ begin
             count(*) filter (where r.converted_on is not null and greatest(r.created_on, r.converted_on) <= p_date) as referrals_converted,
             sum(r.commission) filter (where r.converted_on <= p_date) as referral_earnings
         from (
-                 select r.referrer_id, r.commission,
+                 select r.referrer_id, r.commission, r.created_at, r.converted_at,
                         (r.created_at at time zone v_time_zone)::date as created_on,
                         (r.converted_at at time zone v_time_zone)::date as converted_on
                  from "public".referrals r

@@ -49,6 +49,11 @@ begin
         end loop;
     end if;
 
+    perform pg_advisory_xact_lock_shared(hashtext('public.user_statistics_daily sums'));
+    delete from "statskit".user_statistics_daily_sums s
+    where (s.user_id >= p_users_from or p_users_from is null) and (s.user_id < p_users_to or p_users_to is null)
+          and (s.user_id = any (p_users) or p_users is null);
+
     with
     transaction_days as (
         -- the user's transactions: what changes on each day
@@ -61,7 +66,7 @@ begin
             sum(change.total_spent)::numeric as total_spent,
             sum(change.monthly_spent)::numeric as monthly_spent
         from (
-                 select t.user_id, t.kind, t.amount,
+                 select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
                         (t.created_at at time zone v_time_zone)::date as created_on,
                         (t.available_at at time zone v_time_zone)::date as available_on,
                         (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
@@ -90,7 +95,7 @@ begin
             sum(change.total_hours)::integer as total_hours,
             sum(change.monthly_hours)::integer as monthly_hours
         from (
-                 select b.user_id, b.duration_minutes,
+                 select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
                         (b.created_at at time zone v_time_zone)::date as created_on,
                         (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
@@ -130,7 +135,7 @@ begin
             sum(change.new_students)::integer as new_students,
             sum(change.returning_students)::integer as returning_students
         from (
-                 select b.tutor_id,
+                 select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
                         (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
                         row_number() over pair_order as nth,
@@ -158,7 +163,7 @@ begin
             sum(change.total_reviews)::integer as total_reviews,
             sum(change.five_star_reviews)::integer as five_star_reviews
         from (
-                 select r.reviewee_id, r.rating, (r.created_at at time zone v_time_zone)::date as created_on
+                 select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
                  from "public".reviews r
              ) as r
         cross join lateral (values
@@ -177,7 +182,7 @@ begin
             sum(change.active_listings)::integer as active_listings,
             sum(change.total_listings)::integer as total_listings
         from (
-                 select l.tutor_id,
+                 select l.tutor_id, l.created_at, l.published_at, l.archived_at,
                         (l.created_at at time zone v_time_zone)::date as created_on,
                         (l.published_at at time zone v_time_zone)::date as published_on,
                         (l.archived_at at time zone v_time_zone)::date as archived_on
@@ -200,7 +205,7 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.listing_views)::integer as listing_views
         from (
-                 select l.tutor_id, (v.viewed_at at time zone v_time_zone)::date as viewed_on
+                 select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
                  from "public".listing_views v
                  join "public".listings l on l.id = v.listing_id
              ) as v
@@ -220,7 +225,7 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.listing_bookings)::integer as listing_bookings
         from (
-                 select l.tutor_id, (b.created_at at time zone v_time_zone)::date as created_on
+                 select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
                  from "public".bookings b
                  join "public".listings l on l.id = b.listing_id
              ) as b
@@ -239,7 +244,7 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.unread_messages)::integer as unread_messages
         from (
-                 select m.recipient_id,
+                 select m.recipient_id, m.created_at, m.read_at,
                         (m.created_at at time zone v_time_zone)::date as created_on,
                         (m.read_at at time zone v_time_zone)::date as read_on
                  from "public".messages m
@@ -260,7 +265,7 @@ begin
             greatest(change.day, p_first) as day,
             sum(change.conversations)::integer as conversations
         from (
-                 select side.user_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
+                 select side.user_id, side.conversation_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
                  from (
                      select m.sender_id as user_id, m.conversation_id, m.created_at
                      from "public".messages m
@@ -287,7 +292,7 @@ begin
             sum(change.referrals_converted)::integer as referrals_converted,
             sum(change.referral_earnings)::numeric as referral_earnings
         from (
-                 select r.referrer_id, r.commission,
+                 select r.referrer_id, r.commission, r.created_at, r.converted_at,
                         (r.created_at at time zone v_time_zone)::date as created_on,
                         (r.converted_at at time zone v_time_zone)::date as converted_on
                  from "public".referrals r

@@ -1,0 +1,146 @@
+"""The nightly step (change capture on): the row of D is the sums of D - 1 plus what changes on
+D. Held to the literal spec day after day across month starts, the 30-day windows' ends and a
+DST change; shown to read only what changes; safe against the change log, backfill, re-runs
+and runs of older days."""
+
+from datetime import date, timedelta
+
+import psycopg
+import pytest
+
+from conftest import deploy
+from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_platform_row, stored_user_rows
+
+
+def days(first, last):
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def run_night(conn, day):
+    return conn.execute("select aggregate_daily_statistics(%s), aggregate_user_statistics(null, %s)", [day, day]).fetchone()
+
+
+def sums_days(conn):
+    """How many users' sums are kept for each day."""
+    return dict(conn.execute("select date, count(*) from statskit.user_statistics_daily_sums group by 1").fetchall())
+
+
+def problems_on(conn, day, time_zone="UTC"):
+    found = differences(expected_user_rows(conn, day, time_zone), stored_user_rows(conn, day))
+    expected, stored = expected_platform_row(conn, day, time_zone), stored_platform_row(conn, day)
+    return found + [f"platform {m}: spec {v!r}, stored {stored[m]!r}" for m, v in expected.items() if stored[m] != v]
+
+
+def stepped_nights_equal_the_spec(dsn, first, last, time_zone="UTC"):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for day in days(first, last):
+            run_night(conn, day)
+            users = conn.execute("select count(*) from profiles where (created_at at time zone %s)::date <= %s",
+                                 [time_zone, day]).fetchone()[0]
+            # every user's sums move to D, so the next night steps from them
+            assert sums_days(conn) == {day: users}
+            problems = problems_on(conn, day, time_zone)
+            assert problems == [], f"{day}: {problems[:10]}"
+
+
+# From mid-February: the 1st of March and of April (month windows end), the 30-day windows of
+# February's views and completions ending in March, and days after all activity.
+def test_day_after_day_the_step_equals_the_spec(migrated_dsn):
+    stepped_nights_equal_the_spec(migrated_dsn, date(2026, 2, 20), date(2026, 4, 2))
+
+
+def test_the_step_follows_the_configured_time_zone_across_dst(loaded_dsn):
+    deploy(loaded_dsn, time_zone="America/New_York")
+    stepped_nights_equal_the_spec(loaded_dsn, date(2026, 2, 26), date(2026, 3, 10), "America/New_York")
+
+
+def a_reviewed_user(conn):
+    return conn.execute("select reviewee_id from reviews where created_at < '2026-03-01' order by id limit 1").fetchone()[0]
+
+
+def add_old_review(conn, user, id_):
+    conn.execute("insert into reviews (id, reviewer_id, reviewee_id, rating, created_at)"
+                 " values (%s, %s, %s, 5, '2026-02-15 10:00+00')", [id_, user, user])
+
+
+def test_the_step_reads_only_what_changes_on_the_day(migrated_dsn, run_cli):
+    """A row written behind capture's back (triggers off) on an old day is not reread by the
+    step: proof that it starts from the sums. statskit backfill, the documented repair, discards
+    the sums of the users it rewrites, and the next night is right again."""
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        for day in days(date(2026, 3, 10), date(2026, 3, 12)):
+            run_night(conn, day)
+        user = a_reviewed_user(conn)
+        conn.execute("set session_replication_role = replica")  # no triggers: nothing is logged
+        add_old_review(conn, user, 990001)
+        conn.execute("reset session_replication_role")
+        assert conn.execute("select count(*) from statskit.user_changes").fetchone()[0] == 0
+        run_night(conn, date(2026, 3, 13))
+        stale = problems_on(conn, date(2026, 3, 13))
+        assert stale and all(p.startswith(str(user)) for p in stale if not p.startswith("platform")), stale
+
+    assert run_cli("backfill", "--from", "2026-03-13", "--to", "2026-03-13", "--quiet", "--dsn", migrated_dsn).exit_code == 0
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        assert problems_on(conn, date(2026, 3, 13)) == []
+        assert sums_days(conn) == {}  # discarded: the next night sums every user from history once
+        for day in days(date(2026, 3, 14), date(2026, 3, 15)):
+            run_night(conn, day)
+            assert problems_on(conn, day) == []
+
+
+def test_a_logged_change_is_summed_from_history_before_the_catch_up_runs(migrated_dsn):
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        for day in days(date(2026, 3, 10), date(2026, 3, 12)):
+            run_night(conn, day)
+        user = a_reviewed_user(conn)
+        add_old_review(conn, user, 990002)  # capture logs it
+        assert conn.execute("select count(*) from statskit.user_changes").fetchone()[0] == 1
+        run_night(conn, date(2026, 3, 13))
+        assert problems_on(conn, date(2026, 3, 13)) == []
+        # the entry stays for aggregate_user_changes, which rewrites the older stored days
+        assert conn.execute("select count(*) from statskit.user_changes").fetchone()[0] == 1
+        run_night(conn, date(2026, 3, 14))
+        assert problems_on(conn, date(2026, 3, 14)) == []
+
+
+def test_reruns_and_older_days_leave_the_sums_right(migrated_dsn):
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        for day in days(date(2026, 3, 10), date(2026, 3, 12)):
+            run_night(conn, day)
+        assert run_night(conn, date(2026, 3, 12)) == (0, 0)  # from the sums of D: nothing to rewrite
+        kept = sums_days(conn)
+        run_night(conn, date(2026, 3, 2))  # an older day is summed from history and moves no sums back
+        assert problems_on(conn, date(2026, 3, 2)) == []
+        assert sums_days(conn) == kept
+        run_night(conn, date(2026, 3, 13))
+        assert problems_on(conn, date(2026, 3, 13)) == []
+        # today's rows are not final (today's writes are not logged): no sums are kept for them
+        today = conn.execute("select current_date").fetchone()[0]
+        run_night(conn, today)
+        assert max(sums_days(conn)) == date(2026, 3, 13)
+
+
+def test_without_capture_there_are_no_sums(loaded_dsn):
+    deploy(loaded_dsn, capture=False)
+    with psycopg.connect(loaded_dsn, autocommit=True) as conn:
+        assert conn.execute("select to_regclass('statskit.user_statistics_daily_sums'),"
+                            " to_regclass('statskit.platform_statistics_daily_sums')").fetchone() == (None, None)
+        for day in days(date(2026, 3, 1), date(2026, 3, 2)):
+            run_night(conn, day)
+            assert problems_on(conn, day) == []
+
+
+@pytest.mark.parametrize("capture", [True, False], ids=["capture", "no-capture"])
+def test_the_sums_stay_across_an_unchanged_deploy_and_go_with_capture(loaded_dsn, capture):
+    """The sums live in the function file's table, which a changed file re-creates empty (a
+    changed catalog starts them again); a deploy that changes nothing keeps them."""
+    deploy(loaded_dsn)
+    with psycopg.connect(loaded_dsn, autocommit=True) as conn:
+        run_night(conn, date(2026, 3, 1))
+        assert sums_days(conn)
+    deploy(loaded_dsn, capture=capture)
+    with psycopg.connect(loaded_dsn, autocommit=True) as conn:
+        exists = conn.execute("select to_regclass('statskit.user_statistics_daily_sums') is not null").fetchone()[0]
+        assert exists == capture
+        if capture:
+            assert sums_days(conn)
