@@ -10,7 +10,7 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
     try:
         assert row["rows_per_day"] > 0 and row["bookings"] > 1000
         assert row["loop_sampled"] and row["speedup"] > 0
-        assert row["step_s"] > 0 and row["step_platform_s"] > 0 and row["step_copy_s"] > 0
+        assert row["step_s"] > 0 and row["month_step_s"] > 0 and row["step_platform_s"] > 0 and row["step_copy_s"] > 0
         assert (row["rerun_rows_written"], row["rerun_updated"], row["rerun_dead"]) == (0, 0, 0)
         assert row["late_rows_written"] == row["late_updated"] == row["late_users"] == 3
 

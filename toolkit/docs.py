@@ -121,6 +121,10 @@ def _source_table_section(catalog: Catalog) -> str:
     for table in catalog.source_tables.values():
         advice = (f" statskit advises an index on {', '.join(f'`{c}`' for c in table.lookup)}."
                   if table.lookup else "")
+        step = [c for t, c in catalog.step_lookups if t == table.name and c not in table.lookup]
+        if step:
+            advice += (f" With change capture, the nightly step reads a day's rows through "
+                       f"{', '.join(f'`{c}`' for c in step)}: an index on each is advised too.")
         out.append(f"### `{table.name}`\n\n{table.meaning}{advice}\n\n"
                    "| column | type | read | meaning |\n|---|---|---|---|\n")
         for c in table.columns:
@@ -139,7 +143,8 @@ def contract_markdown(catalog: Catalog) -> str:
         + "checks, before it changes anything, every column marked *read* (its type may be any of the\n"
         + "same family: a varchar for a text, any integer width for an id or a count; a timestamp\n"
         + "without time zone or a float is refused), and advises the indexes named below: the\n"
-        + "one-user function and verify's sample find a user's rows through them.\n\n"
+        + "one-user function and verify's sample find a user's rows through them, and the nightly\n"
+        + "step a day's rows (their cost on the application's writes: docs/performance.md).\n\n"
         + "## Source tables (schema `public` unless `--source-schema`)\n\n"
         + _source_table_section(catalog)
         + CONTRACT_RULES.format(user=catalog.user.table, platform=catalog.platform.table)
