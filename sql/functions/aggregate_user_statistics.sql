@@ -75,6 +75,7 @@ declare
     v_to_month constant timestamptz := p_date::timestamp at time zone 'UTC';
     v_student_days_tutor_id uuid[];
     v_student_days_client_id uuid[];
+    v_student_days_keys text[];
     v_conversation_days_conversation_id bigint[];
     v_caas_days_user_id uuid[];
     v_stepped bigint;
@@ -107,8 +108,8 @@ begin
     -- more users to sum from history than to step: all of them, each source read once
     v_from_history := v_stepped = 0 or coalesce(cardinality(v_fresh), 0) > v_stepped;
     if not v_from_history then
-        select array_agg(distinct k.tutor_id), array_agg(distinct k.client_id)
-        into v_student_days_tutor_id, v_student_days_client_id
+        select array_agg(distinct k.tutor_id), array_agg(distinct k.client_id), array_agg(distinct concat_ws(' ', k.tutor_id, k.client_id))
+        into v_student_days_tutor_id, v_student_days_client_id, v_student_days_keys
         from "public".bookings k
         where (k.completed_at >= v_from_0 and k.completed_at < v_to_0)
               or (k.completed_at >= v_from_30 and k.completed_at < v_to_30)
@@ -230,6 +231,7 @@ begin
           -- whole partitions, so the window sees every row of each
           and pair.tutor_id = any (v_student_days_tutor_id)
           and pair.client_id = any (v_student_days_client_id)
+          and concat_ws(' ', pair.tutor_id, pair.client_id) = any (v_student_days_keys)
         group by pair.tutor_id
     ),
     review_days_on_d as (
