@@ -88,6 +88,27 @@ def test_the_step_reads_only_what_changes_on_the_day(migrated_dsn, run_cli):
             assert problems_on(conn, day) == []
 
 
+def test_a_profile_deleted_behind_captures_back_gets_no_row_the_next_night(migrated_dsn):
+    idle = "00000000-0000-4000-8000-0000000000b1"
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        conn.execute("set session_replication_role = replica")  # no triggers: nothing is logged
+        conn.execute("insert into profiles (id, role, created_at) values (%s, 'client', '2026-02-01 10:00+00')", [idle])
+        conn.execute("reset session_replication_role")
+        for day in days(date(2026, 3, 10), date(2026, 3, 12)):
+            run_night(conn, day)
+        assert conn.execute("select count(*) from statskit.user_statistics_daily_sums where user_id = %s",
+                            [idle]).fetchone()[0] == 1
+        conn.execute("set session_replication_role = replica")
+        conn.execute("delete from profiles where id = %s", [idle])
+        conn.execute("reset session_replication_role")
+        run_night(conn, date(2026, 3, 13))
+        # the users' rows (the platform's total is a sum, and stays stale until a backfill)
+        day = date(2026, 3, 13)
+        assert differences(expected_user_rows(conn, day), stored_user_rows(conn, day)) == []
+        assert conn.execute("select count(*) from user_statistics_daily where user_id = %s and date = '2026-03-13'",
+                            [idle]).fetchone()[0] == 0
+
+
 def test_a_logged_change_is_summed_from_history_before_the_catch_up_runs(migrated_dsn):
     with psycopg.connect(migrated_dsn, autocommit=True) as conn:
         for day in days(date(2026, 3, 10), date(2026, 3, 12)):

@@ -414,6 +414,14 @@ begin
         group by c.user_id
     ),
 
+    stepped_from as not materialized (
+        -- the sums to start from, of users still created as of D (a profile deleted or moved
+        -- later behind capture's back gets no row, as the one-day function would give it none)
+        select s.*
+        from "statskit".user_statistics_daily_sums s
+        join "public".profiles p on p.id = s.user_id
+        where (p.created_at at time zone v_time_zone)::date <= p_date and not v_from_history
+    ),
     stepped as (
         select
             s.user_id,
@@ -448,7 +456,7 @@ begin
             s.caas_score + coalesce(caas_days_on_d.caas_score, 0) as caas_score,
             s.profile_completeness + coalesce(caas_days_on_d.profile_completeness, 0) as profile_completeness,
             s.caas_rows + coalesce(caas_days_on_d.caas_rows, 0) as caas_rows
-        from "statskit".user_statistics_daily_sums s
+        from stepped_from s
         left join transaction_days_on_d using (user_id)
         left join booking_days_on_d using (user_id)
         left join student_days_on_d using (user_id)
@@ -460,7 +468,7 @@ begin
         left join conversation_days_on_d using (user_id)
         left join referral_days_on_d using (user_id)
         left join caas_days_on_d using (user_id)
-        where s.date = p_date - 1 and not v_from_history
+        where s.date = p_date - 1
         union all
         select user_id, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent,
                completed_sessions, monthly_sessions, upcoming_sessions, active_bookings,
@@ -469,8 +477,8 @@ begin
                active_listings, total_listings, listing_views, listing_bookings, unread_messages,
                conversations, referrals_made, referrals_converted, referral_earnings, caas_score,
                profile_completeness, caas_rows
-        from "statskit".user_statistics_daily_sums s
-        where s.date = p_date and not v_from_history
+        from stepped_from s
+        where s.date = p_date
     ),
     transaction_days as (
         -- the user's transactions
