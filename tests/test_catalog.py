@@ -14,6 +14,9 @@ def test_a_span_counts_from_the_day_it_enters_until_the_day_it_leaves():
     assert Span("s", "1", "t.created_on", leaves="t.available_on").counts_on("p_date") == (
         "t.created_on <= p_date and (t.available_on > p_date or t.available_on is null)")
     assert Span("s", "1", "m.created_on", days=1).counts_on("p_date") == "m.created_on = p_date"
+    month = Span("s", "1", "t.created_on", month=True)
+    assert month.counts_on("p_date") == "t.created_on between date_trunc('month', p_date::timestamp)::date and p_date"
+    assert month.leaving_day == "(date_trunc('month', t.created_on::timestamp) + interval '1 month')::date"
     window = Span("s", "1", "v.viewed_on", days=30)
     assert window.counts_on("p_date") == "v.viewed_on between p_date - 29 and p_date"
     assert window.leaving_day == "v.viewed_on + 30"
@@ -23,6 +26,8 @@ def test_a_span_counts_from_the_day_it_enters_until_the_day_it_leaves():
     ('days = 30\nleaves = "v.viewed_on"', "has both leaves and days: a row leaves once"),
     ("days = 0", "has days = 0: use a whole number of days, 1 or more"),
     ('sum_type = "bigint"', "has sum_type 'bigint': use integer or numeric"),
+    ('month = true\nleaves = "v.viewed_on"', "has both leaves and month: a row leaves once"),
+    ("month = 1", "has month = 1: use month = true"),
 ])
 def test_a_bad_span_is_refused_by_name(tmp_path, entry, message):
     catalog = tmp_path / "catalog.toml"
@@ -63,8 +68,7 @@ def test_the_lookback_default_follows_change_capture():
      "source listing_view_days of user_statistics_daily has no changes_on (the timestamps of the rows that can"
      " change a sum on a day, for the nightly step)"),
     ("viewed_at = [0, 30]", "viewed_at = [-1]",
-     "source listing_view_days of user_statistics_daily has changes_on.viewed_at = [-1]: use days before D (0 = D)"
-     ' and "month"'),
+     "source listing_view_days of user_statistics_daily has changes_on.viewed_at = [-1]: use days before D (0 = D)"),
     ('partition = { table = "caas_scores", keys = ["user_id"] }', 'partition = { table = "scores", keys = ["user_id"] }',
      "source caas_days of user_statistics_daily is partitioned by unknown table scores"),
     ('partition = { table = "caas_scores", keys = ["user_id"] }', 'partition = { table = "caas_scores", keys = ["owner"] }',
@@ -82,7 +86,7 @@ def test_a_source_without_a_usable_changes_on_is_refused_by_name(tmp_path, old, 
 
 def test_changes_on_names_the_rows_of_d_and_the_indexes_that_find_them():
     catalog = load_catalog(SQL_DIR / "catalog.toml")
-    assert catalog.user.offsets == [0, 30, "month"] and catalog.platform.offsets == [0, 1]
+    assert catalog.user.offsets == [0, 30] and catalog.platform.offsets == [0, 1]
     views = next(s for s in catalog.user.sources if s.name == "listing_view_days")
     assert views.changed("v") == ("(v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)\n"
                                   "or (v.viewed_at >= v_from_30 and v.viewed_at < v_to_30)")

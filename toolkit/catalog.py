@@ -27,9 +27,8 @@ class Source:
     from_sql: str
     user_key: str | None = None  # the user a row counts for; None for the platform
     scan: str | None = None  # the rows that can count on day D, in raw timestamps (a superset)
-    # The rows that can change a sum on day D: timestamp column -> the days before D it matters on
-    # (0 = D itself, "month" = the month before D when D is the 1st).
-    changes_on: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
+    # The rows that can change a sum on day D: timestamp column -> the days before D it matters on (0 = D).
+    changes_on: tuple[tuple[str, tuple[int, ...]], ...] = ()
     partition: tuple[str, tuple[str, ...]] | None = None  # (source table, the columns it is partitioned by)
 
     @property
@@ -38,7 +37,7 @@ class Source:
         return self.from_sql.split()[-1]
 
     @property
-    def offsets(self) -> list[int | str]:
+    def offsets(self) -> list[int]:
         return [o for _, offsets in self.changes_on for o in offsets]
 
     def changed(self, alias: str) -> str:
@@ -63,10 +62,14 @@ class Span:
     sum_type: str = "numeric"  # of the sum: integer or numeric
     final: str | None = None  # the stored value, from the sums by name; default: this sum
     days: int | None = None  # counts for this many days from `enters` (then `leaves` is enters + days)
+    month: bool = False  # counts until the end of the month it enters in (then `leaves` is the 1st after)
 
     def __post_init__(self):
         if self.days:
             object.__setattr__(self, "leaves", f"{self.enters} + {self.days}")
+        if self.month:
+            enters = self.enters if re.fullmatch(r"[\w.]+", self.enters) else f"({self.enters})"
+            object.__setattr__(self, "leaves", f"(date_trunc('month', {enters}::timestamp) + interval '1 month')::date")
 
     def signed(self, sign: str) -> str:
         value = f"case when {self.where} then {self.value} end" if self.where else self.value
@@ -80,6 +83,8 @@ class Span:
             return f"{self.enters} = {day}"
         if self.days:
             return f"{self.enters} between {day} - {self.days - 1} and {day}"
+        if self.month:
+            return f"{self.enters} between date_trunc('month', {day}::timestamp)::date and {day}"
         entered = f"{self.enters} <= {day}"
         return f"{entered} and ({self.leaves} > {day} or {self.leaves} is null)" if self.leaves else entered
 
@@ -89,7 +94,7 @@ class Span:
         # that never enters never leaves either (NULL, as for a NULL leaves).
         if not self.leaves:
             return None
-        if self.days:
+        if self.days or self.month:
             return self.leaves
         return f"case when {self.leaves} > {self.enters} then {self.leaves} when {self.leaves} <= {self.enters} then {self.enters} end"
 
@@ -152,10 +157,9 @@ class Rollup:
         return tuple(Sum(m.name, m.span) for m in self.metrics) + self.helpers
 
     @property
-    def offsets(self) -> list[int | str]:
-        """The days before D whose rows the nightly step reads, in a stable order."""
-        found = {o for s in self.sources for o in s.offsets}
-        return sorted((o for o in found if o != "month"), key=int) + (["month"] if "month" in found else [])
+    def offsets(self) -> list[int]:
+        """The days before D whose rows the nightly step reads."""
+        return sorted({o for s in self.sources for o in s.offsets})
 
     def sums_of(self, source: Source) -> list[Sum]:
         return [s for s in self.sums if s.span.source == source.name]
@@ -166,15 +170,17 @@ class Rollup:
         first = enters[0] if len(enters) == 1 else f"least({', '.join(enters)})"
         return f"{first} <= {day}"
 
-    def changes(self, source: Source) -> tuple[list[Sum], list[tuple[str, list[str]]]]:
+    def changes(self, source: Source, step: bool = False) -> tuple[list[Sum], list[tuple[str, list[str]]]]:
         """The sums a source feeds, and its change rows: (day, signed value per sum), one per
         distinct day expression. A row adds a value on the day it enters and takes it back on
-        the day it leaves."""
+        the day it leaves. For the nightly `step`, month windows do not leave: on the 1st every
+        row they hold leaves at once, and the step starts those sums again from 0 instead."""
         sums = self.sums_of(source)
-        days = list(dict.fromkeys(d for s in sums for d in (s.span.enters, s.span.leaving_day) if d))
+        leaving = {s.name: s.span.leaving_day for s in sums if not (step and s.span.month)}
+        days = list(dict.fromkeys(d for s in sums for d in (s.span.enters, leaving.get(s.name)) if d))
         rows = []
         for day in days:
-            values = ["+" if s.span.enters == day else "-" if s.span.leaving_day == day else None for s in sums]
+            values = ["+" if s.span.enters == day else "-" if leaving.get(s.name) == day else None for s in sums]
             rows.append((day, [s.span.signed(sign) if sign else "0" for s, sign in zip(sums, values)]))
         return sums, rows
 
@@ -321,9 +327,9 @@ def _read_source(raw: dict, table: str, per_user: bool) -> Source:
                          f"(the timestamps of the rows that can change a sum on a day, for the nightly step)")
     for column, offsets in changes_on.items():
         check_identifier(column, "changes_on column")
-        if not offsets or not all(o == "month" or (isinstance(o, int) and o >= 0) for o in offsets):
+        if not offsets or not all(isinstance(o, int) and o >= 0 for o in offsets):
             raise UsageError(f"catalog: source {name} of {table} has changes_on.{column} = {offsets!r}: "
-                             f"use days before D (0 = D) and \"month\"")
+                             f"use days before D (0 = D)")
     partition = raw.get("partition")
     if partition is not None:
         if set(partition) != {"table", "keys"} or not partition["keys"]:
@@ -386,15 +392,19 @@ def _read_span(entry: dict, table: str, sources: set[str]) -> Span:
                          f"(a metric counts `value` of each `source` row from the day it `enters`)")
     if entry["source"] not in sources:
         raise UsageError(f"catalog: {table}.{entry['name']} names unknown source {entry['source']}")
-    if "leaves" in entry and "days" in entry:
-        raise UsageError(f"catalog: {table}.{entry['name']} has both leaves and days: a row leaves once")
+    ends = [key for key in ("leaves", "days", "month") if key in entry]
+    if len(ends) > 1:
+        raise UsageError(f"catalog: {table}.{entry['name']} has both {' and '.join(ends)}: a row leaves once")
+    if "month" in entry and entry["month"] is not True:
+        raise UsageError(f"catalog: {table}.{entry['name']} has month = {entry['month']!r}: use month = true")
     if "days" in entry and not (isinstance(entry["days"], int) and entry["days"] > 0):
         raise UsageError(f"catalog: {table}.{entry['name']} has days = {entry['days']!r}: use a whole number of days, 1 or more")
     sum_type = entry.get("sum_type") or ("integer" if entry.get("type", "").startswith("integer") else "numeric")
     if sum_type not in ("integer", "numeric"):
         raise UsageError(f"catalog: {table}.{entry['name']} has sum_type {sum_type!r}: use integer or numeric")
     return Span(source=entry["source"], value=entry["value"], enters=entry["enters"], leaves=entry.get("leaves"),
-                where=entry.get("where"), sum_type=sum_type, final=entry.get("final"), days=entry.get("days"))
+                where=entry.get("where"), sum_type=sum_type, final=entry.get("final"), days=entry.get("days"),
+                month=entry.get("month", False))
 
 
 def _check_partitions(rollup: Rollup, source_tables: dict[str, SourceTable]) -> None:

@@ -34,15 +34,14 @@ begin
         select
             t.user_id as user_id,
             sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date) as total_earnings,
-            sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date and (t.next_month_on > p_date or t.next_month_on is null)) as monthly_earnings,
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_earnings,
             sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date and (t.available_on > p_date or t.available_on is null)) as pending_earnings,
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date) as total_spent,
-            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date and (t.next_month_on > p_date or t.next_month_on is null)) as monthly_spent
+            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_spent
         from (
                  select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
                         (t.created_at at time zone v_time_zone)::date as created_on,
-                        (t.available_at at time zone v_time_zone)::date as available_on,
-                        (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                        (t.available_at at time zone v_time_zone)::date as available_on
                  from "public".transactions t
              ) as t
         where t.user_id = p_user_id
@@ -54,20 +53,19 @@ begin
         select
             b.user_id as user_id,
             count(*) filter (where b.completed_on <= p_date) as completed_sessions,
-            count(*) filter (where b.completed_on <= p_date and (b.next_month_on > p_date or b.next_month_on is null)) as monthly_sessions,
+            count(*) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_sessions,
             count(*) filter (where b.confirmed_on <= p_date and (least(b.session_on, b.cancelled_on, b.completed_on) > p_date or least(b.session_on, b.cancelled_on, b.completed_on) is null)) as upcoming_sessions,
             count(*) filter (where b.created_on <= p_date and (least(b.cancelled_on, b.completed_on) > p_date or least(b.cancelled_on, b.completed_on) is null)) as active_bookings,
             count(*) filter (where b.cancelled_on <= p_date) as cancelled_sessions,
             sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_hours,
-            sum(b.duration_minutes) filter (where b.completed_on <= p_date and (b.next_month_on > p_date or b.next_month_on is null)) as monthly_hours
+            sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_hours
         from (
                  select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
                         (b.created_at at time zone v_time_zone)::date as created_on,
                         (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (b.session_start at time zone v_time_zone)::date as session_on,
-                        (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                        (b.session_start at time zone v_time_zone)::date as session_on
                  from (
                      select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                      from "public".bookings b
@@ -87,12 +85,11 @@ begin
             pair.tutor_id as user_id,
             count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date) as total_students,
             count(*) filter (where pair.completed_on <= p_date and (least(pair.next_completed_on, pair.completed_on + 30) > p_date or least(pair.next_completed_on, pair.completed_on + 30) is null)) as active_students,
-            count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date and (pair.next_month_on > p_date or pair.next_month_on is null)) as new_students,
+            count(*) filter (where pair.nth = 1 and pair.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as new_students,
             count(*) filter (where pair.nth = 2 and pair.completed_on <= p_date) as returning_students
         from (
                  select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
                         row_number() over pair_order as nth,
                         lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
                  from "public".bookings b

@@ -70,9 +70,8 @@ declare
     v_to_0 constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
     v_from_30 constant timestamptz := (p_date - 30)::timestamp at time zone 'UTC';
     v_to_30 constant timestamptz := (p_date - 29)::timestamp at time zone 'UTC';
-    v_from_month constant timestamptz := case when extract(day from p_date) = 1
-        then (p_date - interval '1 month')::timestamp at time zone 'UTC' end;
-    v_to_month constant timestamptz := p_date::timestamp at time zone 'UTC';
+    -- every row a month window holds leaves on the 1st: its sums start again from 0
+    v_month_starts constant boolean := extract(day from p_date) = 1;
     v_student_days_tutor_id uuid[];
     v_student_days_client_id uuid[];
     v_student_days_keys text[];
@@ -112,8 +111,7 @@ begin
         into v_student_days_tutor_id, v_student_days_client_id, v_student_days_keys
         from "public".bookings k
         where (k.completed_at >= v_from_0 and k.completed_at < v_to_0)
-              or (k.completed_at >= v_from_30 and k.completed_at < v_to_30)
-              or (k.completed_at >= v_from_month and k.completed_at < v_to_month);
+              or (k.completed_at >= v_from_30 and k.completed_at < v_to_30);
         select array_agg(distinct k.conversation_id)
         into v_conversation_days_conversation_id
         from "public".messages k
@@ -140,17 +138,14 @@ begin
             select * from (
                 select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
                        (t.created_at at time zone v_time_zone)::date as created_on,
-                       (t.available_at at time zone v_time_zone)::date as available_on,
-                       (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                       (t.available_at at time zone v_time_zone)::date as available_on
                 from "public".transactions t
             ) as t
             where (t.created_at >= v_from_0 and t.created_at < v_to_0)
-              or (t.created_at >= v_from_month and t.created_at < v_to_month)
               or (t.available_at >= v_from_0 and t.available_at < v_to_0)
         ) as t
         cross join lateral (values
             (t.created_on, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end),
-            (case when t.next_month_on > t.created_on then t.next_month_on when t.next_month_on <= t.created_on then t.created_on end, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end)),
             (case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end, 0, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0)
         ) as change (day, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent)
         where change.day = p_date
@@ -174,8 +169,7 @@ begin
                        (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                        (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                        (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (b.session_start at time zone v_time_zone)::date as session_on,
-                       (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                       (b.session_start at time zone v_time_zone)::date as session_on
                 from (
                     select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                     from "public".bookings b
@@ -189,12 +183,10 @@ begin
               or (b.confirmed_at >= v_from_0 and b.confirmed_at < v_to_0)
               or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
               or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
-              or (b.completed_at >= v_from_month and b.completed_at < v_to_month)
               or (b.session_start >= v_from_0 and b.session_start < v_to_0)
         ) as b
         cross join lateral (values
             (b.completed_on, 1, 1, 0, 0, 0, b.duration_minutes, b.duration_minutes),
-            (case when b.next_month_on > b.completed_on then b.next_month_on when b.next_month_on <= b.completed_on then b.completed_on end, 0, -1, 0, 0, 0, 0, -(b.duration_minutes)),
             (b.confirmed_on, 0, 0, 1, 0, 0, 0, 0),
             (case when least(b.session_on, b.cancelled_on, b.completed_on) > b.confirmed_on then least(b.session_on, b.cancelled_on, b.completed_on) when least(b.session_on, b.cancelled_on, b.completed_on) <= b.confirmed_on then b.confirmed_on end, 0, 0, -1, 0, 0, 0, 0),
             (b.created_on, 0, 0, 0, 1, 0, 0, 0),
@@ -215,7 +207,6 @@ begin
         from (
                  select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
                         row_number() over pair_order as nth,
                         lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
                  from "public".bookings b
@@ -224,8 +215,7 @@ begin
              ) as pair
         cross join lateral (values
             (pair.completed_on, case when pair.nth = 1 then 1 end, 1, case when pair.nth = 1 then 1 end, case when pair.nth = 2 then 1 end),
-            (case when least(pair.next_completed_on, pair.completed_on + 30) > pair.completed_on then least(pair.next_completed_on, pair.completed_on + 30) when least(pair.next_completed_on, pair.completed_on + 30) <= pair.completed_on then pair.completed_on end, 0, -1, 0, 0),
-            (case when pair.next_month_on > pair.completed_on then pair.next_month_on when pair.next_month_on <= pair.completed_on then pair.completed_on end, 0, 0, -(case when pair.nth = 1 then 1 end), 0)
+            (case when least(pair.next_completed_on, pair.completed_on + 30) > pair.completed_on then least(pair.next_completed_on, pair.completed_on + 30) when least(pair.next_completed_on, pair.completed_on + 30) <= pair.completed_on then pair.completed_on end, 0, -1, 0, 0)
         ) as change (day, total_students, active_students, new_students, returning_students)
         where change.day = p_date
           -- whole partitions, so the window sees every row of each
@@ -426,20 +416,20 @@ begin
         select
             s.user_id,
             s.total_earnings + coalesce(transaction_days_on_d.total_earnings, 0) as total_earnings,
-            s.monthly_earnings + coalesce(transaction_days_on_d.monthly_earnings, 0) as monthly_earnings,
+            case when v_month_starts then 0 else s.monthly_earnings end + coalesce(transaction_days_on_d.monthly_earnings, 0) as monthly_earnings,
             s.pending_earnings + coalesce(transaction_days_on_d.pending_earnings, 0) as pending_earnings,
             s.total_spent + coalesce(transaction_days_on_d.total_spent, 0) as total_spent,
-            s.monthly_spent + coalesce(transaction_days_on_d.monthly_spent, 0) as monthly_spent,
+            case when v_month_starts then 0 else s.monthly_spent end + coalesce(transaction_days_on_d.monthly_spent, 0) as monthly_spent,
             s.completed_sessions + coalesce(booking_days_on_d.completed_sessions, 0) as completed_sessions,
-            s.monthly_sessions + coalesce(booking_days_on_d.monthly_sessions, 0) as monthly_sessions,
+            case when v_month_starts then 0 else s.monthly_sessions end + coalesce(booking_days_on_d.monthly_sessions, 0) as monthly_sessions,
             s.upcoming_sessions + coalesce(booking_days_on_d.upcoming_sessions, 0) as upcoming_sessions,
             s.active_bookings + coalesce(booking_days_on_d.active_bookings, 0) as active_bookings,
             s.cancelled_sessions + coalesce(booking_days_on_d.cancelled_sessions, 0) as cancelled_sessions,
             s.total_hours + coalesce(booking_days_on_d.total_hours, 0) as total_hours,
-            s.monthly_hours + coalesce(booking_days_on_d.monthly_hours, 0) as monthly_hours,
+            case when v_month_starts then 0 else s.monthly_hours end + coalesce(booking_days_on_d.monthly_hours, 0) as monthly_hours,
             s.total_students + coalesce(student_days_on_d.total_students, 0) as total_students,
             s.active_students + coalesce(student_days_on_d.active_students, 0) as active_students,
-            s.new_students + coalesce(student_days_on_d.new_students, 0) as new_students,
+            case when v_month_starts then 0 else s.new_students end + coalesce(student_days_on_d.new_students, 0) as new_students,
             s.returning_students + coalesce(student_days_on_d.returning_students, 0) as returning_students,
             s.average_rating + coalesce(review_days_on_d.average_rating, 0) as average_rating,
             s.total_reviews + coalesce(review_days_on_d.total_reviews, 0) as total_reviews,
@@ -485,16 +475,15 @@ begin
         select
             t.user_id as user_id,
             sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date) as total_earnings,
-            sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date and (t.next_month_on > p_date or t.next_month_on is null)) as monthly_earnings,
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_earnings,
             sum(t.amount) filter (where t.kind = 'earning' and t.created_on <= p_date and (t.available_on > p_date or t.available_on is null)) as pending_earnings,
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date) as total_spent,
-            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date and (t.next_month_on > p_date or t.next_month_on is null)) as monthly_spent
+            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_spent
         from (
             select * from (
                 select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
                        (t.created_at at time zone v_time_zone)::date as created_on,
-                       (t.available_at at time zone v_time_zone)::date as available_on,
-                       (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                       (t.available_at at time zone v_time_zone)::date as available_on
                 from "public".transactions t
             ) as t
             where v_from_history or t.user_id = any (v_fresh)
@@ -508,12 +497,12 @@ begin
         select
             b.user_id as user_id,
             count(*) filter (where b.completed_on <= p_date) as completed_sessions,
-            count(*) filter (where b.completed_on <= p_date and (b.next_month_on > p_date or b.next_month_on is null)) as monthly_sessions,
+            count(*) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_sessions,
             count(*) filter (where b.confirmed_on <= p_date and (least(b.session_on, b.cancelled_on, b.completed_on) > p_date or least(b.session_on, b.cancelled_on, b.completed_on) is null)) as upcoming_sessions,
             count(*) filter (where b.created_on <= p_date and (least(b.cancelled_on, b.completed_on) > p_date or least(b.cancelled_on, b.completed_on) is null)) as active_bookings,
             count(*) filter (where b.cancelled_on <= p_date) as cancelled_sessions,
             sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_hours,
-            sum(b.duration_minutes) filter (where b.completed_on <= p_date and (b.next_month_on > p_date or b.next_month_on is null)) as monthly_hours
+            sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_hours
         from (
             select * from (
                 select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
@@ -521,8 +510,7 @@ begin
                        (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                        (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                        (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (b.session_start at time zone v_time_zone)::date as session_on,
-                       (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                       (b.session_start at time zone v_time_zone)::date as session_on
                 from (
                     select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                     from "public".bookings b
@@ -544,13 +532,12 @@ begin
             pair.tutor_id as user_id,
             count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date) as total_students,
             count(*) filter (where pair.completed_on <= p_date and (least(pair.next_completed_on, pair.completed_on + 30) > p_date or least(pair.next_completed_on, pair.completed_on + 30) is null)) as active_students,
-            count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date and (pair.next_month_on > p_date or pair.next_month_on is null)) as new_students,
+            count(*) filter (where pair.nth = 1 and pair.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as new_students,
             count(*) filter (where pair.nth = 2 and pair.completed_on <= p_date) as returning_students
         from (
             select * from (
                 select b.tutor_id, b.client_id,
                        (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
                        row_number() over pair_order as nth,
                        lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
                 from "public".bookings b

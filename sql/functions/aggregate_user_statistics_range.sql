@@ -68,13 +68,12 @@ begin
         from (
                  select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
                         (t.created_at at time zone v_time_zone)::date as created_on,
-                        (t.available_at at time zone v_time_zone)::date as available_on,
-                        (date_trunc('month', t.created_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                        (t.available_at at time zone v_time_zone)::date as available_on
                  from "public".transactions t
              ) as t
         cross join lateral (values
             (t.created_on, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end),
-            (case when t.next_month_on > t.created_on then t.next_month_on when t.next_month_on <= t.created_on then t.created_on end, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end)),
+            ((date_trunc('month', t.created_on::timestamp) + interval '1 month')::date, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end)),
             (case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end, 0, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0)
         ) as change (day, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent)
         where change.day <= p_last
@@ -100,8 +99,7 @@ begin
                         (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (b.session_start at time zone v_time_zone)::date as session_on,
-                        (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on
+                        (b.session_start at time zone v_time_zone)::date as session_on
                  from (
                      select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                      from "public".bookings b
@@ -113,7 +111,7 @@ begin
              ) as b
         cross join lateral (values
             (b.completed_on, 1, 1, 0, 0, 0, b.duration_minutes, b.duration_minutes),
-            (case when b.next_month_on > b.completed_on then b.next_month_on when b.next_month_on <= b.completed_on then b.completed_on end, 0, -1, 0, 0, 0, 0, -(b.duration_minutes)),
+            ((date_trunc('month', b.completed_on::timestamp) + interval '1 month')::date, 0, -1, 0, 0, 0, 0, -(b.duration_minutes)),
             (b.confirmed_on, 0, 0, 1, 0, 0, 0, 0),
             (case when least(b.session_on, b.cancelled_on, b.completed_on) > b.confirmed_on then least(b.session_on, b.cancelled_on, b.completed_on) when least(b.session_on, b.cancelled_on, b.completed_on) <= b.confirmed_on then b.confirmed_on end, 0, 0, -1, 0, 0, 0, 0),
             (b.created_on, 0, 0, 0, 1, 0, 0, 0),
@@ -137,7 +135,6 @@ begin
         from (
                  select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (date_trunc('month', b.completed_at at time zone v_time_zone) + interval '1 month')::date as next_month_on,
                         row_number() over pair_order as nth,
                         lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
                  from "public".bookings b
@@ -147,7 +144,7 @@ begin
         cross join lateral (values
             (pair.completed_on, case when pair.nth = 1 then 1 end, 1, case when pair.nth = 1 then 1 end, case when pair.nth = 2 then 1 end),
             (case when least(pair.next_completed_on, pair.completed_on + 30) > pair.completed_on then least(pair.next_completed_on, pair.completed_on + 30) when least(pair.next_completed_on, pair.completed_on + 30) <= pair.completed_on then pair.completed_on end, 0, -1, 0, 0),
-            (case when pair.next_month_on > pair.completed_on then pair.next_month_on when pair.next_month_on <= pair.completed_on then pair.completed_on end, 0, 0, -(case when pair.nth = 1 then 1 end), 0)
+            ((date_trunc('month', pair.completed_on::timestamp) + interval '1 month')::date, 0, 0, -(case when pair.nth = 1 then 1 end), 0)
         ) as change (day, total_students, active_students, new_students, returning_students)
         where change.day <= p_last
           and (pair.tutor_id >= p_users_from or p_users_from is null) and (pair.tutor_id < p_users_to or p_users_to is null)
