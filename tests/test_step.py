@@ -33,12 +33,24 @@ def problems_on(conn, day, time_zone="UTC"):
 
 def stepped_nights_equal_the_spec(dsn, first, last, time_zone="UTC"):
     with psycopg.connect(dsn, autocommit=True) as conn:
+        said = []
+        conn.add_notice_handler(lambda notice: said.append(notice.message_primary))
+        conn.execute("set client_min_messages = debug1")
         for day in days(first, last):
+            said.clear()
             run_night(conn, day)
             users = conn.execute("select count(*) from profiles where (created_at at time zone %s)::date <= %s",
                                  [time_zone, day]).fetchone()[0]
             # every user's sums move to D, so the next night steps from them
             assert sums_days(conn) == {day: users}
+            stepped = [m for m in said if m.startswith("statskit: ")]
+            if day == first:
+                assert stepped == ["statskit: no user from the sums of the day before, every user summed from history"]
+            else:  # from the sums, but for the users created on D
+                new = conn.execute("select count(*) from profiles where (created_at at time zone %s)::date = %s",
+                                   [time_zone, day]).fetchone()[0]
+                assert stepped == [f"statskit: {users - new} users from the sums of the day before, "
+                                   f"{new} users summed from history"]
             problems = problems_on(conn, day, time_zone)
             assert problems == [], f"{day}: {problems[:10]}"
 

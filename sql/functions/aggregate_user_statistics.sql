@@ -106,6 +106,9 @@ begin
       );
     -- more users to sum from history than to step: all of them, each source read once
     v_from_history := v_stepped = 0 or coalesce(cardinality(v_fresh), 0) > v_stepped;
+    raise debug 'statskit: % from the sums of the day before, % summed from history',
+        case when v_from_history then 'no user' else v_stepped || ' users' end,
+        case when v_from_history then 'every user' else coalesce(cardinality(v_fresh), 0) || ' users' end;
     if not v_from_history then
         select array_agg(distinct k.tutor_id), array_agg(distinct k.client_id), array_agg(distinct concat_ws(' ', k.tutor_id, k.client_id))
         into v_student_days_tutor_id, v_student_days_client_id, v_student_days_keys
