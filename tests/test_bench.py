@@ -23,7 +23,8 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         assert "| 300 × 15 |" in backfill_markdown([filled])
         captured = bench_capture(cluster, users=300, rounds=1)
         assert captured["late100_logged"] == 100 and captured["late100_written"] > 0
-        assert captured["bulk_0_on_s"] > 0 and captured["single_100_indexed_s"] > 0 and "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
+        assert captured["bulk_0_on_s"] > 0 and captured["single_100_indexed_s"] > 0
+        assert "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
         history = bench_history(cluster, users=200, bookings_per_day=20 / 15, seed=0.5, histories=(15, 30))
         assert [h["days"] for h in history] == [15, 30]
         assert all(h["rows"] > 0 and h["history_s"] > 0 and h["step_s"] > 0 and h["indexed_s"] > 0 for h in history)

@@ -8,12 +8,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from conftest import cron_connection
+from conftest import SQL_DIR, cron_connection
 from toolkit.catalog import load_catalog
 from toolkit.cli import cli
 from toolkit.render import FUNCTIONS
-
-from conftest import SQL_DIR
 
 WINDOW = ["--from", "2026-03-25", "--to", "2026-03-31"]
 
@@ -26,8 +24,7 @@ def deployed(migrated_dsn, run_cli):
         # the DBA followed migrate's advice: the nightly step's indexes
         for table, column in load_catalog(SQL_DIR / "catalog.toml").step_lookups:
             conn.execute(f"create index if not exists {table}_{column}_idx on {table} ({column})")
-    with psycopg.connect(migrated_dsn, autocommit=True) as conn:  # what last night's jobs wrote
-        conn.execute("select aggregate_daily_statistics(), aggregate_user_statistics()")
+        conn.execute("select aggregate_daily_statistics(), aggregate_user_statistics()")  # what last night's jobs wrote
     dbname = psycopg.conninfo.conninfo_to_dict(migrated_dsn)["dbname"]
     with cron_connection() as conn:
         conn.execute(
