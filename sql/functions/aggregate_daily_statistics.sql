@@ -42,13 +42,12 @@ set plan_cache_mode = force_custom_plan
 as $function$
 declare
     v_time_zone constant text := 'UTC';
-    v_day_start constant timestamptz := p_date::timestamp at time zone 'UTC';
-    v_day_end constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
-    v_today constant date := (now() at time zone v_time_zone)::date;
     v_from_0 constant timestamptz := p_date::timestamp at time zone 'UTC';
     v_to_0 constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
     v_from_1 constant timestamptz := (p_date - 1)::timestamp at time zone 'UTC';
     v_to_1 constant timestamptz := p_date::timestamp at time zone 'UTC';
+    v_today constant date := (now() at time zone v_time_zone)::date;
+
     v_from_history boolean;
     v_rows integer;
 begin
@@ -302,9 +301,9 @@ begin
                 from "public".bookings b
             ) as b
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
-            where (b.created_at >= v_day_start and b.created_at < v_day_end)
-              or (b.completed_at >= v_day_start and b.completed_at < v_day_end)
-              or (b.cancelled_at >= v_day_start and b.cancelled_at < v_day_end)
+            where (b.created_at >= v_from_0 and b.created_at < v_to_0)
+              or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
+              or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
         where least(b.created_on, b.completed_on, b.cancelled_on) <= p_date -- rows that enter later count on no day up to D
@@ -320,7 +319,7 @@ begin
                 from "public".transactions t
             ) as t
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
-            where t.created_at >= v_day_start and t.created_at < v_day_end
+            where t.created_at >= v_from_0 and t.created_at < v_to_0
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as t
         where t.created_on <= p_date -- rows that enter later count on no day up to D
@@ -350,7 +349,7 @@ begin
                 from "public".messages m
             ) as m
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
-            where m.created_at >= v_day_start and m.created_at < v_day_end
+            where m.created_at >= v_from_0 and m.created_at < v_to_0
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as m
         where m.created_on <= p_date -- rows that enter later count on no day up to D
@@ -365,7 +364,7 @@ begin
                 from "public".referrals r
             ) as r
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
-            where r.converted_at >= v_day_start and r.converted_at < v_day_end
+            where r.converted_at >= v_from_0 and r.converted_at < v_to_0
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
         where r.converted_on <= p_date -- rows that enter later count on no day up to D

@@ -311,7 +311,7 @@ begin
     left join referral_days on referral_days.user_id = p.id
     left join caas_days on caas_days.user_id = p.id
     where (p.created_at at time zone v_time_zone)::date <= p_date
-      and p.id = p_user_id
+      and (p.id = p_user_id)
     on conflict (user_id, date) do update
     set
         total_earnings = excluded.total_earnings,

@@ -851,7 +851,7 @@ begin
         updated_at
     )
     select
-        sums.user_id,
+        sums.user_id as user_id,
         p_date as date,
         coalesce(total_earnings, 0) as total_earnings,
         coalesce(monthly_earnings, 0) as monthly_earnings,
