@@ -1,5 +1,6 @@
 """`statskit backfill`: exact rows, kill-safe, resumable, one-line errors for bad input."""
 
+import dataclasses
 import os
 import re
 import signal
@@ -15,7 +16,6 @@ from conftest import deploy
 from spec_oracle import differences, expected_user_rows, stored_user_rows
 from toolkit import backfill as backfill_core
 from toolkit.cli import cli
-from toolkit.settings import Settings
 
 FIRST, LAST = date(2026, 3, 1), date(2026, 3, 31)
 
@@ -53,10 +53,9 @@ def day_by_day(dsn, first, last):
     return rows
 
 
-def write_range(dsn, first, last, users_from=None, users_to=None, platform=True):
+def write_range(dsn, first, last, platform=True):
     with psycopg.connect(dsn, autocommit=True) as conn:
-        users = conn.execute("select aggregate_user_statistics_range(%s, %s, %s, %s)",
-                             [first, last, users_from, users_to]).fetchone()[0]
+        users = conn.execute("select aggregate_user_statistics_range(%s, %s)", [first, last]).fetchone()[0]
         days = conn.execute("select aggregate_daily_statistics_range(%s, %s)", [first, last]).fetchone()[0] if platform else 0
     return users, days
 
@@ -73,15 +72,40 @@ def test_range_functions_equal_the_one_day_functions_day_by_day(migrated_dsn, fi
     assert write_range(migrated_dsn, first, last) == (0, 0)  # a re-run rewrites nothing
 
 
-def test_slices_of_users_add_up_to_the_whole(migrated_dsn):
+def test_chunks_written_side_by_side_add_up_to_the_whole(migrated_dsn):
+    """Two connections of one backfill hold the writer lock shared: both chunks are in flight at
+    once (neither waits for the other) and together they are the whole range."""
     first, last = RANGES[0]
+    middle = first + (last - first) / 2
     expected = day_by_day(migrated_dsn, first, last)
-    with psycopg.connect(migrated_dsn) as conn:
-        slices = backfill_core.user_slices(conn, Settings(), 3)
-    assert len(slices) == 3 and slices[0][0] is None and slices[-1][1] is None
-    written = [write_range(migrated_dsn, first, last, lo, hi, platform=False)[0] for lo, hi in slices]
+    with psycopg.connect(migrated_dsn) as one, psycopg.connect(migrated_dsn) as other:
+        for conn in (one, other):
+            conn.execute("set lock_timeout = '2s'")  # a chunk waiting for its sibling would fail here
+        written = [one.execute("select aggregate_user_statistics_range(%s, %s, p_shared => true)",
+                               [first, middle]).fetchone()[0],
+                   other.execute("select aggregate_user_statistics_range(%s, %s, p_shared => true)",
+                                 [middle + timedelta(days=1), last]).fetchone()[0]]
+        one.commit()
+        other.commit()
     assert all(written) and sum(written) == len(expected[0])
     assert snapshot(migrated_dsn)[0] == expected[0]
+
+
+def test_plan_cuts_a_range_into_a_chunk_per_job_and_skips_committed_days():
+    request = backfill_core.Request(date(2026, 1, 1), date(2026, 1, 10), jobs=2)
+    units = backfill_core.plan_units(request, {})
+    assert [(u.table, u.chunk) for u in units] == [
+        ("users", (date(2026, 1, 1), date(2026, 1, 5))), ("platform", (date(2026, 1, 1), date(2026, 1, 5))),
+        ("users", (date(2026, 1, 6), date(2026, 1, 10))), ("platform", (date(2026, 1, 6), date(2026, 1, 10)))]
+    committed = {"users": {date(2026, 1, n) for n in range(1, 5)}, "platform": {date(2026, 1, n) for n in range(1, 11)}}
+    resumed = backfill_core.plan_units(dataclasses.replace(request, chunk_days=2), committed)
+    assert [(u.table, u.chunk) for u in resumed] == [
+        ("users", (date(2026, 1, 5), date(2026, 1, 6))), ("users", (date(2026, 1, 7), date(2026, 1, 8))),
+        ("users", (date(2026, 1, 9), date(2026, 1, 10)))]
+    progress = backfill_core.Progress(request, committed)
+    assert progress.summary() == "4 of 10 days committed, through 2026-01-04"
+    progress.committed["users"].add(date(2026, 1, 7))
+    assert progress.summary() == "5 of 10 days committed (2026-01-01..2026-01-04, 2026-01-07)"
 
 
 def test_range_functions_follow_the_configured_time_zone(loaded_dsn):
@@ -122,12 +146,13 @@ def test_a_second_run_rewrites_the_same_numbers_and_leaves_other_days_alone(migr
         assert conn.execute("select count(*) from platform_statistics_daily where date < %s", [FIRST]).fetchone()[0] == 1
 
 
-def test_resume_skips_finished_chunks(migrated_dsn, run_cli):
+def test_resume_writes_only_the_days_no_finished_chunk_covers(migrated_dsn, run_cli):
     run_cli("backfill", "--from", FIRST, "--to", date(2026, 3, 14), "--chunk-days", 7, "--dsn", migrated_dsn)
-    resumed = run_cli("backfill", "--from", FIRST, "--to", date(2026, 3, 21), "--chunk-days", 7, "--resume", "--dsn", migrated_dsn)
-    assert resumed.output.count("skipped (finished earlier)") == 2
-    assert "chunk 2026-03-15..2026-03-21 done" in resumed.output
-    assert "2 finished chunks skipped" in resumed.output
+    resumed = run_cli("backfill", "--from", FIRST, "--to", date(2026, 3, 21), "--chunk-days", 7, "--resume",
+                      "--jobs", 1, "--dsn", migrated_dsn)
+    chunks = [line.split(" committed")[0] for line in resumed.output.splitlines() if line.startswith("chunk ")]
+    assert chunks == ["chunk 2026-03-15..2026-03-21"]
+    assert "14 days committed earlier skipped" in resumed.output
 
 
 def test_user_touches_only_that_users_rows(migrated_dsn, run_cli):
@@ -204,5 +229,5 @@ def test_sigkill_mid_run_then_rerun_equals_one_clean_run(migrated_dsn, run_cli):
     partial = snapshot(migrated_dsn)
     assert 3 <= len(partial[1]) < 31
     resumed = run_cli("backfill", "--from", FIRST, "--to", LAST, "--chunk-days", "1", "--resume", "--dsn", migrated_dsn)
-    assert resumed.exit_code == 0 and "finished chunks skipped" in resumed.output
+    assert resumed.exit_code == 0 and "days committed earlier skipped" in resumed.output
     assert snapshot(migrated_dsn) == clean

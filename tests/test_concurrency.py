@@ -120,18 +120,19 @@ def test_a_server_restart_mid_backfill_is_one_line_and_a_rerun_completes(migrate
 
 def test_backfill_says_whom_it_waits_for_and_a_lock_timeout_is_one_line(migrated_dsn):
     holder = psycopg.connect(migrated_dsn, application_name="nightly-by-hand")
-    holder.execute("select pg_advisory_xact_lock(hashtext('public.user_statistics_daily'), date '2026-03-02' - date '2000-01-01')")
+    holder.execute("select pg_advisory_xact_lock(hashtext('public.rollup writers'), 0)")
     try:
         timed_out = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-02", "--only", "users", "--quiet",
                              "--dsn", migrated_dsn, env={**os.environ, "PGOPTIONS": "-c lock_timeout=300"})
         _, err = timed_out.communicate(timeout=60)
         assert timed_out.returncode == 1
         *notes, error = err.strip().splitlines()
-        assert 1 <= len(notes) <= 2  # each slice of the users that reached the day waits, and says so
+        assert 1 <= len(notes) <= 2  # each connection that reached its chunk waits, and says so
         for note in notes:
             assert note.startswith(f"note: waiting for pid {holder.info.backend_pid} (nightly-by-hand")
-            assert note.endswith("which is writing user_statistics_daily for 2026-03-02")
+            assert note.endswith("another writer of the rollup")
         assert error.startswith("statskit: error: lock_timeout: canceling statement due to lock timeout")
+        assert error.endswith("0 of 2 days committed; re-run with --resume to write the rest")
         waiting = statskit("backfill", "--from", "2026-03-01", "--to", "2026-03-02", "--only", "users", "--quiet",
                            "--dsn", migrated_dsn)
         assert waiting.stderr.readline().startswith(f"note: waiting for pid {holder.info.backend_pid}")
@@ -142,7 +143,7 @@ def test_backfill_says_whom_it_waits_for_and_a_lock_timeout_is_one_line(migrated
 
 
 def test_a_second_backfill_waits_for_the_first(migrated_dsn):
-    """Slices of one backfill share the day locks; a second backfill must not slip in between them."""
+    """Chunks of one backfill share the writer lock; a second backfill must not slip in between them."""
     first = psycopg.connect(migrated_dsn, autocommit=True, application_name="statskit backfill")
     first.execute("select pg_advisory_lock(hashtext('public.backfill'), 0)")
     try:

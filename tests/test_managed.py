@@ -75,8 +75,8 @@ def app_db(server, market, request):
 
 def cron_args(server, dbname):
     # The owner cannot read cron.database_name (superuser or pg_read_all_settings only): where
-    # pg_cron lives in another database, it is named.
-    return [] if dbname == CRON_DB else ["--cron-dsn", as_owner(server, CRON_DB)]
+    # pg_cron lives in another database, it is named, once, by its name.
+    return [] if dbname == CRON_DB else ["--cron-dsn", CRON_DB]
 
 
 def jobs(server, dbname):
@@ -117,20 +117,23 @@ def test_the_whole_life_cycle_as_a_database_owner(server, app_db, run_cli):
 
     if app_db != CRON_DB:
         refused = run_cli("migrate", "--dsn", dsn, "--roles")
-        assert refused.exit_code == 1 and "give --cron-dsn" in refused.output and "pg_read_all_settings" in refused.output
+        assert refused.exit_code == 1 and "--cron-dsn" in refused.output and "pg_read_all_settings" in refused.output
         assert objects(dsn) == before
 
+    # pg_cron's database named once, by name alone (the target's server and login): migrate records it
     deployed = run_cli("migrate", "--dsn", dsn, "--roles", *cron_args(server, app_db))
     assert deployed.exit_code == 0, deployed.output
     assert "scheduled pg_cron job aggregate-user-statistics" in deployed.output
     # not a superuser: the jobs are the owner's own (pg_cron 1.4 refuses any other username)
     assert jobs(server, app_db) == [("aggregate-platform-statistics", OWNER, "0 0 * * *"),
                                     ("aggregate-user-statistics", OWNER, "0 1 * * *")]
-    again = run_cli("migrate", "--dsn", dsn, *cron_args(server, app_db))
+    again = run_cli("migrate", "--dsn", dsn)
     assert again.exit_code == 0 and "up to date, nothing to do" in again.output, again.output
+    status = run_cli("migrate", "--status", "--dsn", dsn)
+    assert status.exit_code == 0 and f"aggregate-user-statistics" in status.output, status.output
 
     assert run_cli("backfill", *WINDOW, "--quiet", "--dsn", dsn).exit_code == 0
-    verified = run_cli("verify", "--dsn", dsn, *WINDOW, *cron_args(server, app_db))
+    verified = run_cli("verify", "--dsn", dsn, *WINDOW)
     assert verified.exit_code == 0, verified.output
     assert "not visible" not in verified.output and "  fail  " not in verified.output
     assert re.search(r"cron runs-as aggregate-user-statistics +pass  deployer can run it", verified.output)
@@ -139,10 +142,55 @@ def test_the_whole_life_cycle_as_a_database_owner(server, app_db, run_cli):
         runs = run_registered_jobs_under_pg_cron(server, app_db)
         assert [(user, status) for user, status, _ in runs] == [(OWNER, "succeeded")] * 2, runs
 
-    rolled = run_cli("rollback", "--dsn", dsn, *cron_args(server, app_db))
+    rolled = run_cli("rollback", "--dsn", dsn)
     assert rolled.exit_code == 0, rolled.output
     assert objects(dsn) == before  # statskit's own schema included
     assert jobs(server, app_db) == []
+
+
+@pytest.mark.parametrize("app_db", ["app"], indirect=True)
+def test_plain_verify_fails_a_job_that_is_really_missing_or_disabled(server, app_db, run_cli):
+    dsn = as_owner(server, app_db)
+    assert run_cli("migrate", "--dsn", dsn, "--cron-dsn", f"dbname={CRON_DB}").exit_code == 0
+    assert run_cli("verify", "--dsn", dsn, "--only", "cron").exit_code == 0
+    with psycopg.connect(as_owner(server, CRON_DB), autocommit=True) as conn:
+        platform, user = [row[0] for row in conn.execute(
+            "select jobid from cron.job where database = %s order by jobname", [app_db])]
+        conn.execute("select cron.alter_job(%s, active => false)", [user])
+        conn.execute("select cron.unschedule(%s)", [platform])
+    result = run_cli("verify", "--dsn", dsn, "--only", "cron")
+    assert result.exit_code == 1, result.output
+    assert re.search(r"cron job aggregate-platform-statistics +fail  not registered", result.output), result.output
+    assert re.search(r"cron job aggregate-user-statistics +fail .*inactive", result.output), result.output
+
+
+@pytest.mark.parametrize("app_db", ["app"], indirect=True)
+def test_the_cron_dsn_variable_overrides_the_recorded_database(server, app_db, run_cli, monkeypatch):
+    dsn = as_owner(server, app_db)
+    assert run_cli("migrate", "--dsn", dsn, "--cron-dsn", CRON_DB).exit_code == 0
+    monkeypatch.setenv("STATSKIT_CRON_DSN", "dbname=no_such_database")
+    result = run_cli("verify", "--dsn", dsn, "--only", "cron")
+    assert result.exit_code == 1 and 'database "no_such_database" does not exist' in result.output, result.output
+    monkeypatch.delenv("STATSKIT_CRON_DSN")
+    assert run_cli("verify", "--dsn", dsn, "--only", "cron").exit_code == 0
+
+
+@pytest.mark.parametrize("app_db", ["app"], indirect=True)
+def test_no_cron_is_recorded_and_every_command_follows_it(server, app_db, run_cli):
+    dsn = as_owner(server, app_db)
+    before = objects(dsn)
+    deployed = run_cli("migrate", "--dsn", dsn, "--no-cron")
+    assert deployed.exit_code == 0 and "pg_cron" not in deployed.output, deployed.output
+    assert "nothing to do" in run_cli("migrate", "--dsn", dsn).output
+    assert "pg_cron    no jobs (--no-cron)" in run_cli("migrate", "--status", "--dsn", dsn).output
+    assert run_cli("backfill", *WINDOW, "--quiet", "--dsn", dsn).exit_code == 0
+    verified = run_cli("verify", "--dsn", dsn, *WINDOW)
+    assert verified.exit_code == 0, verified.output
+    assert re.search(r"cron +pass  no pg_cron jobs to check: deployed with --no-cron", verified.output)
+    assert "not visible" not in verified.output
+    assert jobs(server, app_db) == []
+    assert run_cli("rollback", "--dsn", dsn).exit_code == 0
+    assert objects(dsn) == before
 
 
 def sabotage(tmp_path, step):

@@ -1,17 +1,20 @@
-"""`statskit backfill`: write the rollup rows of a range of days, in chunks that each commit.
+"""`statskit backfill`: write the rollup rows of a range of days, in chunks that each commit whole.
 
-Each chunk of days is one transaction per table (and per slice of users), so a kill or a server
-restart loses at most the work in flight, and a re-run rewrites the same numbers (the functions
-upsert). Finished work is recorded in statskit.backfill_ledger; --resume skips it. The range
-functions compute a whole chunk from one pass over the sources; slices of users let several
-connections share a chunk, since PostgreSQL never runs a write in parallel itself.
+Each chunk of days of one table is one transaction that writes every user's rows of those days,
+so a reader never sees a day with some users' rows and not others', whatever stops the run
+(Ctrl-C, SIGTERM, SIGKILL, a lost connection): a day is committed whole or not at all. Several
+connections (`jobs`) share the work by days: each writes other chunks, since PostgreSQL never
+runs a write in parallel itself. Finished chunks are recorded in statskit.backfill_ledger;
+--resume writes only the days no finished chunk covers. The range functions compute a whole
+chunk from one pass over the sources; a re-run rewrites the same numbers (they upsert).
 """
 
 import dataclasses
+import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Callable
 
@@ -19,8 +22,8 @@ import psycopg
 
 from . import db
 from .deployment import mark_filled, require_deployment
-from .errors import UsageError
-from .render import LOCK_EPOCH, lock_name, quote_ident
+from .errors import StatskitError, UsageError
+from .render import quote_ident, writer_lock
 from .settings import STATSKIT_SCHEMA
 
 LEDGER_SQL = f"""
@@ -36,6 +39,11 @@ create table if not exists {STATSKIT_SCHEMA}.backfill_ledger (
 """
 
 SCOPES = ("both", "users", "platform")
+ROLLUP_TABLES = {"users": "user_statistics_daily", "platform": "platform_statistics_daily"}
+# A unit that PostgreSQL chose as a deadlock victim (or failed to serialise) is simply tried
+# again: it wrote nothing, since its transaction rolled back whole.
+RETRIES = 3
+RETRIED_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 @dataclass(frozen=True)
@@ -47,72 +55,108 @@ class Request:
     resume: bool = False
     # Each chunk costs one pass over the whole history of the sources, so chunks are long.
     chunk_days: int = 120
-    jobs: int = 2  # connections writing side by side, each its slice of the users
+    jobs: int = 2  # connections writing side by side, each its own chunks of days
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The tables written, as the ledger names them ("users", "platform")."""
+        if self.user_id is not None or self.scope == "users":
+            return ("users",)
+        return ("platform",) if self.scope == "platform" else ("users", "platform")
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One transaction of a backfill: a chunk of days of one table, for a slice of the users."""
+    """One transaction of a backfill: a chunk of days of one table, every user's rows of them."""
 
     chunk: tuple[date, date]
-    table: str  # "users" or "platform"
-    users_from: uuid.UUID | None = None
-    users_to: uuid.UUID | None = None
+    table: str  # "users" or "platform", as the ledger's scope says
 
     @property
-    def sliced(self) -> bool:
-        return self.users_from is not None or self.users_to is not None
-
-    @property
-    def rollup_table(self) -> str:
-        return "platform_statistics_daily" if self.table == "platform" else "user_statistics_daily"
-
-    @property
-    def scope(self) -> str:
-        """What the ledger records, so --resume skips exactly this work."""
-        if not self.sliced:
-            return self.table
-        return f"users {self.users_from or ''}..{self.users_to or ''}"
+    def days(self) -> list[date]:
+        first, last = self.chunk
+        return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
 @dataclass
 class Progress:
-    days_total: int
-    days_done: int = 0
+    """What is committed so far, per table, and how fast it went."""
+
+    request: Request
+    committed: dict[str, set[date]] = field(default_factory=dict)  # table -> days committed
+    days_skipped: int = 0  # committed by an earlier run (--resume)
     rows_written: int = 0
-    chunks_skipped: int = 0
-    started: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def days_total(self) -> int:
+        return (self.request.last - self.request.first).days + 1
+
+    @property
+    def committed_days(self) -> list[date]:
+        """Days committed in every table of the request, in order."""
+        sets = [self.committed.get(table, set()) for table in self.request.tables]
+        return sorted(set.intersection(*sets))
+
+    @property
+    def days_done(self) -> int:
+        return len(self.committed_days)
 
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
-
-def user_slices(conn: psycopg.Connection, settings, count: int) -> list[tuple[uuid.UUID | None, uuid.UUID | None]]:
-    """Split the users into `count` slices of about equal size, by id: [(from, to)], open-ended
-    at both ends so users created during the run belong to one."""
-    profiles = f"{quote_ident(settings.source_schema)}.profiles"
-    total = conn.execute(f"select count(*) from {profiles}").fetchone()[0]
-    bounds = []
-    for k in range(1, count):
-        row = conn.execute(f"select id from {profiles} order by id offset %s limit 1", [k * total // count]).fetchone()
-        if row and row[0] not in bounds:
-            bounds.append(row[0])
-    edges = [None, *bounds, None]
-    return list(zip(edges, edges[1:]))
+    def summary(self) -> str:
+        """'N of M days committed, through D' (or the runs of days, when they have gaps)."""
+        days = self.committed_days
+        head = f"{len(days)} of {self.days_total} days committed"
+        if not days:
+            return head
+        runs = day_runs(days)
+        if runs[0][0] == self.request.first and len(runs) == 1:
+            return f"{head}, through {runs[0][1]}"
+        return f"{head} ({', '.join(f'{a}..{b}' if a != b else str(a) for a, b in runs)})"
 
 
-def plan_units(conn: psycopg.Connection, settings, request: Request) -> list[Unit]:
-    slices = [(None, None)]
-    if request.scope != "platform" and request.user_id is None and request.jobs > 1:
-        slices = user_slices(conn, settings, request.jobs)
+class Stopped(StatskitError):
+    """The run stopped before every day was written; every committed day is whole and stays."""
+
+    def __init__(self, reason: str, progress: Progress, cancelled: bool, exit_code: int = 1):
+        self.progress, self.cancelled, self.exit_code = progress, cancelled, exit_code
+        super().__init__(f"{reason}; {progress.summary()}; re-run with --resume to write the rest")
+
+
+def day_runs(days: list[date]) -> list[tuple[date, date]]:
+    """Sorted days as runs of consecutive days: [(first, last)]."""
+    runs: list[list[date]] = []
+    for day in days:
+        if runs and day - runs[-1][1] == timedelta(days=1):
+            runs[-1][1] = day
+        else:
+            runs.append([day, day])
+    return [(a, b) for a, b in runs]
+
+
+def plan_units(request: Request, committed: dict[str, set[date]]) -> list[Unit]:
+    """Chunks of the days not yet committed, each table's in day order, tables side by side.
+
+    With several jobs, chunks are cut short enough that every job has one: a day range of
+    120 days with 2 jobs is two chunks of 60, written at once.
+    """
+    todo = {table: [d for d in _all_days(request) if d not in committed.get(table, set())]
+            for table in request.tables}
+    longest = max((len(days) for days in todo.values()), default=0)
+    size = max(1, min(request.chunk_days, math.ceil(longest / max(1, request.jobs))))
+    by_table = {table: [Unit(chunk, table) for run in day_runs(days) for chunk in chunks(*run, size)]
+                for table, days in todo.items()}
     units = []
-    for chunk in chunks(request.first, request.last, request.chunk_days):
-        if request.scope in ("both", "users") or request.user_id:
-            units += [Unit(chunk, "users", lo, hi) for lo, hi in slices]
-        if request.scope in ("both", "platform") and not request.user_id:
-            units.append(Unit(chunk, "platform"))
+    for n in range(max((len(u) for u in by_table.values()), default=0)):
+        units += [u[n] for u in by_table.values() if n < len(u)]
     return units
+
+
+def _all_days(request: Request) -> list[date]:
+    return Unit((request.first, request.last), "").days
 
 
 def chunks(first: date, last: date, size: int) -> list[tuple[date, date]]:
@@ -149,52 +193,61 @@ def check_request(conn: psycopg.Connection, request: Request) -> tuple[Request, 
 
 
 def backfill(dsn: str, request: Request,
-             report: Callable[[Progress, tuple[date, date], bool], None] = lambda *a: None,
-             report_wait: Callable[[str], None] = lambda message: None) -> Progress:
-    """Write every day of the request with `request.jobs` connections; call report(progress,
-    chunk, skipped) when all of a chunk's work is done, and report_wait(message) when another
-    writer of the same days makes us wait. The first error stops every worker."""
+             report: Callable[[Progress, tuple[date, date]], None] = lambda *a: None,
+             report_wait: Callable[[str], None] = lambda message: None,
+             cancel: threading.Event | None = None) -> Progress:
+    """Write every day of the request with `request.jobs` connections.
+
+    report(progress, chunk) is called when a chunk is committed in every table, report_wait(message)
+    when another writer makes us wait or a unit is retried. Setting `cancel` (from a signal
+    handler, an orchestrator's worker thread) cancels the statements in flight. The first error,
+    or the cancel, stops every connection and raises Stopped, which says what is committed.
+    """
+    cancel = cancel or threading.Event()
     with db.connect(dsn, autocommit=True) as run_conn:
         settings = require_deployment(run_conn)
         with run_conn.transaction():
             run_conn.execute(LEDGER_SQL)
         _take_run_lock(run_conn, settings, report_wait)
-        units = plan_units(run_conn, settings, request)
-        progress = _run(dsn, settings, request, units, report, report_wait)
+        progress = Progress(request)
+        if request.resume:
+            progress.committed = _finished_days(run_conn, request)
+            progress.days_skipped = progress.days_done
+        units = plan_units(request, progress.committed)
+        _run(dsn, settings, request, units, progress, report, report_wait, cancel)
         if request.user_id is None:  # every user's rows of these days are now computed with every metric
-            for table in dict.fromkeys(u.rollup_table for u in units):
-                mark_filled(run_conn, table, request.first, request.last)
+            for table in request.tables:
+                mark_filled(run_conn, ROLLUP_TABLES[table], request.first, request.last)
         return progress
 
 
-def _run(dsn, settings, request: Request, units: list[Unit], report, report_wait) -> Progress:
-    progress = Progress(days_total=(request.last - request.first).days + 1, started=time.monotonic())
+def _run(dsn, settings, request: Request, units: list[Unit], progress: Progress, report, report_wait,
+         cancel: threading.Event) -> None:
     todo = list(units)
-    left = {}  # chunk -> [units not yet done, all skipped so far]
+    left = {}  # chunk -> units not yet committed
     for unit in units:
-        left.setdefault(unit.chunk, [0, True])[0] += 1
+        left[unit.chunk] = left.get(unit.chunk, 0) + 1
     guard = threading.Lock()
     failures: list[BaseException] = []
+    connections: list[psycopg.Connection] = []
 
     def next_unit():
         with guard:
-            return todo.pop(0) if todo and not failures else None
+            return todo.pop(0) if todo and not failures and not cancel.is_set() else None
 
     def work():
         try:
             with db.connect(dsn, autocommit=True) as conn:
+                with guard:
+                    connections.append(conn)
                 while unit := next_unit():
-                    skipped = request.resume and _finished(conn, unit, request.user_id)
-                    written = 0 if skipped else _write_unit(conn, settings, request, unit, report_wait)
+                    written = _write_with_retries(conn, settings, request, unit, report_wait)
                     with guard:
                         progress.rows_written += written
-                        state = left[unit.chunk]
-                        state[0] -= 1
-                        state[1] = state[1] and skipped
-                        if state[0] == 0:
-                            progress.days_done += (unit.chunk[1] - unit.chunk[0]).days + 1
-                            progress.chunks_skipped += state[1]
-                            report(progress, unit.chunk, state[1])
+                        progress.committed.setdefault(unit.table, set()).update(unit.days)
+                        left[unit.chunk] -= 1
+                        if left[unit.chunk] == 0:
+                            report(progress, unit.chunk)
         except BaseException as exc:  # handed to the caller's thread below
             with guard:
                 failures.append(exc)
@@ -202,76 +255,116 @@ def _run(dsn, settings, request: Request, units: list[Unit], report, report_wait
     workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(request.jobs, len(todo))))]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
+    _wait(workers, connections, guard, cancel)
+    if cancel.is_set() and (todo or failures):
+        raise Stopped("cancelled", progress, cancelled=True)
     if failures:
-        raise failures[0]
-    return progress
+        exc = failures[0]
+        if isinstance(exc, StatskitError):
+            raise Stopped(str(exc), progress, cancelled=False, exit_code=exc.exit_code) from None
+        if isinstance(exc, psycopg.Error):
+            raise Stopped(db.mask_secrets(db.describe_error(exc), dsn), progress, cancelled=False) from None
+        raise exc
+
+
+def _wait(workers, connections, guard, cancel: threading.Event) -> None:
+    """Join the workers; once cancelled, cancel their statements in flight (the server goes on
+    running a statement whose client is gone unless told), again every half second, since a
+    cancel that reaches a connection between two statements is ignored. After a failure the
+    others finish the unit they are writing and take no other."""
+    while any(worker.is_alive() for worker in workers):
+        for worker in workers:
+            worker.join(0.1)
+        if cancel.is_set():
+            with guard:
+                alive = [conn for conn in connections if not conn.closed]
+            for conn in alive:
+                try:
+                    conn.cancel_safe(timeout=2)
+                except (psycopg.Error, OSError):
+                    pass  # the connection is gone: nothing runs there any more
+            time.sleep(0.4)
+
+
+def _write_with_retries(conn: psycopg.Connection, settings, request: Request, unit: Unit, report_wait) -> int:
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return _write_unit(conn, settings, request, unit, report_wait)
+        except RETRIED_ERRORS as exc:
+            if attempt == RETRIES:
+                raise
+            report_wait(f"{unit.table} {unit.chunk[0]}..{unit.chunk[1]}: {db.first_line(exc)}; nothing of it was "
+                        f"committed, trying it again ({attempt + 1} of {RETRIES})")
+    raise AssertionError("unreachable")
 
 
 def _write_unit(conn: psycopg.Connection, settings, request: Request, unit: Unit, report_wait) -> int:
-    """One transaction: the unit's days, then its ledger row."""
+    """One transaction: the unit's days for every user (or the one user), then its ledger row."""
     schema = quote_ident(settings.schema)
     first, last = unit.chunk
+    shared = request.user_id is None
     with conn.transaction():
-        _wait_for_other_writers(conn, settings, unit.rollup_table, unit, report_wait)
+        _wait_for_other_writers(conn, settings, shared, report_wait)
         if unit.table == "platform":
-            written = conn.execute(f"select {schema}.aggregate_daily_statistics_range(%s, %s)", [first, last]).fetchone()[0]
+            written = conn.execute(f"select {schema}.aggregate_daily_statistics_range(%s, %s, p_shared => true)",
+                                   [first, last]).fetchone()[0]
         elif request.user_id:
             # One user's day is an index lookup: day by day beats a pass over the whole history.
             written = sum(
                 conn.execute(f"select {schema}.aggregate_user_statistics(%s, %s)", [request.user_id, day]).fetchone()[0]
-                for day in (first + timedelta(days=n) for n in range((last - first).days + 1)))
+                for day in unit.days)
         else:
-            written = conn.execute(f"select {schema}.aggregate_user_statistics_range(%s, %s, %s, %s)",
-                                   [first, last, unit.users_from, unit.users_to]).fetchone()[0]
+            written = conn.execute(f"select {schema}.aggregate_user_statistics_range(%s, %s, p_shared => true)",
+                                   [first, last]).fetchone()[0]
         conn.execute(
             f"insert into {STATSKIT_SCHEMA}.backfill_ledger (chunk_first, chunk_last, scope, user_id, rows_written)"
             " values (%s, %s, %s, %s, %s) on conflict (chunk_first, chunk_last, scope, user_id)"
             " do update set rows_written = excluded.rows_written, finished_at = now()",
-            [first, last, unit.scope, request.user_id, written],
+            [first, last, unit.table, request.user_id, written],
         )
     return written
 
 
-def _holder(conn: psycopg.Connection, key: str, day_key: int) -> str:
+def _holder(conn: psycopg.Connection, key: str) -> str:
     """Who holds an advisory lock, for the waiting message."""
     holder = conn.execute(
         "select a.pid, coalesce(nullif(a.application_name, ''), a.usename), left(a.query, 80) from pg_locks l"
         " join pg_stat_activity a on a.pid = l.pid where l.locktype = 'advisory' and l.granted"
-        " and l.classid::int = hashtext(%s) and l.objid::int = %s and a.pid <> pg_backend_pid() limit 1",
-        [key, day_key],
+        " and l.classid::int = hashtext(%s) and l.objid = 0 and a.pid <> pg_backend_pid() limit 1",
+        [key],
     ).fetchone()
     return f"pid {holder[0]} ({holder[1]}: {holder[2]})" if holder else "another session"
 
 
 def _take_run_lock(conn: psycopg.Connection, settings, report_wait) -> None:
     """Held for the whole run (a session lock): two backfills never write at once, so the
-    slices of one, which share the day locks, never meet another's."""
+    chunks that share the writer lock are all of one run, and write different days."""
     key = f"{settings.schema}.backfill"
     if not conn.execute("select pg_try_advisory_lock(hashtext(%s), 0)", [key]).fetchone()[0]:
-        report_wait(f"waiting for {_holder(conn, key, 0)}, another statskit backfill of this database")
+        report_wait(f"waiting for {_holder(conn, key)}, another statskit backfill of this database")
         conn.execute("select pg_advisory_lock(hashtext(%s), 0)", [key])
 
 
-def _wait_for_other_writers(conn: psycopg.Connection, settings, table: str, unit: Unit, report_wait) -> None:
-    """Take the writer locks of the unit's days (the functions take the same), in day order so
-    concurrent writers cannot deadlock; shared for a slice of users, whose sibling slices
-    write other rows of the same days. Say whom we wait for, if anyone."""
-    mode = "_shared" if unit.sliced else ""
-    key = lock_name(settings, table)
-    day = unit.chunk[0]
-    while day <= unit.chunk[1]:
-        day_key = (day - date.fromisoformat(LOCK_EPOCH)).days
-        if not conn.execute(f"select pg_try_advisory_xact_lock{mode}(hashtext(%s), %s)", [key, day_key]).fetchone()[0]:
-            report_wait(f"waiting for {_holder(conn, key, day_key)}, which is writing {table} for {day}")
-            conn.execute(f"select pg_advisory_xact_lock{mode}(hashtext(%s), %s)", [key, day_key])
-        day += timedelta(days=1)
+def _wait_for_other_writers(conn: psycopg.Connection, settings, shared: bool, report_wait) -> None:
+    """Take the rollup's writer lock as the functions will (shared beside this run's other chunks,
+    exclusive for one user's days), first, so no writer waits on us in another order; say whom
+    we wait for, if anyone."""
+    mode = "_shared" if shared else ""
+    key = writer_lock(settings)
+    if not conn.execute(f"select pg_try_advisory_xact_lock{mode}(hashtext(%s), 0)", [key]).fetchone()[0]:
+        report_wait(f"waiting for {_holder(conn, key)}, another writer of the rollup")
+        conn.execute(f"select pg_advisory_xact_lock{mode}(hashtext(%s), 0)", [key])
 
 
-def _finished(conn: psycopg.Connection, unit: Unit, user_id) -> bool:
-    return conn.execute(
-        f"select 1 from {STATSKIT_SCHEMA}.backfill_ledger"
-        " where chunk_first = %s and chunk_last = %s and scope = %s and user_id is not distinct from %s",
-        [unit.chunk[0], unit.chunk[1], unit.scope, user_id],
-    ).fetchone() is not None
+def _finished_days(conn: psycopg.Connection, request: Request) -> dict[str, set[date]]:
+    """Per table, the request's days that finished chunks of earlier runs cover."""
+    rows = conn.execute(
+        f"select l.scope, d::date from {STATSKIT_SCHEMA}.backfill_ledger l"
+        " cross join generate_series(greatest(l.chunk_first, %s), least(l.chunk_last, %s), interval '1 day') d"
+        " where l.scope = any(%s) and l.user_id is not distinct from %s",
+        [request.first, request.last, list(request.tables), request.user_id],
+    ).fetchall()
+    out: dict[str, set[date]] = {}
+    for table, day in rows:
+        out.setdefault(table, set()).add(day)
+    return out

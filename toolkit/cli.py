@@ -3,14 +3,17 @@
 import functools
 import json
 import os
+import signal
 import sys
+import threading
+import traceback
 import uuid
 from pathlib import Path
 
 import click
 import psycopg
 
-from . import backfill as backfill_core, clients, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, project, report, verify as verify_core
+from . import backfill as backfill_core, clients, cron as cron_core, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, project, report, verify as verify_core
 from .dates import check_range, parse_date
 from .errors import StatskitError, UsageError
 from .catalog import load_catalog
@@ -37,7 +40,8 @@ class StatskitGroup(click.Group):
     @staticmethod
     def _fail(ctx, message, code):
         if ctx.meta.get("statskit.debug"):
-            raise
+            # the same exit code as without --debug, only more said, and no password in it either
+            click.echo(db.mask_secrets(traceback.format_exc(), ctx.meta.get("statskit.dsn", "")), err=True)
         click.echo(f"statskit: error: {message}", err=True)
         ctx.exit(code)
 
@@ -72,9 +76,17 @@ def dsn_option(command):
 
 
 def cron_options(command):
-    command = click.option("--no-cron", is_flag=True, help="Do not touch pg_cron (no jobs are scheduled or removed).")(command)
-    return click.option("--cron-dsn", metavar="DSN", help="Where pg_cron lives. Default: the target's server and "
-                        "login, database from SHOW cron.database_name.")(command)
+    """--cron/--no-cron and --cron-dsn: whether the deployment has pg_cron jobs, and where pg_cron lives."""
+    command = click.option(
+        "--cron/--no-cron", "cron", default=None,
+        help="--no-cron: no pg_cron jobs (you schedule the nightly functions yourself); statskit neither "
+             "schedules, removes nor checks any. migrate records the choice and later commands follow it.")(command)
+    return click.option(
+        "--cron-dsn", metavar="DSN", envvar=cron_core.CRON_DSN_VARIABLE,
+        help="pg_cron's database, needed once where this login cannot read cron.database_name: a database "
+             "name (postgres) or dbname=postgres keeps the target's server and login; a full DSN keeps what it "
+             "leaves out. migrate records the database. Default: $STATSKIT_CRON_DSN, the recorded database, "
+             "then the server's cron.database_name.")(command)
 
 
 def lock_options(command):
@@ -200,7 +212,7 @@ def render(sql_dir, check):
                    "exactly the users and days they touched (default). --no-capture: the lookback days only; "
                    "older corrections need statskit backfill.")
 @click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
-def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
+def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
             lookback_days, roles, row_security, capture, policy, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
@@ -216,13 +228,13 @@ def migrate(dsn, cron_dsn, no_cron, sql_dir, show_status, dry_run, schema, sourc
       statskit migrate --status --dsn ...      # what is applied, what is pending
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
-                     lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture)
+                     lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture, cron=cron)
     target = migrate_core.Target.open(dsn, sql_dir, overrides)
     try:
         if show_status:
-            _print_status(migrate_core.status(target, cron_dsn, not no_cron))
+            _print_status(migrate_core.status(target, cron_dsn))
             return
-        done = migrate_core.migrate(target, cron_dsn, not no_cron, dry_run=dry_run, policy=policy,
+        done = migrate_core.migrate(target, cron_dsn, dry_run=dry_run, policy=policy,
                                     break_lock=break_lock)
     finally:
         target.close()
@@ -261,7 +273,7 @@ def _print_status(status):
     for fn in status.functions:
         click.echo(f"function   {fn.name:<40} {fn.state}")
     if status.jobs is None:
-        click.echo("pg_cron    not consulted (--no-cron)")
+        click.echo("pg_cron    no jobs (--no-cron): the nightly functions are scheduled outside statskit")
     elif not status.jobs:
         click.echo("pg_cron    no jobs registered")
     for job in status.jobs or []:
@@ -274,7 +286,7 @@ def _print_status(status):
 @cron_options
 @sql_dir_option
 @lock_options
-def rollback(dsn, cron_dsn, no_cron, sql_dir, policy):
+def rollback(dsn, cron_dsn, cron, sql_dir, policy):
     """Undo the last applied migration (one only).
 
     Undoing the first migration drops both statistics tables with their rows, the
@@ -284,9 +296,9 @@ def rollback(dsn, cron_dsn, no_cron, sql_dir, policy):
     Example:
       statskit rollback --dsn postgresql://dba@db.internal/app
     """
-    target = migrate_core.Target.open(dsn, sql_dir)
+    target = migrate_core.Target.open(dsn, sql_dir, dict(cron=cron))
     try:
-        result = migrate_core.rollback(target, cron_dsn, not no_cron, policy=policy)
+        result = migrate_core.rollback(target, cron_dsn, policy=policy)
     finally:
         target.close()
     if result.rolled_back is None:
@@ -304,11 +316,13 @@ def rollback(dsn, cron_dsn, no_cron, sql_dir, policy):
 @click.option("--days", type=click.IntRange(7, 3660), default=90, show_default=True, help="Days of activity, ending yesterday.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Random seed: the same seed gives the same marketplace.")
 @click.option("--port", type=click.IntRange(1024, 65535), default=demo_core.DEMO_PORT, show_default=True,
-              help="Port of the private PostgreSQL cluster.")
-@click.option("--dsn", metavar="DSN", help="Use this (empty) database instead of the private cluster.")
+              envvar="STATSKIT_DEMO_PORT", help="Port of the private PostgreSQL cluster (or $STATSKIT_DEMO_PORT).")
+@click.option("--dsn", metavar="DSN", help="Use this (empty) database instead of the private cluster: checked "
+              "first (empty, CREATE allowed, pg_cron reachable unless --no-cron), before any row is loaded.")
+@cron_options
 @sql_dir_option
 @click.pass_context
-def demo(ctx, users, days, seed, port, dsn, sql_dir):
+def demo(ctx, users, days, seed, port, dsn, cron_dsn, cron, sql_dir):
     """Run statskit end to end on a private PostgreSQL with a synthetic marketplace.
 
     Creates (first time) and starts a private cluster with pg_cron on its own port and
@@ -331,15 +345,20 @@ def demo(ctx, users, days, seed, port, dsn, sql_dir):
         click.echo(f"starting a private PostgreSQL with pg_cron on 127.0.0.1:{port} ...")
         dsn = demo_core.fresh_private_database(demo_core.demo_cluster(port))
     click.echo(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
-    story = demo_core.run(dsn, users, days, seed, sql_dir)
+    story = demo_core.run(dsn, users, days, seed, sql_dir, cron_dsn, cron is not False)
     _tell(story)
+    if not ctx.meta.get("statskit.dsn"):
+        again = "" if port == demo_core.DEMO_PORT else f" --port {port}"
+        click.echo(f"the demo's PostgreSQL keeps running on 127.0.0.1:{port}: statskit demo{again} stop "
+                   f"(or destroy) stops it")
     if verify_core.overall(story.checks) == "fail":
         sys.exit(1)
 
 
 def _tell(story):
     done = story.backfilled
-    click.echo(f"loaded {story.rows_loaded} source rows ({story.first_day} .. {story.last_day})")
+    click.echo(f"loaded {story.rows_loaded} source rows: activity {story.first_day} .. {story.last_day}, "
+               f"sessions booked ahead up to {story.booked_until}")
     capture = ", change capture on the source tables" if story.applied.settings.capture else ""
     click.echo(f"migrate: {len(story.applied.migrations)} migrations, {len(story.applied.created_functions)} functions, "
                f"{len(story.applied.jobs)} pg_cron jobs{capture}")
@@ -396,15 +415,19 @@ def demo_destroy(ctx):
               help="Days per transaction: a kill loses at most one chunk. Each chunk reads the sources' "
                    "whole history once, so fewer, longer chunks finish sooner.")
 @click.option("--jobs", type=click.IntRange(1, 32), default=min(2, os.cpu_count() or 1), show_default=True,
-              help="Connections writing side by side, each a slice of the users (and one the platform rows).")
+              help="Connections writing side by side, each its own chunks of days (a range shorter than "
+                   "--jobs chunks is cut into --jobs chunks).")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
     """Write the rollup rows of every day from --from to --to.
 
-    Each chunk of days is computed in one pass over the sources (the *_range functions)
-    and commits on its own; run it again after a kill and the result equals one clean
-    run. Rows outside the range are untouched. The nightly jobs wait for a chunk in
-    flight, and it for them.
+    Each chunk of days is computed in one pass over the sources (the *_range functions) and
+    commits whole: every user's rows of its days in one transaction, so no reader ever sees a
+    day with some users and not others. Stopped by Ctrl-C or SIGTERM, it cancels the statements
+    in flight, says how many days are committed and exits 130 (143); after any stop, even a
+    kill, the same command with --resume writes the rest, and the result equals one clean run.
+    Rows outside the range are untouched. The nightly jobs wait for a chunk in flight, and it
+    for them.
 
     \b
     Examples:
@@ -412,20 +435,37 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
       statskit backfill --from 2026-01-01 --to 2026-04-30 --resume --dsn ...
       statskit backfill --from 2026-03-01 --to 2026-03-31 --user 0b6f...e1 --dsn ...
     """
-    request = backfill_core.Request(
-        first=parse_date(first, "--from"), last=parse_date(last, "--to"), scope=only or "both",
-        user_id=_parse_uuid(user) if user else None, resume=resume, chunk_days=chunk_days, jobs=jobs,
-    )
-    check_range(request.first, request.last)
-    with db.connect(dsn, autocommit=True) as conn:
-        request, note = backfill_core.check_request(conn, request)
-    if note and not quiet:
-        click.echo(f"note: {note}", err=True)
-    done = backfill_core.backfill(dsn, request, report=_progress_printer(quiet),
-                                  report_wait=lambda message: click.echo(f"note: {message}", err=True))
+    cancel, signals = threading.Event(), []
+
+    def stop(signum, frame):
+        signals.append(signum)
+        cancel.set()
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        request = backfill_core.Request(
+            first=parse_date(first, "--from"), last=parse_date(last, "--to"), scope=only or "both",
+            user_id=_parse_uuid(user) if user else None, resume=resume, chunk_days=chunk_days, jobs=jobs,
+        )
+        check_range(request.first, request.last)
+        with db.connect(dsn, autocommit=True) as conn:
+            request, note = backfill_core.check_request(conn, request)
+        if note and not quiet:
+            click.echo(f"note: {note}", err=True)
+        done = backfill_core.backfill(dsn, request, report=_progress_printer(quiet), cancel=cancel,
+                                      report_wait=lambda message: click.echo(f"note: {message}", err=True))
+    except backfill_core.Stopped as exc:
+        if not exc.cancelled:
+            raise
+        name = signal.Signals(signals[0]).name if signals else "a cancel"
+        click.echo(f"statskit: backfill stopped by {name}: {exc}", err=True)
+        sys.exit(128 + (signals[0] if signals else signal.SIGINT))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if not quiet:
         rate = done.rows_written / done.seconds if done.seconds else 0
-        skipped = f", {done.chunks_skipped} finished chunks skipped" if done.chunks_skipped else ""
+        skipped = f", {done.days_skipped} days committed earlier skipped" if done.days_skipped else ""
         click.echo(f"backfill done: {done.days_total} days, {done.rows_written} rows written in "
                    f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
 
@@ -441,19 +481,19 @@ def _progress_printer(quiet):
     """A bar redrawn in place on a terminal; one plain line per chunk anywhere else (cron, CI)."""
     terminal = sys.stdout.isatty()
 
-    def report(progress, chunk, skipped):
+    def report(progress, chunk):
         if quiet:
             return
         rate = progress.rows_written / progress.seconds if progress.seconds else 0
         left = progress.days_total - progress.days_done
-        eta = progress.seconds / progress.days_done * left if progress.days_done else 0
+        written = progress.days_done - progress.days_skipped
+        eta = progress.seconds / written * left if written else 0
         if terminal:
             filled = int(30 * progress.days_done / progress.days_total)
             click.echo(f"\r[{'#' * filled}{'.' * (30 - filled)}] {progress.days_done}/{progress.days_total} days, "
                        f"{progress.rows_written} rows, {rate:.0f} rows/s, ETA {eta:.0f} s", nl=left == 0)
         else:
-            state = "skipped (finished earlier)" if skipped else "done"
-            click.echo(f"chunk {chunk[0]}..{chunk[1]} {state}: {progress.days_done}/{progress.days_total} days, "
+            click.echo(f"chunk {chunk[0]}..{chunk[1]} committed: {progress.days_done}/{progress.days_total} days, "
                        f"{progress.rows_written} rows, {rate:.0f} rows/s")
 
     return report
@@ -462,7 +502,7 @@ def _progress_printer(quiet):
 @cli.command(epilog="Exit codes: 0 every check passed (warnings allowed), 1 a check failed, "
              "2 verify could not run (no connection, not migrated, permission denied).")
 @dsn_option
-@click.option("--cron-dsn", metavar="DSN", help="Where pg_cron lives. Default: the target's server and login.")
+@cron_options
 @sql_dir_option
 @click.option("--only", metavar="GROUPS", help=f"Comma-separated groups to run, of {','.join(verify_core.CHECK_GROUPS)}.")
 @click.option("--from", "first", metavar="YYYY-MM-DD", help="Data window start. Default: 7 days before --to.")
@@ -470,7 +510,7 @@ def _progress_printer(quiet):
 @click.option("--sample", "sample_users", type=click.IntRange(1, 10000), default=20, show_default=True,
               help="Users whose stored rows (2 days each) are recomputed and compared.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "junit"]), default="text", show_default=True)
-def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
+def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
     """Prove the deployment right: schema, functions, access, migrations, cron, capture, data, spot check.
 
     Read-only: the spot check recomputes sampled rows in a transaction that is rolled back.
@@ -487,7 +527,7 @@ def verify(dsn, cron_dsn, sql_dir, only, first, last, sample_users, fmt):
         raise UsageError(f"--only {','.join(unknown)}: unknown check group (use {','.join(verify_core.CHECK_GROUPS)})")
     window_first = window_last = None
     try:
-        target = migrate_core.Target.open(dsn, sql_dir)
+        target = migrate_core.Target.open(dsn, sql_dir, dict(cron=cron))
         try:
             deployment.require_deployment(target.conn)
             default_first, default_last = verify_core.default_window(target.conn, target.settings)

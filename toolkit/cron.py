@@ -67,6 +67,9 @@ def wanted_jobs(settings: Settings) -> list[Job]:
     ]
 
 
+CRON_DSN_VARIABLE = "STATSKIT_CRON_DSN"
+
+
 def cron_database(conn: psycopg.Connection) -> str | None:
     """The database pg_cron lives in, or None when pg_cron is not preloaded on this server.
 
@@ -82,8 +85,8 @@ def cron_database(conn: psycopg.Connection) -> str | None:
             return conn.info.dbname
         raise StatskitError(
             "cannot tell which database pg_cron lives in: reading cron.database_name needs superuser or "
-            "pg_read_all_settings; give --cron-dsn (pg_cron's database, e.g. this login with dbname=postgres), "
-            "or --no-cron"
+            "pg_read_all_settings; name it once with --cron-dsn (a database name, e.g. --cron-dsn postgres, "
+            f"keeps this server and login; or ${CRON_DSN_VARIABLE}) and migrate records it, or use --no-cron"
         ) from None
 
 
@@ -91,13 +94,15 @@ def has_extension(conn: psycopg.Connection) -> bool:
     return conn.execute("select 1 from pg_extension where extname = 'pg_cron'").fetchone() is not None
 
 
-def connect_cron(target_dsn: str, target_conn: psycopg.Connection, cron_dsn: str | None) -> psycopg.Connection:
-    """Connect to pg_cron's database (--cron-dsn, else the target's server and login)."""
+def connect_cron(target_dsn: str, target_conn: psycopg.Connection, cron_dsn: str | None,
+                 settings: Settings = Settings()) -> psycopg.Connection:
+    """Connect to pg_cron's database: `cron_dsn` (completed from the target's, see db.derived),
+    else the database migrate recorded, else the one the server names, with the target's login."""
     if cron_dsn:
-        conn = db.connect(cron_dsn, autocommit=True)
+        conn = db.connect(db.derived(target_dsn, cron_dsn), autocommit=True)
         cron_db = conn.info.dbname
     else:
-        cron_db = cron_database(target_conn)
+        cron_db = settings.cron_database or cron_database(target_conn)
         if cron_db is None:
             raise StatskitError(
                 "pg_cron is not loaded on this server (shared_preload_libraries = 'pg_cron' and a restart); "

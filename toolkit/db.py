@@ -26,6 +26,17 @@ def with_database(dsn: str, dbname: str) -> str:
     return make_conninfo(**{**_parts(dsn), "dbname": dbname})
 
 
+def derived(dsn: str, other: str) -> str:
+    """`other` completed from `dsn`: a bare database name ("postgres") or key=value pairs
+    ("dbname=postgres") keep the target's host, port and login; a full DSN keeps whatever it
+    leaves out (the password only for the same login)."""
+    given = {"dbname": other} if "=" not in other and "://" not in other else _parts(other)
+    parts = _parts(dsn)
+    if given.get("user", parts.get("user")) != parts.get("user"):
+        parts.pop("password", None)
+    return make_conninfo(**{**parts, **given})
+
+
 def database_of(dsn: str) -> str | None:
     return _parts(dsn).get("dbname")
 

@@ -28,6 +28,19 @@ class DemoStory:
     jobs: list
     kpis: dict = field(default_factory=dict)  # role -> (user_id, [dashboard.MetricValue])
     metric_units: dict = field(default_factory=dict)
+    booked_until: object = None  # the latest session start: bookings are made ahead of the activity's end
+
+
+def _create_advised_indexes(target: migrate.Target) -> None:
+    """The demo's tables are its own: it creates the indexes migrate advises (the one-user lookups,
+    the nightly step's timestamps), as a DBA who accepts them would."""
+    from . import deployment  # noqa: PLC0415 - the one place the demo creates indexes
+    columns = deployment.missing_lookup_indexes(target.conn, target.catalog, target.settings)
+    columns += deployment.missing_step_indexes(target.conn, target.catalog, target.settings)
+    for column in columns:
+        table, name = column.rstrip(")").split("(")
+        target.conn.execute(sql.SQL("create index on {} ({})").format(
+            sql.Identifier(*table.split(".")), sql.Identifier(name)))
 
 
 def fresh_private_database(cluster: LocalCluster) -> str:
@@ -40,33 +53,54 @@ def fresh_private_database(cluster: LocalCluster) -> str:
     return cluster.dsn(DEMO_DATABASE)
 
 
-def _refuse_existing_sources(conn: psycopg.Connection) -> None:
+def check_database(target: migrate.Target, cron_dsn: str | None) -> None:
+    """Everything the demo needs of a given database, before it loads a row: empty of the
+    marketplace's tables, this login may create tables, and (unless --no-cron) pg_cron is
+    reachable and this login may schedule the jobs there."""
+    conn = target.conn
     if conn.execute("select to_regclass('public.profiles') is not null").fetchone()[0]:
         raise StatskitError(
             f"database {conn.info.dbname} already has a profiles table: the demo needs an empty database"
         )
+    user, can_create = conn.execute("select current_user, has_schema_privilege('public', 'create')"
+                                    " and has_database_privilege(current_database(), 'create')").fetchone()
+    if not can_create:
+        raise StatskitError(f"{user} may not create tables in {conn.info.dbname} (CREATE on the database and on "
+                            f"schema public); nothing loaded")
+    cron_conn = migrate.open_cron(target, cron_dsn)
+    if cron_conn is not None:
+        with cron_conn:
+            cron.check_can_schedule(cron_conn, cron.wanted_jobs(target.settings))
 
 
-def run(dsn: str, users: int, days: int, seed: int, sql_dir) -> DemoStory:
-    """Load a synthetic marketplace into dsn, then migrate, backfill its whole period and verify."""
-    with db.connect(dsn, autocommit=True) as conn:
-        _refuse_existing_sources(conn)
+def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | None = None,
+        use_cron: bool = True) -> DemoStory:
+    """Check the database, load a synthetic marketplace into it with the indexes statskit advises,
+    then migrate, backfill its whole period and verify."""
+    target = migrate.Target.open(dsn, sql_dir, dict(cron=use_cron))
+    try:
+        check_database(target, cron_dsn)
+        conn = target.conn
         last_day = backfill.yesterday(conn, "UTC")
         market = demo_data.generate(users=users, days=days, seed=seed, last_day=last_day)
         with conn.transaction():
             demo_data.create_source_tables(conn)
         demo_data.load(conn, market)
+        _create_advised_indexes(target)
         conn.execute("analyze")
 
-    target = migrate.Target.open(dsn, sql_dir)
-    try:
-        applied = migrate.migrate(target)
+        applied = migrate.migrate(target, cron_dsn)
         progress = backfill.backfill(dsn, backfill.Request(market.first_day, market.last_day))
         first, last = market.last_day - timedelta(days=6), market.last_day
-        checks = verify.run_checks(target, None, verify.CHECK_GROUPS, first, last, 20)
-        with cron.connect_cron(dsn, target.conn, None) as cron_conn:
-            jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
+        checks = verify.run_checks(target, cron_dsn, verify.CHECK_GROUPS, first, last, 20)
+        jobs = []
+        cron_conn = migrate.open_cron(target, cron_dsn)
+        if cron_conn is not None:
+            with cron_conn:
+                jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
         story = DemoStory(dsn, market.count(), market.first_day, market.last_day, applied, progress, checks, jobs)
+        start = demo_data.TABLE_COLUMNS["bookings"].index("session_start")
+        story.booked_until = max(row[start] for row in market.rows["bookings"]).date()
         story.kpis = _kpis(target, market.last_day)
         story.metric_units = dashboard.metric_units(target)
     finally:

@@ -72,6 +72,14 @@ def save_settings(conn: psycopg.Connection, settings: Settings) -> None:
         )
 
 
+def deployed_at(conn: psycopg.Connection):
+    """When the first migration was applied here (UTC, timezone-aware), or None."""
+    if not table_exists(conn, f"{STATSKIT_SCHEMA}.{YOYO_MIGRATION_TABLE}"):
+        return None
+    return conn.execute(
+        f"select min(applied_at_utc) at time zone 'UTC' from {STATSKIT_SCHEMA}.{YOYO_MIGRATION_TABLE}").fetchone()[0]
+
+
 def applied_migrations(conn: psycopg.Connection) -> list[str]:
     if not table_exists(conn, f"{STATSKIT_SCHEMA}.{YOYO_MIGRATION_TABLE}"):
         return []

@@ -73,6 +73,7 @@ class Target:
     settings: Settings
     rendered: dict[str, str]
     catalog: Catalog
+    stored: Settings | None = None  # as the last migrate left them; None: never deployed here
 
     @property
     def migration_ids(self) -> list[str]:
@@ -94,7 +95,7 @@ class Target:
             catalog = load_catalog(sql_dir / "catalog.toml")
             rendered = render_all(sql_dir, settings, catalog)
             deployment.check_time_zone(conn, settings)
-            return cls(dsn, conn, sql_dir, settings, rendered, catalog)
+            return cls(dsn, conn, sql_dir, settings, rendered, catalog, stored)
         except BaseException:
             conn.close()
             raise
@@ -218,8 +219,11 @@ def _locked(target: Target, wait: float):
         backend.connection.close()
 
 
-def _open_cron(target: Target, cron_dsn: str | None, use_cron: bool):
-    return cron.connect_cron(target.dsn, target.conn, cron_dsn) if use_cron else None
+def open_cron(target: Target, cron_dsn: str | None = None) -> psycopg.Connection | None:
+    """pg_cron's database (see cron.connect_cron), or None for a deployment without jobs (--no-cron)."""
+    if not target.settings.cron:
+        return None
+    return cron.connect_cron(target.dsn, target.conn, cron_dsn, target.settings)
 
 
 @dataclass(frozen=True)
@@ -261,18 +265,24 @@ def _in_one_transaction(backend, policy: LockPolicy, work, what: str):
             raise
 
 
-def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True, dry_run: bool = False,
+def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
             policy: LockPolicy = LockPolicy(), break_lock: bool = False) -> MigratePlan:
     """Check everything first, then apply pending migrations, changed functions, grants and
-    cron jobs in one transaction (jobs after it when pg_cron lives in another database)."""
+    cron jobs in one transaction (jobs after it when pg_cron lives in another database).
+
+    The settings record where pg_cron lives (or that there are no jobs), so later commands
+    find it without being told again."""
     conn = target.conn
     deployment.check_source_tables(conn, target.catalog, target.settings)
-    cron_conn = _open_cron(target, cron_dsn, use_cron)
+    cron_conn = open_cron(target, cron_dsn)
+    if cron_conn is not None:
+        target.settings = dataclasses.replace(target.settings, cron_database=cron_conn.info.dbname,
+                                              cron_user=cron.job_user(cron_conn, target.settings)[0])
     try:
+        if cron_conn is not None:  # before plan() reads cron.job: a missing grant is named, not raw
+            cron.check_can_schedule(cron_conn, cron.wanted_jobs(target.settings))
         checked = plan(target, cron_conn)  # raises on a cron name conflict before anything changes
         deployment.check_can_deploy(conn, target.catalog, target.settings, checked)
-        if cron_conn is not None:
-            cron.check_can_schedule(cron_conn, checked.jobs)
         advice = [f"no index leads with {column}: the one-user function and verify's sample look users up by it "
                   f"(CREATE INDEX CONCURRENTLY on {column})"
                   for column in deployment.missing_lookup_indexes(conn, target.catalog, target.settings)]
@@ -281,6 +291,9 @@ def migrate(target: Target, cron_dsn: str | None = None, use_cron: bool = True, 
             advice.append(f"no index leads with {', '.join(step)}: the nightly step reads each day's rows through "
                           f"them, and without them scans every table every night (CREATE INDEX CONCURRENTLY; "
                           f"docs/performance.md weighs their cost on the application's writes)")
+        if target.stored and target.stored.cron and not target.settings.cron:
+            advice.append("--no-cron: this deployment now has no pg_cron jobs for statskit to keep; jobs an "
+                          "earlier migrate scheduled are left as they are (cron.unschedule removes them)")
         checked.notes = advice
         if dry_run:
             return checked
@@ -346,13 +359,12 @@ class RollbackResult:
     unscheduled_jobs: list[str] = field(default_factory=list)
 
 
-def rollback(target: Target, cron_dsn: str | None = None, use_cron: bool = True,
-             policy: LockPolicy = LockPolicy()) -> RollbackResult:
+def rollback(target: Target, cron_dsn: str | None = None, policy: LockPolicy = LockPolicy()) -> RollbackResult:
     """Undo the last applied migration, in one transaction. Undoing the first one also removes
     the functions, the jobs and statskit's bookkeeping: the database is as before statskit."""
     conn = target.conn
     deployment.require_deployment(conn)
-    cron_conn = _open_cron(target, cron_dsn, use_cron)
+    cron_conn = open_cron(target, cron_dsn)
     try:
         with _locked(target, policy.wait) as backend, _migration_files(target) as migrations:
             backend.ensure_internal_schema_updated()
@@ -398,14 +410,14 @@ class Status:
     jobs: list[cron.RegisteredJob] | None  # None: pg_cron not consulted
 
 
-def status(target: Target, cron_dsn: str | None = None, use_cron: bool = True) -> Status:
+def status(target: Target, cron_dsn: str | None = None) -> Status:
     applied = deployment.applied_migrations(target.conn)
     rows = [(mid, "applied" if mid in applied else "pending") for mid in target.migration_ids]
     rows += [(mid, "unknown") for mid in applied if mid not in target.migration_ids]
     functions = deployment.function_states(target.conn, target.settings, target.rendered)
     jobs = None
-    if use_cron:
-        cron_conn = _open_cron(target, cron_dsn, use_cron)
+    cron_conn = open_cron(target, cron_dsn)
+    if cron_conn is not None:
         try:
             names = [j.name for j in cron.wanted_jobs(target.settings)]
             jobs = [j for j in cron.registered_jobs(cron_conn, names) if j.database == target.conn.info.dbname]

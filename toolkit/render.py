@@ -34,8 +34,8 @@ FUNCTIONS = {
     "aggregate_single_user_statistics": FunctionSpec("uuid, date", "integer"),
     "aggregate_user_statistics": FunctionSpec("uuid, date", "integer"),
     "aggregate_daily_statistics": FunctionSpec("date", "integer"),
-    "aggregate_user_statistics_range": FunctionSpec("date, date, uuid, uuid, uuid[]", "integer"),
-    "aggregate_daily_statistics_range": FunctionSpec("date, date", "integer"),
+    "aggregate_user_statistics_range": FunctionSpec("date, date, uuid[], boolean", "integer"),
+    "aggregate_daily_statistics_range": FunctionSpec("date, date, boolean", "integer"),
     "aggregate_user_changes": FunctionSpec("", "integer"),
     "aggregate_platform_changes": FunctionSpec("", "integer"),
     "user_metric": FunctionSpec("uuid, text, date, text", "record"),
@@ -63,13 +63,9 @@ def quote_literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def lock_name(settings: Settings, table: str) -> str:
-    """Name of the advisory locks shared by every writer of one rollup table (one lock per day)."""
-    return f"{settings.schema}.{table}"
-
-
-# The day half of the lock key, as the functions compute it: p_date - date '2000-01-01'.
-LOCK_EPOCH = "2000-01-01"
+def writer_lock(settings: Settings) -> str:
+    """Name of the one advisory lock every writer of the deployment's rollup takes first."""
+    return f"{settings.schema}.rollup writers"
 
 
 def _environment(sql_dir: Path) -> jinja2.Environment:
@@ -122,7 +118,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "row_security": settings.row_security,
         "source_tables": catalog.source_tables,
         "functions": FUNCTIONS,
-        "lock_names": {t: lock_name(settings, t) for t in (catalog.user.table, catalog.platform.table)},
+        "writer_lock": writer_lock(settings),
         "key_types": {s.name: catalog.key_types(s) for r in (catalog.user, catalog.platform) for s in r.sources if s.partition},
     }
     out = {}

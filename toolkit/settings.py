@@ -49,6 +49,11 @@ class Settings:
     roles: bool = False  # create statskit_reader and statskit_writer, grant and hand over ownership
     row_security: str = ""  # SQL expression of the current user's id; "" = no row-level security
     capture: bool = True  # triggers log late and corrected source rows; the nightly jobs re-aggregate them
+    cron: bool = True  # pg_cron runs the nightly jobs; False (migrate --no-cron): the DBA schedules them
+    # The database pg_cron lives in (on the target's server), as migrate found it: later commands
+    # connect there with the target's login instead of asking again. "" = not known yet.
+    cron_database: str = ""
+    cron_user: str = ""  # the role the jobs run as (pg_cron shows a role only its own jobs)
 
     def __post_init__(self):
         check_identifier(self.schema, "schema")
@@ -65,6 +70,8 @@ class Settings:
             )
         if self.row_security and not self.roles:
             raise UsageError("--row-security needs --roles: the policy is written for the reader role")
+        if self.cron_database:
+            check_identifier(self.cron_database, "pg_cron database")
         if not JOB_SUFFIX.match(self.job_suffix):
             raise UsageError(
                 f"invalid job suffix {self.job_suffix!r}: use lowercase letters, digits, - and _, starting with a letter or digit"

@@ -185,8 +185,9 @@ def _check_cron(cron_conn, target: Target) -> list[Check]:
     checks = []
     for wanted in cron.wanted_jobs(target.settings):
         mine = [j for j in registered if j.jobname == wanted.name and j.database == database]
-        if not mine and not sees_all:
-            # cron.job's row security shows a role only its own jobs: absent here is not absent.
+        if not mine and not sees_all and viewer != target.settings.cron_user:
+            # cron.job's row security shows a role only its own jobs: absent here is not absent,
+            # unless they are this role's own (migrate records whom it scheduled them for).
             checks.append(Check(f"cron job {wanted.name}", "warn",
                                 f"not visible to {viewer}: pg_cron shows each role only its own jobs; "
                                 f"verify as the role that scheduled them, or as a superuser"))
@@ -207,11 +208,11 @@ def _check_cron(cron_conn, target: Target) -> list[Check]:
         needs = access.job_needs(target.settings, target.catalog, job.username, wanted.rollup, wanted.name)
         checks.append(_result(f"cron runs-as {wanted.name}", access.problems(target.conn, needs),
                               ok=f"{job.username} can run it"))
-        checks.append(_cron_health(cron_conn, job))
+        checks.append(_cron_health(cron_conn, job, deployment.deployed_at(target.conn)))
     return checks
 
 
-def _cron_health(cron_conn, job: cron.RegisteredJob) -> Check:
+def _cron_health(cron_conn, job: cron.RegisteredJob, deployed_at: datetime | None) -> Check:
     name = f"cron health {job.jobname}"
     last = cron_conn.execute(
         "select status, return_message, coalesce(end_time, start_time) from cron.job_run_details"
@@ -219,7 +220,12 @@ def _cron_health(cron_conn, job: cron.RegisteredJob) -> Check:
         [job.jobid],
     ).fetchone()
     if last is None:
-        return Check(name, "warn", "no run yet")
+        # A new deployment has not had its first night yet; one a whole night old should have.
+        if deployed_at and datetime.now(timezone.utc) - deployed_at <= CRON_STALE_AFTER:
+            return Check(name, "pass", f"no run yet: deployed {deployed_at:%Y-%m-%d %H:%M} UTC, first run at "
+                                       f"'{job.schedule}' (UTC)")
+        return Check(name, "fail", f"no run since the deployment ({deployed_at:%Y-%m-%d %H:%M} UTC), more than 26 h"
+                                   if deployed_at else "no run yet")
     status, message, when = last
     if status == "failed":
         # pg_cron stores the whole error, function context included: its first line names it.
@@ -383,7 +389,12 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
 
 
 def _with_cron(target: Target, cron_dsn: str | None) -> list[Check]:
-    with cron.connect_cron(target.dsn, target.conn, cron_dsn) as cron_conn:
+    if not target.settings.cron:
+        if target.stored and not target.stored.cron:
+            return [Check("cron", "pass", "no pg_cron jobs to check: deployed with --no-cron, the nightly "
+                                          "functions are scheduled outside statskit")]
+        return [Check("cron", "warn", "pg_cron's jobs not checked (--no-cron)")]
+    with cron.connect_cron(target.dsn, target.conn, cron_dsn, target.settings) as cron_conn:
         try:
             return _check_cron(cron_conn, target)
         except psycopg.errors.InsufficientPrivilege as exc:

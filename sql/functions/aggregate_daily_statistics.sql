@@ -54,8 +54,7 @@ begin
     if p_date is null then
         raise exception 'p_date must be a date, not NULL' using errcode = '22004';
     end if;
-    perform pg_advisory_xact_lock(hashtext('public.platform_statistics_daily'), p_date - date '2000-01-01');
-    perform pg_advisory_xact_lock(hashtext('public.platform_statistics_daily sums'));
+    perform pg_advisory_xact_lock(hashtext('public.rollup writers'), 0);
 
     -- a logged change may have moved any day: the sums start again from every source row
     delete from "statskit".platform_statistics_daily_sums

@@ -4,8 +4,13 @@
 --
 -- What `statskit backfill` runs: the same numbers as aggregate_daily_statistics called day by
 -- day (tests/test_backfill.py holds them equal), from one pass over each source table.
+-- p_shared: as in aggregate_user_statistics_range, for the chunks of one statskit backfill.
 
-create or replace function "public".aggregate_daily_statistics_range(p_first date, p_last date)
+create or replace function "public".aggregate_daily_statistics_range(
+    p_first date,
+    p_last date,
+    p_shared boolean default false
+)
 returns integer
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -21,12 +26,18 @@ begin
     if p_first > p_last then
         raise exception 'p_first % is after p_last %', p_first, p_last using errcode = '22023';
     end if;
-    for v_day in 0 .. p_last - p_first loop
-        perform pg_advisory_xact_lock(hashtext('public.platform_statistics_daily'), p_first + v_day - date '2000-01-01');
-    end loop;
+    if p_shared then
+        perform pg_advisory_xact_lock_shared(hashtext('public.rollup writers'), 0);
+    else
+        perform pg_advisory_xact_lock(hashtext('public.rollup writers'), 0);
+    end if;
 
-    perform pg_advisory_xact_lock_shared(hashtext('public.platform_statistics_daily sums'));
-    delete from "statskit".platform_statistics_daily_sums s;
+    delete from "statskit".platform_statistics_daily_sums s
+    where s.ctid = any (array(
+        select kept.ctid
+        from "statskit".platform_statistics_daily_sums kept
+        for update skip locked
+    ));
 
     with
     profile_days as (
@@ -305,5 +316,5 @@ begin
 end;
 $function$;
 
-comment on function "public".aggregate_daily_statistics_range(date, date) is
+comment on function "public".aggregate_daily_statistics_range(date, date, boolean) is
     'Write the platform_statistics_daily rows of every day from p_first to p_last: the numbers aggregate_daily_statistics gives day by day, from one pass over the sources. Returns the number of rows inserted or changed.';

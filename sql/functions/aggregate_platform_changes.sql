@@ -17,6 +17,7 @@ declare
     v_to date;
     v_rows integer := 0;
 begin
+    perform pg_advisory_xact_lock(hashtext('public.rollup writers'), 0);
     with claimed as (
         delete from "statskit".platform_changes returning first_day
     )

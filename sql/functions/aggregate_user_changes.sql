@@ -24,6 +24,7 @@ declare
     v_rows integer := 0;
     v_removed integer;
 begin
+    perform pg_advisory_xact_lock(hashtext('public.rollup writers'), 0);
     with claimed as (
         delete from "statskit".user_changes returning user_id, first_day
     )

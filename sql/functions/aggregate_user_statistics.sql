@@ -88,8 +88,7 @@ begin
     if p_date is null then
         raise exception 'p_date must be a date, not NULL' using errcode = '22004';
     end if;
-    perform pg_advisory_xact_lock(hashtext('public.user_statistics_daily'), p_date - date '2000-01-01');
-    perform pg_advisory_xact_lock(hashtext('public.user_statistics_daily sums'));
+    perform pg_advisory_xact_lock(hashtext('public.rollup writers'), 0);
 
     -- a user the change log names may have changed on any day: summed from history below
     delete from "statskit".user_statistics_daily_sums s

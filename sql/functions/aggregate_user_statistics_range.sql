@@ -6,19 +6,19 @@
 -- day (tests/test_backfill.py holds them equal), from one pass over each source table instead
 -- of one pass per day.
 --
--- A slice of users (p_users_from <= user_id < p_users_to) lets two connections share the work,
--- since PostgreSQL runs no data-modifying statement in parallel. Slices of one backfill write
--- different rows, so they take the day locks shared: the one-day functions (exclusive) still
--- wait for them and they for the one-day functions. statskit backfill holds a lock of its own
--- for the whole run, so two backfills' slices never overlap. A list of users (p_users) is how
--- aggregate_user_changes re-aggregates exactly the users whose source rows changed.
+-- Each call commits its days whole: every user's rows of a day in one transaction. Two
+-- connections of one backfill share the work by days, not users, since PostgreSQL runs no
+-- data-modifying statement in parallel: their chunks write different days, so they hold the
+-- writer lock shared (p_shared => true), and every other writer waits for them. Only statskit
+-- backfill passes p_shared, under a lock of its own for the whole run, so no two shared holders
+-- write the same day. A list of users (p_users) is how aggregate_user_changes re-aggregates
+-- exactly the users whose source rows changed.
 
 create or replace function "public".aggregate_user_statistics_range(
     p_first date,
     p_last date,
-    p_users_from uuid default null,
-    p_users_to uuid default null,
-    p_users uuid[] default null
+    p_users uuid[] default null,
+    p_shared boolean default false
 )
 returns integer
 language plpgsql
@@ -39,20 +39,19 @@ begin
     if p_first > p_last then
         raise exception 'p_first % is after p_last %', p_first, p_last using errcode = '22023';
     end if;
-    if p_users_from is null and p_users_to is null and p_users is null then
-        for v_day in 0 .. p_last - p_first loop
-            perform pg_advisory_xact_lock(hashtext('public.user_statistics_daily'), p_first + v_day - date '2000-01-01');
-        end loop;
+    if p_shared then
+        perform pg_advisory_xact_lock_shared(hashtext('public.rollup writers'), 0);
     else
-        for v_day in 0 .. p_last - p_first loop
-            perform pg_advisory_xact_lock_shared(hashtext('public.user_statistics_daily'), p_first + v_day - date '2000-01-01');
-        end loop;
+        perform pg_advisory_xact_lock(hashtext('public.rollup writers'), 0);
     end if;
 
-    perform pg_advisory_xact_lock_shared(hashtext('public.user_statistics_daily sums'));
     delete from "statskit".user_statistics_daily_sums s
-    where (s.user_id >= p_users_from or p_users_from is null) and (s.user_id < p_users_to or p_users_to is null)
-          and (s.user_id = any (p_users) or p_users is null);
+    where s.ctid = any (array(
+        select kept.ctid
+        from "statskit".user_statistics_daily_sums kept
+        where (kept.user_id = any (p_users) or p_users is null)
+        for update skip locked
+    ));
 
     with
     transaction_days as (
@@ -77,7 +76,6 @@ begin
             (case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end, 0, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0)
         ) as change (day, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent)
         where change.day <= p_last
-          and (t.user_id >= p_users_from or p_users_from is null) and (t.user_id < p_users_to or p_users_to is null)
           and (t.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -119,7 +117,6 @@ begin
             (b.cancelled_on, 0, 0, 0, 0, 1, 0, 0)
         ) as change (day, completed_sessions, monthly_sessions, upcoming_sessions, active_bookings, cancelled_sessions, total_hours, monthly_hours)
         where change.day <= p_last
-          and (b.user_id >= p_users_from or p_users_from is null) and (b.user_id < p_users_to or p_users_to is null)
           and (b.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -147,7 +144,6 @@ begin
             ((date_trunc('month', pair.completed_on::timestamp) + interval '1 month')::date, 0, 0, -(case when pair.nth = 1 then 1 end), 0)
         ) as change (day, total_students, active_students, new_students, returning_students)
         where change.day <= p_last
-          and (pair.tutor_id >= p_users_from or p_users_from is null) and (pair.tutor_id < p_users_to or p_users_to is null)
           and (pair.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -167,7 +163,6 @@ begin
             (r.created_on, r.rating, 1, case when r.rating = 5 then 1 end)
         ) as change (day, average_rating, total_reviews, five_star_reviews)
         where change.day <= p_last
-          and (r.reviewee_id >= p_users_from or p_users_from is null) and (r.reviewee_id < p_users_to or p_users_to is null)
           and (r.reviewee_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -191,7 +186,6 @@ begin
             (l.created_on, 0, 1)
         ) as change (day, active_listings, total_listings)
         where change.day <= p_last
-          and (l.tutor_id >= p_users_from or p_users_from is null) and (l.tutor_id < p_users_to or p_users_to is null)
           and (l.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -211,7 +205,6 @@ begin
             (v.viewed_on + 30, -1)
         ) as change (day, listing_views)
         where change.day <= p_last
-          and (v.tutor_id >= p_users_from or p_users_from is null) and (v.tutor_id < p_users_to or p_users_to is null)
           and (v.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -230,7 +223,6 @@ begin
             (b.created_on, 1)
         ) as change (day, listing_bookings)
         where change.day <= p_last
-          and (b.tutor_id >= p_users_from or p_users_from is null) and (b.tutor_id < p_users_to or p_users_to is null)
           and (b.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -251,7 +243,6 @@ begin
             (case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end, -1)
         ) as change (day, unread_messages)
         where change.day <= p_last
-          and (m.recipient_id >= p_users_from or p_users_from is null) and (m.recipient_id < p_users_to or p_users_to is null)
           and (m.recipient_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -276,7 +267,6 @@ begin
             (conversation.first_on, 1)
         ) as change (day, conversations)
         where change.day <= p_last
-          and (conversation.user_id >= p_users_from or p_users_from is null) and (conversation.user_id < p_users_to or p_users_to is null)
           and (conversation.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -300,7 +290,6 @@ begin
             (r.converted_on, 0, 0, r.commission)
         ) as change (day, referrals_made, referrals_converted, referral_earnings)
         where change.day <= p_last
-          and (r.referrer_id >= p_users_from or p_users_from is null) and (r.referrer_id < p_users_to or p_users_to is null)
           and (r.referrer_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -323,7 +312,6 @@ begin
             (case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end, -(c.score), -(c.profile_completeness), -1)
         ) as change (day, caas_score, profile_completeness, caas_rows)
         where change.day <= p_last
-          and (c.user_id >= p_users_from or p_users_from is null) and (c.user_id < p_users_to or p_users_to is null)
           and (c.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -334,8 +322,7 @@ begin
         from (
             select p.id, (p.created_at at time zone v_time_zone)::date as created_on
             from "public".profiles p
-            where (p.id >= p_users_from or p_users_from is null) and (p.id < p_users_to or p_users_to is null)
-              and (p.id = any (p_users) or p_users is null)
+            where (p.id = any (p_users) or p_users is null)
         ) as p
         where p.created_on <= p_last
     ),
@@ -574,5 +561,5 @@ begin
 end;
 $function$;
 
-comment on function "public".aggregate_user_statistics_range(date, date, uuid, uuid, uuid[]) is
-    'Write the user_statistics_daily rows of every day from p_first to p_last for every user created as of that day (or those with p_users_from <= user_id < p_users_to, or those in p_users): the numbers aggregate_user_statistics gives day by day, from one pass over the sources. Returns the number of rows inserted or changed.';
+comment on function "public".aggregate_user_statistics_range(date, date, uuid[], boolean) is
+    'Write the user_statistics_daily rows of every day from p_first to p_last for every user created as of that day (or those in p_users): the numbers aggregate_user_statistics gives day by day, from one pass over the sources, committed with the caller''s transaction. p_shared is for statskit backfill only. Returns the number of rows inserted or changed.';
