@@ -171,10 +171,11 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
     return row
 
 
-def bench_backfill(cluster, users, days):
+def bench_backfill(cluster, users, days, day_by_day=True):
     """Fill the whole period of bench_size's database three ways: the one-day functions called day
-    by day on one connection (the baseline), statskit backfill on one connection and with its
-    default two; and the floor: COPY of the same rows into an identical empty table."""
+    by day on one connection (the baseline; skipped with day_by_day=False), statskit backfill on
+    one connection and with its default two; and the floor: COPY of the same rows into an
+    identical empty table."""
     from toolkit import backfill
 
     dsn = cluster.dsn(f"bench_{users}")
@@ -188,13 +189,14 @@ def bench_backfill(cluster, users, days):
             conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
             conn.execute("vacuum analyze user_statistics_daily")
 
-    reset()
-    started = time.perf_counter()
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for n in range(days):
-            day = first_day + timedelta(days=n)
-            conn.execute("select aggregate_daily_statistics(%s), aggregate_user_statistics(null, %s)", [day, day])
-    row["day_by_day_s"] = time.perf_counter() - started
+    if day_by_day:
+        reset()
+        started = time.perf_counter()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for n in range(days):
+                day = first_day + timedelta(days=n)
+                conn.execute("select aggregate_daily_statistics(%s), aggregate_user_statistics(null, %s)", [day, day])
+        row["day_by_day_s"] = time.perf_counter() - started
     for jobs in (1, 2):
         reset()
         started = time.perf_counter()
@@ -452,10 +454,20 @@ def main():
     parser.add_argument("--history-users", type=int, default=10000,
                         help="users of the history-length bench (120 and 720 days, same daily activity); 0 skips it")
     parser.add_argument("--markdown", type=Path, help="write the tables here, between the BENCH markers")
+    parser.add_argument("--backfill-only", action="store_true",
+                        help="only backfill --jobs 1 and 2 against the COPY floor, on --backfill-users; print, write nothing")
     args = parser.parse_args()
 
     cluster = LocalCluster("bench", args.port, durable=False)
     cluster.start()
+    if args.backfill_only:
+        for users in args.backfill_users:
+            generated_database(cluster, f"bench_{users}", users, args.days, args.bookings_per_user, args.seed,
+                               date(2026, 1, 1))
+            row = bench_backfill(cluster, users, args.days, day_by_day=False)
+            print(f"{row}; jobs 1 ÷ jobs 2 = {row['jobs1_s'] / row['jobs2_s']:.2f}×, "
+                  f"jobs 2 ÷ COPY = {row['jobs2_s'] / row['copy_s']:.2f}×", flush=True)
+        return
     started = time.perf_counter()
     rows, backfills, captures = [], [], []
     for users in args.users:

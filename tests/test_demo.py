@@ -1,6 +1,8 @@
 """`statskit demo` on a database the test gives it (the private cluster path is the same code the
 session's test server runs on: toolkit.cluster)."""
 
+import re
+
 import psycopg
 import pytest
 
@@ -28,10 +30,10 @@ def test_demo_runs_end_to_end_and_tells_the_story(empty_dsn, run_cli):
     out = result.output
     assert "migrate: 1 migrations, 10 functions, 2 pg_cron jobs, change capture on the source tables" in out
     assert "backfill: 20 days," in out
-    # the jobs have not run yet, and the demo's tables have only their own indexes: the nightly
-    # step's are advised, not created
-    assert "verify: WARN — 29 passed, 3 warnings, 0 failed" in out
-    assert "warn: keys source tables: no index leads with public.transactions(created_at)" in out
+    # the demo's tables are its own: it creates the indexes statskit advises, and the jobs of a
+    # deployment made just now have not had their first night yet
+    assert re.search(r"verify: PASS — \d+ passed, 0 warnings, 0 failed", out), out
+    assert "no index leads with" not in out
     assert "KPIs of a tutor" in out and "KPIs of a client" in out
     with psycopg.connect(empty_dsn) as conn:
         days, users = conn.execute("select count(distinct date), count(distinct user_id) from user_statistics_daily").fetchone()

@@ -98,7 +98,7 @@ def test_a_backfill_stopped_at_a_random_point_leaves_only_whole_days(migrated_ds
     whole = {date.fromisoformat(day): n for day, n in whole.items()}
     reader = Reader(migrated_dsn, whole)
     reader.start()
-    run = backfill(migrated_dsn, "--chunk-days", "3", "--jobs", "2")
+    run = backfill(migrated_dsn, "--chunk-days", "3", "--jobs", str(1 + seed))  # seeds 0 and 1: one job, two
     assert run.stdout.readline().startswith("chunk ")  # under way
     time.sleep(random.Random(seed).uniform(0, 0.6))
     run.send_signal(signum)

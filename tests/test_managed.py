@@ -219,21 +219,25 @@ def test_a_failure_at_any_step_leaves_the_database_as_it_was(server, app_db, run
     assert jobs(server, app_db) == []
 
 
+@pytest.mark.parametrize("revoked, missing", [
+    ("execute on function cron.schedule_in_database(text, text, text, text, text, boolean)",
+     "EXECUTE on cron.schedule_in_database"),
+    ("usage on schema cron", "USAGE on schema cron"),
+])
 @pytest.mark.parametrize("app_db", ["app"], indirect=True)
-def test_missing_cron_grants_are_named_before_anything_changes(server, app_db, run_cli):
+def test_missing_cron_grants_are_named_before_anything_changes(server, app_db, run_cli, revoked, missing):
     dsn = as_owner(server, app_db)
     before = objects(dsn)
     with psycopg.connect(server.dsn(CRON_DB), autocommit=True) as conn:
-        conn.execute(f"revoke execute on function cron.schedule_in_database(text, text, text, text, text, boolean) from {OWNER}")
+        conn.execute(f"revoke {revoked} from {OWNER}")
     try:
         result = run_cli("migrate", "--dsn", dsn, *cron_args(server, app_db))
     finally:
         with psycopg.connect(server.dsn(CRON_DB), autocommit=True) as conn:
             conn.execute(CRON_GRANTS)
     assert result.exit_code == 1
-    assert result.output.strip() == ("statskit: error: deployer cannot schedule pg_cron jobs in market: it lacks "
-                                     "EXECUTE on cron.schedule_in_database (grant them there, see docs/managed.md); "
-                                     "nothing changed")
+    assert result.output.strip() == (f"statskit: error: deployer cannot schedule pg_cron jobs in market: it lacks "
+                                     f"{missing} (grant them there, see docs/managed.md); nothing changed")
     assert objects(dsn) == before
 
 
@@ -302,3 +306,40 @@ def test_verify_never_calls_a_job_it_cannot_see_missing(server, app_db, run_cli)
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute("drop role ci")
             conn.execute("drop role outsider")
+
+
+@pytest.fixture
+def empty_db(server):
+    """An empty database owned by the deployer, for statskit demo --dsn."""
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("drop database if exists demo_here with (force)")
+        conn.execute(f"create database demo_here owner {OWNER}")
+    try:
+        yield as_owner(server, "demo_here")
+    finally:
+        with psycopg.connect(server.dsn(CRON_DB), autocommit=True) as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = 'demo_here'")
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("drop database demo_here with (force)")
+
+
+def test_demo_into_a_given_database_checks_everything_before_loading_a_row(server, empty_db, run_cli):
+    small = ["--users", 60, "--days", 14, "--dsn", empty_db]
+    refused = run_cli("demo", *small)  # pg_cron elsewhere, its database not named
+    assert refused.exit_code == 1 and "--cron-dsn" in refused.output, refused.output
+    with psycopg.connect(server.dsn(CRON_DB), autocommit=True) as conn:
+        conn.execute(f"revoke usage on schema cron from {OWNER}")
+    try:
+        no_grant = run_cli("demo", *small, "--cron-dsn", CRON_DB)
+    finally:
+        with psycopg.connect(server.dsn(CRON_DB), autocommit=True) as conn:
+            conn.execute(CRON_GRANTS)
+    assert no_grant.exit_code == 1 and "lacks USAGE on schema cron" in no_grant.output, no_grant.output
+    assert "nothing changed" in no_grant.output
+    with psycopg.connect(empty_db) as conn:
+        assert conn.execute("select count(*) from pg_tables where schemaname = 'public'").fetchone()[0] == 0
+
+    shown = run_cli("demo", *small, "--no-cron")
+    assert shown.exit_code == 0, shown.output
+    assert "verify: PASS" in shown.output and "keeps running" not in shown.output, shown.output
+    assert jobs(server, "demo_here") == []

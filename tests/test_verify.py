@@ -149,11 +149,18 @@ def test_verify_changes_nothing(deployed, run_cli):
         assert conn.execute("select to_regclass('pg_temp.statskit_sample')").fetchone()[0] is None
 
 
-def test_no_run_yet_is_a_warning_not_a_failure(migrated_dsn, run_cli):
+def test_no_run_yet_passes_before_the_first_night_and_fails_after_it(migrated_dsn, run_cli):
     run_cli("backfill", "--from", "2026-03-25", "--to", "2026-03-31", "--quiet", "--dsn", migrated_dsn)
     result = verify(run_cli, migrated_dsn)
     assert result.exit_code == 0
-    assert re.search(r"cron health aggregate-user-statistics +warn  no run yet", result.output)
+    assert re.search(r"cron health aggregate-user-statistics +pass  no run yet: scheduled ", result.output)
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:  # as if scheduled two days ago
+        conn.execute("update statskit.settings set value = (value::timestamptz - interval '2 days')::text"
+                     " where key = 'jobs_scheduled_at'")
+    late = verify(run_cli, migrated_dsn)
+    assert late.exit_code == 1
+    assert re.search(r"cron health aggregate-user-statistics +fail  no run since it was scheduled .* more than 26 h",
+                     late.output)
 
 
 def test_only_runs_the_named_groups(deployed, run_cli):

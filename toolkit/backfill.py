@@ -287,15 +287,13 @@ def _wait(workers, connections, guard, cancel: threading.Event) -> None:
 
 
 def _write_with_retries(conn: psycopg.Connection, settings, request: Request, unit: Unit, report_wait) -> int:
-    for attempt in range(1, RETRIES + 1):
+    for attempt in range(2, RETRIES + 1):
         try:
             return _write_unit(conn, settings, request, unit, report_wait)
         except RETRIED_ERRORS as exc:
-            if attempt == RETRIES:
-                raise
             report_wait(f"{unit.table} {unit.chunk[0]}..{unit.chunk[1]}: {db.first_line(exc)}; nothing of it was "
-                        f"committed, trying it again ({attempt + 1} of {RETRIES})")
-    raise AssertionError("unreachable")
+                        f"committed, trying it again ({attempt} of {RETRIES})")
+    return _write_unit(conn, settings, request, unit, report_wait)
 
 
 def _write_unit(conn: psycopg.Connection, settings, request: Request, unit: Unit, report_wait) -> int:

@@ -457,9 +457,8 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
     except backfill_core.Stopped as exc:
         if not exc.cancelled:
             raise
-        name = signal.Signals(signals[0]).name if signals else "a cancel"
-        click.echo(f"statskit: backfill stopped by {name}: {exc}", err=True)
-        sys.exit(128 + (signals[0] if signals else signal.SIGINT))
+        click.echo(f"statskit: backfill stopped by {signal.Signals(signals[0]).name}: {exc}", err=True)
+        sys.exit(128 + signals[0])  # the shell's convention for a process ended by that signal
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -125,12 +125,15 @@ def check_can_schedule(cron_conn: psycopg.Connection, jobs: list["Job"]) -> None
         "select current_user, rolsuper from pg_roles where rolname = current_user").fetchone()
     if superuser or not jobs:
         return
-    missing = [what for what, ok in cron_conn.execute(
-        "select 'USAGE on schema cron', has_schema_privilege('cron', 'usage')"
-        " union all select 'EXECUTE on cron.schedule_in_database', has_function_privilege("
-        "  'cron.schedule_in_database(text,text,text,text,text,boolean)', 'execute')"
-        " union all select 'EXECUTE on cron.unschedule', has_function_privilege('cron.unschedule(bigint)', 'execute')"
-    ).fetchall() if not ok]
+    # Without USAGE on the schema its functions cannot even be named: that grant is asked for first.
+    if not cron_conn.execute("select has_schema_privilege('cron', 'usage')").fetchone()[0]:
+        missing = ["USAGE on schema cron"]
+    else:
+        missing = [what for what, ok in cron_conn.execute(
+            "select 'EXECUTE on cron.schedule_in_database', has_function_privilege("
+            "  'cron.schedule_in_database(text,text,text,text,text,boolean)', 'execute')"
+            " union all select 'EXECUTE on cron.unschedule', has_function_privilege('cron.unschedule(bigint)', 'execute')"
+        ).fetchall() if not ok]
     if missing:
         raise StatskitError(
             f"{user} cannot schedule pg_cron jobs in {cron_conn.info.dbname}: it lacks {', '.join(missing)} "

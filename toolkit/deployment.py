@@ -72,12 +72,25 @@ def save_settings(conn: psycopg.Connection, settings: Settings) -> None:
         )
 
 
-def deployed_at(conn: psycopg.Connection):
-    """When the first migration was applied here (UTC, timezone-aware), or None."""
+# Not a setting of the rendering: when migrate last (re)scheduled the jobs, so that verify can tell
+# a job that has not had its first night yet from one that stopped running.
+JOBS_SCHEDULED_AT = "jobs_scheduled_at"
+
+
+def record_jobs_scheduled(conn: psycopg.Connection) -> None:
+    conn.execute(f"insert into {STATSKIT_SCHEMA}.settings (key, value) values (%s, now()::text)"
+                 " on conflict (key) do update set value = excluded.value", [JOBS_SCHEDULED_AT])
+
+
+def jobs_scheduled_at(conn: psycopg.Connection):
+    """When migrate last scheduled the jobs (the first migration's time for a deployment made
+    before statskit recorded it), timezone-aware, or None."""
     if not table_exists(conn, f"{STATSKIT_SCHEMA}.{YOYO_MIGRATION_TABLE}"):
         return None
     return conn.execute(
-        f"select min(applied_at_utc) at time zone 'UTC' from {STATSKIT_SCHEMA}.{YOYO_MIGRATION_TABLE}").fetchone()[0]
+        f"select coalesce((select value::timestamptz from {STATSKIT_SCHEMA}.settings where key = %s),"
+        f" (select min(applied_at_utc) at time zone 'UTC' from {STATSKIT_SCHEMA}.{YOYO_MIGRATION_TABLE}))",
+        [JOBS_SCHEDULED_AT]).fetchone()[0]
 
 
 def applied_migrations(conn: psycopg.Connection) -> list[str]:

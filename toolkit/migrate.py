@@ -322,6 +322,8 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
                             " on conflict (function_name) do update set sha256 = excluded.sha256, applied_at = now()",
                             [name, deployment.checksum(text)])
                     deployment.save_settings(backend.connection, target.settings)
+                    if todo.jobs:
+                        deployment.record_jobs_scheduled(backend.connection)
                     if jobs_inside:
                         cron.schedule(backend.connection, todo.jobs, conn.info.dbname)
                     return todo

@@ -208,11 +208,11 @@ def _check_cron(cron_conn, target: Target) -> list[Check]:
         needs = access.job_needs(target.settings, target.catalog, job.username, wanted.rollup, wanted.name)
         checks.append(_result(f"cron runs-as {wanted.name}", access.problems(target.conn, needs),
                               ok=f"{job.username} can run it"))
-        checks.append(_cron_health(cron_conn, job, deployment.deployed_at(target.conn)))
+        checks.append(_cron_health(cron_conn, job, deployment.jobs_scheduled_at(target.conn)))
     return checks
 
 
-def _cron_health(cron_conn, job: cron.RegisteredJob, deployed_at: datetime | None) -> Check:
+def _cron_health(cron_conn, job: cron.RegisteredJob, scheduled_at: datetime | None) -> Check:
     name = f"cron health {job.jobname}"
     last = cron_conn.execute(
         "select status, return_message, coalesce(end_time, start_time) from cron.job_run_details"
@@ -220,12 +220,12 @@ def _cron_health(cron_conn, job: cron.RegisteredJob, deployed_at: datetime | Non
         [job.jobid],
     ).fetchone()
     if last is None:
-        # A new deployment has not had its first night yet; one a whole night old should have.
-        if deployed_at and datetime.now(timezone.utc) - deployed_at <= CRON_STALE_AFTER:
-            return Check(name, "pass", f"no run yet: deployed {deployed_at:%Y-%m-%d %H:%M} UTC, first run at "
+        # Jobs scheduled just now have not had their first night yet; a whole night later they should have.
+        if scheduled_at and datetime.now(timezone.utc) - scheduled_at <= CRON_STALE_AFTER:
+            return Check(name, "pass", f"no run yet: scheduled {scheduled_at:%Y-%m-%d %H:%M} UTC, first run at "
                                        f"'{job.schedule}' (UTC)")
-        return Check(name, "fail", f"no run since the deployment ({deployed_at:%Y-%m-%d %H:%M} UTC), more than 26 h"
-                                   if deployed_at else "no run yet")
+        return Check(name, "fail", f"no run since it was scheduled ({scheduled_at:%Y-%m-%d %H:%M} UTC), more than 26 h"
+                                   if scheduled_at else "no run yet")
     status, message, when = last
     if status == "failed":
         # pg_cron stores the whole error, function context included: its first line names it.
@@ -390,7 +390,8 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
 
 def _with_cron(target: Target, cron_dsn: str | None) -> list[Check]:
     if not target.settings.cron:
-        if target.stored and not target.stored.cron:
+        stored = deployment.stored_settings(target.conn)
+        if stored and not stored.cron:
             return [Check("cron", "pass", "no pg_cron jobs to check: deployed with --no-cron, the nightly "
                                           "functions are scheduled outside statskit")]
         return [Check("cron", "warn", "pg_cron's jobs not checked (--no-cron)")]

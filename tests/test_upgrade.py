@@ -1,0 +1,69 @@
+"""A deployment the previous release made upgrades through plain `statskit migrate`: its stored
+rows are unchanged (ids and updated_at included), the functions whose signature changed are
+replaced, verify passes, and its backfill ledger still serves --resume."""
+
+import subprocess
+import sys
+import tarfile
+from datetime import date
+
+import psycopg
+import pytest
+
+from conftest import REPO
+
+# The last release that landed before the writer lock and whole-day backfills (issue 21).
+PREVIOUS = "788e7e9"
+FIRST, LAST = date(2026, 3, 1), date(2026, 3, 31)
+
+
+@pytest.fixture(scope="module")
+def previous_release(tmp_path_factory):
+    """The previous release's toolkit/ and sql/, from git, runnable beside this one."""
+    if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{PREVIOUS}^{{commit}}"], capture_output=True).returncode:
+        pytest.skip(f"this clone lacks commit {PREVIOUS} (a shallow clone): no previous release to upgrade from")
+    folder = tmp_path_factory.mktemp("previous-release")
+    archive = folder / "release.tar"
+    subprocess.run(["git", "-C", REPO, "archive", "-o", archive, PREVIOUS, "toolkit", "sql"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder)
+    return folder
+
+
+def run_previous(release, *args):
+    code = f"import sys; sys.path.insert(0, {str(release)!r}); from toolkit.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=release, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin"})
+
+
+def stored(dsn):
+    """Every stored row as it is, ids and updated_at included."""
+    with psycopg.connect(dsn) as conn:
+        return [conn.execute(f"select to_jsonb(s) from {table} s order by 1::text").fetchall()
+                for table in ("user_statistics_daily", "platform_statistics_daily")]
+
+
+def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(loaded_dsn, previous_release, run_cli):
+    deployed = run_previous(previous_release, "migrate", "--dsn", loaded_dsn)
+    assert deployed.returncode == 0, deployed.stderr
+    filled = run_previous(previous_release, "backfill", "--from", FIRST, "--to", LAST, "--jobs", 2, "--quiet",
+                          "--dsn", loaded_dsn)
+    assert filled.returncode == 0, filled.stderr
+    before = stored(loaded_dsn)
+    assert before[0] and len(before[1]) == 31
+
+    upgraded = run_cli("migrate", "--dsn", loaded_dsn)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "aggregate_user_statistics_range(date, date, uuid, uuid, uuid[]) (an older signature)" in upgraded.output
+    assert "aggregate_daily_statistics_range(date, date) (an older signature)" in upgraded.output
+    assert "created function public.aggregate_user_statistics\n" in upgraded.output
+    assert stored(loaded_dsn) == before
+    assert "nothing to do" in run_cli("migrate", "--dsn", loaded_dsn).output
+
+    verified = run_cli("verify", "--dsn", loaded_dsn, "--from", FIRST, "--to", LAST)
+    assert verified.exit_code == 0, verified.output
+    # the previous release's ledger: its platform chunks count, its user slices do not (rewritten, unchanged)
+    resumed = run_cli("backfill", "--from", FIRST, "--to", LAST, "--resume", "--dsn", loaded_dsn)
+    assert resumed.exit_code == 0, resumed.output
+    assert "0 rows written" in resumed.output
+    assert stored(loaded_dsn) == before
