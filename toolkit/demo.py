@@ -6,7 +6,7 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from . import backfill, cron, dashboard, db, demo_data, migrate, verify
+from . import backfill, cron, dashboard, demo_data, deployment, migrate, verify
 from .cluster import DEMO_PORT, LocalCluster
 from .errors import StatskitError
 
@@ -34,7 +34,6 @@ class DemoStory:
 def _create_advised_indexes(target: migrate.Target) -> None:
     """The demo's tables are its own: it creates the indexes migrate advises (the one-user lookups,
     the nightly step's timestamps), as a DBA who accepts them would."""
-    from . import deployment  # noqa: PLC0415 - the one place the demo creates indexes
     columns = deployment.missing_lookup_indexes(target.conn, target.catalog, target.settings)
     columns += deployment.missing_step_indexes(target.conn, target.catalog, target.settings)
     for column in columns:
