@@ -327,6 +327,7 @@ def test_demo_into_a_given_database_checks_everything_before_loading_a_row(serve
     small = ["--users", 60, "--days", 14, "--dsn", empty_db]
     refused = run_cli("demo", *small)  # pg_cron elsewhere, its database not named
     assert refused.exit_code == 1 and "--cron-dsn" in refused.output, refused.output
+    assert "loading" not in refused.output
     with psycopg.connect(server.dsn(CRON_DB), autocommit=True) as conn:
         conn.execute(f"revoke usage on schema cron from {OWNER}")
     try:

@@ -344,8 +344,7 @@ def demo(ctx, users, days, seed, port, dsn, cron_dsn, cron, sql_dir):
     else:
         click.echo(f"starting a private PostgreSQL with pg_cron on 127.0.0.1:{port} ...")
         dsn = demo_core.fresh_private_database(demo_core.demo_cluster(port))
-    click.echo(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
-    story = demo_core.run(dsn, users, days, seed, sql_dir, cron_dsn, cron is not False)
+    story = demo_core.run(dsn, users, days, seed, sql_dir, cron_dsn, cron is not False, say=click.echo)
     _tell(story)
     if not ctx.meta.get("statskit.dsn"):
         again = "" if port == demo_core.DEMO_PORT else f" --port {port}"

@@ -73,12 +73,13 @@ def check_database(target: migrate.Target, cron_dsn: str | None) -> None:
 
 
 def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | None = None,
-        use_cron: bool = True) -> DemoStory:
+        use_cron: bool = True, say=lambda message: None) -> DemoStory:
     """Check the database, load a synthetic marketplace into it with the indexes statskit advises,
-    then migrate, backfill its whole period and verify."""
+    then migrate, backfill its whole period and verify; say() what it loads, once it may."""
     target = migrate.Target.open(dsn, sql_dir, dict(cron=use_cron))
     try:
         check_database(target, cron_dsn)
+        say(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
         conn = target.conn
         last_day = backfill.yesterday(conn, "UTC")
         market = demo_data.generate(users=users, days=days, seed=seed, last_day=last_day)
