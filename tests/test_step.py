@@ -3,12 +3,14 @@ D. Held to the literal spec day after day across month starts, the 30-day window
 DST change; shown to read only what changes; safe against the change log, backfill, re-runs
 and runs of older days."""
 
+import shutil
 from datetime import date, timedelta
 
 import psycopg
 import pytest
 
-from conftest import deploy
+from conftest import SQL_DIR, deploy
+from toolkit.migrate import Target, migrate
 from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_platform_row, stored_user_rows
 
 
@@ -177,3 +179,35 @@ def test_the_sums_stay_across_an_unchanged_deploy_and_go_with_capture(loaded_dsn
         assert exists == capture
         if capture:
             assert sums_days(conn)
+
+
+def test_a_re_applied_function_file_keeps_the_sums_unless_what_defines_them_changed(loaded_dsn, tmp_path):
+    """An upgrade re-creates the step's function (its text changed) but not its sums: the table's
+    comment names what defines them. A changed span re-creates them empty."""
+    sql = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql)
+
+    def deploy_from(folder):
+        target = Target.open(loaded_dsn, folder)
+        try:
+            return migrate(target)
+        finally:
+            target.close()
+
+    deploy_from(sql)
+    with psycopg.connect(loaded_dsn, autocommit=True) as conn:
+        run_night(conn, date(2026, 3, 1))
+        kept = sums_days(conn)
+    template = sql / "templates" / "functions" / "aggregate_user_statistics.sql.j2"
+    template.write_text(template.read_text().replace("begin\n", "begin\n    -- a comment an upgrade adds\n", 1))
+    assert "aggregate_user_statistics" in [name for name, _ in deploy_from(sql).functions]
+    with psycopg.connect(loaded_dsn, autocommit=True) as conn:
+        assert sums_days(conn) == kept and kept
+    catalog = sql / "catalog.toml"
+    text = catalog.read_text()
+    marker = 'name = "cancelled_sessions"'
+    head, tail = text.split(marker, 1)
+    catalog.write_text(head + marker + tail.replace('value = "1"', 'value = "2"', 1))
+    deploy_from(sql)
+    with psycopg.connect(loaded_dsn, autocommit=True) as conn:
+        assert not sums_days(conn)

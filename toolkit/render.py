@@ -103,14 +103,17 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
     catalog = catalog or load_catalog(sql_dir / "catalog.toml")
     env = _environment(sql_dir)
     source = quote_ident(settings.source_schema)
+    user, platform = (_resolve_snippets(r, env, source) for r in (catalog.user, catalog.platform))
     context = {
         "schema": quote_ident(settings.schema),
         "statskit": quote_ident(STATSKIT_SCHEMA),
         "capture": settings.capture,
         "source": source,
         "time_zone": settings.time_zone,
-        "user": _resolve_snippets(catalog.user, env, source),
-        "platform": _resolve_snippets(catalog.platform, env, source),
+        "user": user,
+        "platform": platform,
+        # what the nightly step's sums of each rollup mean: kept across a re-applied file while it holds
+        "sums_digests": {r.table: digest(repr((settings.time_zone, r.sources, r.sums))) for r in (user, platform)},
         "kpis": catalog.kpis,
         "roles": settings.roles,
         "reader_role": READER_ROLE,

@@ -7,29 +7,36 @@
 -- sums of D - 1 (a first run, a gap, an entry in the change log), from every source row.
 
 -- The sums behind each platform row of the last day the nightly step wrote (the next day
--- starts from them); statskit's own, re-created empty when this file is applied.
-drop table if exists "statskit".platform_statistics_daily_sums;
-create table "statskit".platform_statistics_daily_sums (
-    one_row boolean primary key default true check (one_row),
-    date date not null,
-    total_users integer not null,
-    new_users integer not null,
-    total_tutors integer not null,
-    total_clients integer not null,
-    total_agents integer not null,
-    active_listings integer not null,
-    bookings_created integer not null,
-    sessions_completed integer not null,
-    sessions_cancelled integer not null,
-    hours_completed integer not null,
-    gross_revenue numeric not null,
-    tutor_earnings numeric not null,
-    reviews_created integer not null,
-    average_rating integer not null,
-    messages_sent integer not null,
-    referrals_converted integer not null,
-    ratings integer not null
-);
+-- starts from them); statskit's own, kept while its comment names the sums defined here.
+do $sums$
+begin
+    if obj_description(to_regclass('"statskit".platform_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums fed94947' then
+        drop table if exists "statskit".platform_statistics_daily_sums;
+        create table "statskit".platform_statistics_daily_sums (
+            one_row boolean primary key default true check (one_row),
+            date date not null,
+            total_users integer not null,
+            new_users integer not null,
+            total_tutors integer not null,
+            total_clients integer not null,
+            total_agents integer not null,
+            active_listings integer not null,
+            bookings_created integer not null,
+            sessions_completed integer not null,
+            sessions_cancelled integer not null,
+            hours_completed integer not null,
+            gross_revenue numeric not null,
+            tutor_earnings numeric not null,
+            reviews_created integer not null,
+            average_rating integer not null,
+            messages_sent integer not null,
+            referrals_converted integer not null,
+            ratings integer not null
+        );
+        comment on table "statskit".platform_statistics_daily_sums is 'statskit sums fed94947';
+    end if;
+end
+$sums$;
 
 create or replace function "public".aggregate_daily_statistics(
     p_date date default (now() at time zone 'UTC')::date - 1

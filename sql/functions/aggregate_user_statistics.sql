@@ -10,43 +10,50 @@
 -- A user id delegates to the one-user path.
 
 -- The sums behind each user's row of the last day the nightly step wrote (the next day
--- starts from them); statskit's own, re-created empty when this file is applied.
-drop table if exists "statskit".user_statistics_daily_sums;
-create table "statskit".user_statistics_daily_sums (
-    user_id uuid primary key,
-    date date not null,
-    total_earnings numeric not null,
-    monthly_earnings numeric not null,
-    pending_earnings numeric not null,
-    total_spent numeric not null,
-    monthly_spent numeric not null,
-    completed_sessions integer not null,
-    monthly_sessions integer not null,
-    upcoming_sessions integer not null,
-    active_bookings integer not null,
-    cancelled_sessions integer not null,
-    total_hours integer not null,
-    monthly_hours integer not null,
-    total_students integer not null,
-    active_students integer not null,
-    new_students integer not null,
-    returning_students integer not null,
-    average_rating integer not null,
-    total_reviews integer not null,
-    five_star_reviews integer not null,
-    active_listings integer not null,
-    total_listings integer not null,
-    listing_views integer not null,
-    listing_bookings integer not null,
-    unread_messages integer not null,
-    conversations integer not null,
-    referrals_made integer not null,
-    referrals_converted integer not null,
-    referral_earnings numeric not null,
-    caas_score numeric not null,
-    profile_completeness numeric not null,
-    caas_rows integer not null
-);
+-- starts from them); statskit's own, kept while its comment names the sums defined here.
+do $sums$
+begin
+    if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums f0c68963' then
+        drop table if exists "statskit".user_statistics_daily_sums;
+        create table "statskit".user_statistics_daily_sums (
+            user_id uuid primary key,
+            date date not null,
+            total_earnings numeric not null,
+            monthly_earnings numeric not null,
+            pending_earnings numeric not null,
+            total_spent numeric not null,
+            monthly_spent numeric not null,
+            completed_sessions integer not null,
+            monthly_sessions integer not null,
+            upcoming_sessions integer not null,
+            active_bookings integer not null,
+            cancelled_sessions integer not null,
+            total_hours integer not null,
+            monthly_hours integer not null,
+            total_students integer not null,
+            active_students integer not null,
+            new_students integer not null,
+            returning_students integer not null,
+            average_rating integer not null,
+            total_reviews integer not null,
+            five_star_reviews integer not null,
+            active_listings integer not null,
+            total_listings integer not null,
+            listing_views integer not null,
+            listing_bookings integer not null,
+            unread_messages integer not null,
+            conversations integer not null,
+            referrals_made integer not null,
+            referrals_converted integer not null,
+            referral_earnings numeric not null,
+            caas_score numeric not null,
+            profile_completeness numeric not null,
+            caas_rows integer not null
+        );
+        comment on table "statskit".user_statistics_daily_sums is 'statskit sums f0c68963';
+    end if;
+end
+$sums$;
 
 create or replace function "public".aggregate_user_statistics(
     p_user_id uuid default null,
