@@ -5,16 +5,19 @@ replaced, verify passes, and its backfill ledger still serves --resume."""
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from datetime import date
 
 import psycopg
 import pytest
 
 from conftest import REPO
+from spec_oracle import differences, expected_user_rows, stored_user_rows
 
 # The last release that landed before the writer lock and whole-day backfills (issue 21).
 PREVIOUS = "788e7e9"
-FIRST, LAST = date(2026, 3, 1), date(2026, 3, 31)
+FIRST, LAST, NEXT = date(2026, 3, 1), date(2026, 3, 31), date(2026, 4, 1)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,13 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
     before = stored(loaded_dsn)
     assert before[0] and len(before[1]) == 31
 
+    reader = DashboardReader(loaded_dsn)
+    reader.start()
     upgraded = run_cli("migrate", "--dsn", loaded_dsn)
+    reader.done.set()
+    reader.join()
     assert upgraded.exit_code == 0, upgraded.output
+    assert reader.calls > 0 and reader.errors == [] and reader.slowest < 2.0  # migrate's --lock-timeout
     assert "aggregate_user_statistics_range(date, date, uuid, uuid, uuid[]) (an older signature)" in upgraded.output
     assert "aggregate_daily_statistics_range(date, date) (an older signature)" in upgraded.output
     assert "created function public.aggregate_user_statistics\n" in upgraded.output
@@ -67,3 +75,28 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
     assert resumed.exit_code == 0, resumed.output
     assert "0 rows written" in resumed.output
     assert stored(loaded_dsn) == before
+
+    with psycopg.connect(loaded_dsn, autocommit=True) as conn:  # the next night, as the upgraded job runs it
+        conn.execute("select aggregate_user_changes()")
+        conn.execute("select aggregate_user_statistics(null, %s)", [NEXT])
+        assert differences(expected_user_rows(conn, NEXT), stored_user_rows(conn, NEXT)) == []
+
+
+class DashboardReader(threading.Thread):
+    """The web app reading KPIs all along, as the reader would: every call timed."""
+
+    def __init__(self, dsn):
+        super().__init__(daemon=True)
+        self.dsn, self.done, self.calls, self.errors, self.slowest = dsn, threading.Event(), 0, [], 0.0
+
+    def run(self):
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            user = conn.execute("select user_id from user_statistics_daily order by user_id limit 1").fetchone()[0]
+            while not self.done.is_set():
+                started = time.monotonic()
+                try:
+                    conn.execute("select * from user_kpis(%s, %s)", [user, LAST]).fetchall()
+                except psycopg.Error as exc:
+                    self.errors.append(str(exc))
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                self.calls += 1
