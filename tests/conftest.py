@@ -25,15 +25,31 @@ TEST_PORT = int(os.environ.get("STATSKIT_TEST_PORT", "54329"))
 SIDE_PORT = 31000 + TEST_PORT % 1000
 
 cluster = LocalCluster(f"test-cluster-{TEST_PORT}", TEST_PORT, durable=False)
+# Tests that need the session's server, by the fixtures that reach it; tests that start servers
+# of their own carry the `pg` marker themselves. `pytest -m "not pg"` runs the rest in seconds.
+SHARED_SERVER_FIXTURES = {"source_db", "empty_dsn"}
 
 
-def pytest_sessionstart(session):
-    cluster.destroy()  # a cluster left by a killed run would carry its databases and jobs
-    cluster.start()
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_SERVER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.pg)
+
+
+_started = []
+
+
+def pytest_runtest_setup(item):
+    """Start the session's server before the first test that needs PostgreSQL, not before any."""
+    if item.get_closest_marker("pg") and not _started:
+        cluster.destroy()  # a cluster left by a killed run would carry its databases and jobs
+        cluster.start()
+        _started.append(True)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    cluster.destroy()
+    if _started:
+        cluster.destroy()
 
 
 pg_server = factories.postgresql_noproc(

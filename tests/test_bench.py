@@ -2,7 +2,11 @@
 
 from bench.__main__ import (backfill_markdown, bench_backfill, bench_capture, bench_history, bench_size, capture_markdown,
                              history_markdown, markdown)
+import pytest
+
 from conftest import cluster
+
+pytestmark = pytest.mark.pg  # the session's server, without its fixtures
 
 
 def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():

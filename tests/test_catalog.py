@@ -43,13 +43,17 @@ def test_a_bad_span_is_refused_by_name(tmp_path, entry, message):
     assert str(refused.value) == f"catalog: user_statistics_daily.listing_views {message}"
 
 
-def test_every_metric_is_one_entry_with_no_second_form():
-    """Guard for the one-definition rule: the catalog states no SQL aggregate next to a span."""
+@pytest.mark.parametrize("extra, unknown", [
+    ('sql = "count(*)"', "sql"),  # a second form of the metric beside its span: one definition only
+    ('leave = "b.completed_on"', "leave"),  # a typo of `leaves` would count the row for ever
+])
+def test_a_key_the_catalog_does_not_know_is_refused_by_name(tmp_path, extra, unknown):
     text = (SQL_DIR / "catalog.toml").read_text()
-    assert "\nsql = " not in text and ".range]" not in text and "range_sources" not in text
-    catalog = load_catalog(SQL_DIR / "catalog.toml")
-    for rollup in (catalog.user, catalog.platform):
-        assert all(m.span is not None for m in rollup.metrics)
+    marker = 'name = "cancelled_sessions"\n'
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(text.replace(marker, marker + extra + "\n", 1))
+    with pytest.raises(UsageError, match=f"user_statistics_daily.cancelled_sessions has unknown key {unknown} "):
+        load_catalog(catalog)
 
 
 def test_the_lookback_default_follows_change_capture():

@@ -19,6 +19,8 @@ from test_migrate import objects
 from toolkit import demo_data
 from toolkit.cluster import LocalCluster
 
+pytestmark = pytest.mark.pg  # a server of its own
+
 CRON_DB = "market"
 OWNER = "deployer"
 WINDOW = ["--from", "2026-03-28", "--to", "2026-03-31"]

@@ -250,6 +250,7 @@ def test_unknown_time_zone_is_refused(dsn, run_cli):
     assert result.exit_code == 2 and "unknown time zone 'Mars/Olympus'" in result.output
 
 
+@pytest.mark.pg  # a server of its own
 def test_a_server_without_pg_cron_stops_migrate_unless_no_cron(run_cli, tmp_path):
     from toolkit.cluster import LocalCluster
     bare = LocalCluster(f"no-cron-{SIDE_PORT + 1}", SIDE_PORT + 1, durable=False, with_cron=False)

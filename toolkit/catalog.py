@@ -341,12 +341,26 @@ def _read_source(raw: dict, table: str, per_user: bool) -> Source:
                   changes_on=tuple((c, tuple(o)) for c, o in changes_on.items()), partition=partition)
 
 
+# The keys a span is written with, and those a metric adds: any other key is a typo the
+# catalog would otherwise ignore (`leave` for `leaves` would count a row for ever).
+SPAN_KEYS = {"name", "source", "value", "enters", "leaves", "days", "month", "where", "sum_type", "final"}
+METRIC_KEYS = SPAN_KEYS | {"group", "type", "unit", "default", "meaning", "added_in", "removed_in", "retyped_in", "was"}
+
+
+def _refuse_unknown_keys(entry: dict, allowed: set[str], table: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise UsageError(f"catalog: {table}.{entry.get('name', '?')} has unknown key {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(allowed))})")
+
+
 def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_user: bool) -> Rollup:
     table = check_identifier(raw["table"], "table name")
     sources = [_read_source(s, table, per_user) for s in raw["sources"]]
     source_names = {s.name for s in sources}
     metrics = []
     for m in raw["metrics"]:
+        _refuse_unknown_keys(m, METRIC_KEYS, table)
         name = check_identifier(m["name"], "metric name")
         added_in = m.get("added_in", first_migration)
         for key in ("added_in", "removed_in", "retyped_in"):
@@ -375,6 +389,8 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise UsageError(f"catalog: {table} defines {', '.join(duplicated)} twice")
+    for h in raw.get("helpers", []):
+        _refuse_unknown_keys(h, SPAN_KEYS, table)
     helpers = tuple(Sum(check_identifier(h["name"], "helper name"), _read_span(h, table, source_names))
                     for h in raw.get("helpers", []))
     rollup = Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), helpers)
