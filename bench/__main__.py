@@ -58,11 +58,8 @@ def generated_database(cluster, dbname, users, days, bookings_per_user, seed, fi
         started = time.perf_counter()
         counts = generate(conn, users, days, bookings_per_user, seed, first_day)
         seconds = time.perf_counter() - started
-    target = Target.open(dsn, REPO / "sql", dict(cron=False))
-    try:
+    with Target.open(dsn, REPO / "sql", dict(cron=False)) as target:
         migrate(target)
-    finally:
-        target.close()
     return dsn, counts, seconds
 
 

@@ -86,13 +86,10 @@ def loaded_dsn(dsn, market):
     return dsn
 
 
-def deploy(dsn, **overrides):
-    """Run the core migrate with the repository's sql/ and return what it applied."""
-    target = Target.open(dsn, SQL_DIR, overrides)
-    try:
+def deploy(dsn, sql_dir=SQL_DIR, **overrides):
+    """Run the core migrate with the repository's sql/ (or another) and return what it applied."""
+    with Target.open(dsn, sql_dir, overrides) as target:
         return migrate(target)
-    finally:
-        target.close()
 
 
 @pytest.fixture

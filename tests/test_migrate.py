@@ -150,12 +150,7 @@ def test_a_changed_function_template_is_reapplied_and_only_that_one(dsn, tmp_pat
     shutil.copytree(SQL_DIR, sql_copy)
     template = sql_copy / "templates" / "functions" / "aggregate_daily_statistics.sql.j2"
     template.write_text(template.read_text().replace("Write the platform_statistics_daily row", "Write the platform row"))
-    from toolkit.migrate import Target, migrate
-    target = Target.open(dsn, sql_copy)
-    try:
-        done = migrate(target)
-    finally:
-        target.close()
+    done = deploy(dsn, sql_copy)
     assert [name for name, _ in done.functions] == ["aggregate_daily_statistics"]
     assert done.migrations == [] and done.jobs == []
     with psycopg.connect(dsn) as conn:

@@ -56,3 +56,9 @@ def test_statskit_project_names_the_project_from_anywhere(shop, tmp_path, run_cl
     monkeypatch.setenv("STATSKIT_PROJECT", str(elsewhere))
     result = run_cli("render", "--check")
     assert result.exit_code == 2 and f"STATSKIT_PROJECT={elsewhere}: no statskit.toml there" in result.output
+
+
+def test_a_projects_docs_are_about_its_catalog_only(shop, run_cli):
+    (shop / "docs").mkdir()
+    assert run_cli("render").exit_code == 0
+    assert sorted(p.name for p in (shop / "docs").iterdir()) == ["contract.md", "metrics.md"]

@@ -115,8 +115,8 @@ def test_a_catalog_with_an_invalid_identifier_is_rejected(sql_copy, run_cli):
 def test_generated_docs_are_current_and_cover_every_command():
     from toolkit.catalog import load_catalog
     from toolkit.cli import cli
-    from toolkit.docs import render_docs
-    docs = render_docs(load_catalog(SQL_DIR / "catalog.toml"))
+    from toolkit.docs import commands_markdown, render_docs
+    docs = {**render_docs(load_catalog(SQL_DIR / "catalog.toml")), "commands.md": commands_markdown(cli)}
     assert stale_files(SQL_DIR.parent / "docs", docs, ()) == []
     for name, command in cli.commands.items():
         assert command.help, name

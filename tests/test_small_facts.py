@@ -32,3 +32,11 @@ def test_debug_keeps_the_exit_code_and_masks_the_password(run_cli):
     debug = CliRunner().invoke(cli, ["--debug", "migrate", "--dsn", dsn])
     assert plain.exit_code == debug.exit_code == 2
     assert "Traceback" in debug.output and "hunter2" not in debug.output
+
+
+def test_the_docs_module_does_not_import_the_command_line():
+    import subprocess
+    import sys
+    imported = subprocess.run([sys.executable, "-c", "import sys, toolkit.docs; print('toolkit.cli' in sys.modules)"],
+                              capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    assert imported == "False"

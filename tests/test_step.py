@@ -10,7 +10,6 @@ import psycopg
 import pytest
 
 from conftest import SQL_DIR, deploy
-from toolkit.migrate import Target, migrate
 from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_platform_row, stored_user_rows
 
 
@@ -187,20 +186,13 @@ def test_a_re_applied_function_file_keeps_the_sums_unless_what_defines_them_chan
     sql = tmp_path / "sql"
     shutil.copytree(SQL_DIR, sql)
 
-    def deploy_from(folder):
-        target = Target.open(loaded_dsn, folder)
-        try:
-            return migrate(target)
-        finally:
-            target.close()
-
-    deploy_from(sql)
+    deploy(loaded_dsn, sql)
     with psycopg.connect(loaded_dsn, autocommit=True) as conn:
         run_night(conn, date(2026, 3, 1))
         kept = sums_days(conn)
     template = sql / "templates" / "functions" / "aggregate_user_statistics.sql.j2"
     template.write_text(template.read_text().replace("begin\n", "begin\n    -- a comment an upgrade adds\n", 1))
-    assert "aggregate_user_statistics" in [name for name, _ in deploy_from(sql).functions]
+    assert "aggregate_user_statistics" in [name for name, _ in deploy(loaded_dsn, sql).functions]
     with psycopg.connect(loaded_dsn, autocommit=True) as conn:
         assert sums_days(conn) == kept and kept
     catalog = sql / "catalog.toml"
@@ -208,6 +200,6 @@ def test_a_re_applied_function_file_keeps_the_sums_unless_what_defines_them_chan
     marker = 'name = "cancelled_sessions"'
     head, tail = text.split(marker, 1)
     catalog.write_text(head + marker + tail.replace('value = "1"', 'value = "2"', 1))
-    deploy_from(sql)
+    deploy(loaded_dsn, sql)
     with psycopg.connect(loaded_dsn, autocommit=True) as conn:
         assert not sums_days(conn)

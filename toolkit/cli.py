@@ -143,8 +143,9 @@ def init(folder):
 def render(sql_dir, check):
     """Render the catalog and templates into sql/migrations/ and sql/functions/.
 
-    Beside sql/, when the folders exist, it also writes docs/metrics.md and docs/commands.md,
-    and the web app's contract clients/metrics.ts and clients/metrics.json.
+    Beside sql/, when the folders exist, it also writes docs/metrics.md and docs/contract.md
+    (your catalog's dictionary and contract), and the web app's contract clients/metrics.ts
+    and clients/metrics.json.
     Rendering is deterministic: a re-render that changes nothing touches no file.
 
     \b
@@ -161,6 +162,9 @@ def render(sql_dir, check):
     for folder, files in (("docs", docs.render_docs), ("clients", clients.render_clients)):
         if (sql_dir.parent / folder).is_dir():
             targets.append((sql_dir.parent / folder, files(catalog), ()))
+    if sql_dir.resolve() == PACKAGED_SQL_DIR.resolve() and (sql_dir.parent / "docs").is_dir():
+        # statskit's own checkout: its command reference too (a project's docs are about its catalog)
+        targets.append((sql_dir.parent / "docs", {"commands.md": docs.commands_markdown(cli)}, ()))
     total = sum(len(files) for _, files, _ in targets)
     if check:
         stale = [str(folder / rel) for folder, files, owned in targets for rel in stale_files(folder, files, owned)]
@@ -229,15 +233,12 @@ def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_s
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
                      lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture, cron=cron)
-    target = migrate_core.Target.open(dsn, sql_dir, overrides)
-    try:
+    with migrate_core.Target.open(dsn, sql_dir, overrides) as target:
         if show_status:
             _print_status(migrate_core.status(target, cron_dsn))
             return
         done = migrate_core.migrate(target, cron_dsn, dry_run=dry_run, policy=policy,
                                     break_lock=break_lock)
-    finally:
-        target.close()
     for note in done.notes:
         click.echo(f"note: {note}", err=True)
     if dry_run:
@@ -296,11 +297,8 @@ def rollback(dsn, cron_dsn, cron, sql_dir, policy):
     Example:
       statskit rollback --dsn postgresql://dba@db.internal/app
     """
-    target = migrate_core.Target.open(dsn, sql_dir, dict(cron=cron))
-    try:
+    with migrate_core.Target.open(dsn, sql_dir, dict(cron=cron)) as target:
         result = migrate_core.rollback(target, cron_dsn, policy=policy)
-    finally:
-        target.close()
     if result.rolled_back is None:
         click.echo("nothing to roll back")
         return
@@ -525,8 +523,7 @@ def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
         raise UsageError(f"--only {','.join(unknown)}: unknown check group (use {','.join(verify_core.CHECK_GROUPS)})")
     window_first = window_last = None
     try:
-        target = migrate_core.Target.open(dsn, sql_dir, dict(cron=cron))
-        try:
+        with migrate_core.Target.open(dsn, sql_dir, dict(cron=cron)) as target:
             deployment.require_deployment(target.conn)
             default_first, default_last = verify_core.default_window(target.conn, target.settings)
             window_last = parse_date(last, "--to") if last else default_last
@@ -534,8 +531,6 @@ def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
             check_range(window_first, window_last)
             checks = verify_core.run_checks(target, cron_dsn, groups, window_first, window_last, sample_users)
             database = target.conn.info.dbname
-        finally:
-            target.close()
     except (StatskitError, psycopg.Error) as exc:
         if fmt != "text":  # a CI reads the report, not stderr: it holds the failure too
             reason = str(exc) if isinstance(exc, StatskitError) else db.mask_secrets(db.describe_error(exc), dsn)
@@ -602,14 +597,11 @@ def metric(dsn, sql_dir, user_id, metric, day, compare, fmt):
     Example:
       statskit metric 0b6f...e1 total_earnings --compare week --dsn ...
     """
-    target = migrate_core.Target.open(dsn, sql_dir)
-    try:
+    with migrate_core.Target.open(dsn, sql_dir) as target:
         deployment.require_deployment(target.conn)
         day, value = dashboard.user_metric(target, _parse_uuid(user_id, "USER_ID"), metric,
                                            parse_date(day, "--date") if day else None, compare)
         units = dashboard.metric_units(target)
-    finally:
-        target.close()
     if fmt == "json":
         click.echo(json.dumps({"user_id": user_id, "date": str(day), "compare": compare, **value.as_dict()}, indent=2))
     else:
@@ -632,8 +624,7 @@ def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
     """
     if bool(user_id) == platform:
         raise UsageError("give a USER_ID or --platform (one of the two)")
-    target = migrate_core.Target.open(dsn, sql_dir)
-    try:
+    with migrate_core.Target.open(dsn, sql_dir) as target:
         deployment.require_deployment(target.conn)
         when = parse_date(day, "--date") if day else None
         if platform:
@@ -643,8 +634,6 @@ def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
             day, role, values = dashboard.user_kpis(target, _parse_uuid(user_id, "USER_ID"), when, compare)
             title, subject = f"{role} {user_id} on {day}, compared with the {compare} before", {"user_id": user_id, "role": role}
         units = dashboard.metric_units(target)
-    finally:
-        target.close()
     if fmt == "json":
         click.echo(json.dumps({**subject, "date": str(day), "compare": compare,
                                "metrics": [v.as_dict() for v in values]}, indent=2))

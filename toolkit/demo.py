@@ -76,8 +76,7 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
         use_cron: bool = True, say=lambda message: None) -> DemoStory:
     """Check the database, load a synthetic marketplace into it with the indexes statskit advises,
     then migrate, backfill its whole period and verify; say() what it loads, once it may."""
-    target = migrate.Target.open(dsn, sql_dir, dict(cron=use_cron))
-    try:
+    with migrate.Target.open(dsn, sql_dir, dict(cron=use_cron)) as target:
         check_database(target, cron_dsn)
         say(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
         conn = target.conn
@@ -103,8 +102,6 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
         story.booked_until = max(row[start] for row in market.rows["bookings"]).date()
         story.kpis = _kpis(target, market.last_day)
         story.metric_units = dashboard.metric_units(target)
-    finally:
-        target.close()
     return story
 
 

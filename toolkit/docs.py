@@ -1,5 +1,5 @@
-"""Generated documentation: docs/commands.md from the click help; docs/metrics.md and
-docs/contract.md from the catalog."""
+"""Generated documentation: docs/metrics.md and docs/contract.md from the catalog (a project's
+own); statskit's docs/commands.md from the click help of the command group it is given."""
 
 import click
 
@@ -13,9 +13,7 @@ def _help(command: click.Command, path: list[str]) -> str:
     return command.get_help(ctx)
 
 
-def commands_markdown() -> str:
-    from .cli import cli
-
+def commands_markdown(cli: click.Group) -> str:
     out = [GENERATED.format(origin="the commands' --help"), "# Commands\n"]
 
     def walk(command: click.Command, path: list[str]):
@@ -152,6 +150,5 @@ def contract_markdown(catalog: Catalog) -> str:
 
 
 def render_docs(catalog: Catalog) -> dict[str, str]:
-    """{file name under docs/: text}."""
-    return {"commands.md": commands_markdown(), "metrics.md": metrics_markdown(catalog),
-            "contract.md": contract_markdown(catalog)}
+    """{file name under docs/: text} of a project's catalog."""
+    return {"metrics.md": metrics_markdown(catalog), "contract.md": contract_markdown(catalog)}

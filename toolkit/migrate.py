@@ -103,6 +103,12 @@ class Target:
     def close(self) -> None:
         self.conn.close()
 
+    def __enter__(self) -> "Target":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     """Read-only: compare the database with the rendering."""
