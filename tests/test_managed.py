@@ -132,7 +132,7 @@ def test_the_whole_life_cycle_as_a_database_owner(server, app_db, run_cli):
     again = run_cli("migrate", "--dsn", dsn)
     assert again.exit_code == 0 and "up to date, nothing to do" in again.output, again.output
     status = run_cli("migrate", "--status", "--dsn", dsn)
-    assert status.exit_code == 0 and f"aggregate-user-statistics" in status.output, status.output
+    assert status.exit_code == 0 and "aggregate-user-statistics" in status.output, status.output
 
     assert run_cli("backfill", *WINDOW, "--quiet", "--dsn", dsn).exit_code == 0
     verified = run_cli("verify", "--dsn", dsn, *WINDOW)

@@ -74,8 +74,7 @@ class Unit:
 
     @property
     def days(self) -> list[date]:
-        first, last = self.chunk
-        return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+        return days_between(*self.chunk)
 
 
 @dataclass
@@ -143,7 +142,7 @@ def plan_units(request: Request, committed: dict[str, set[date]]) -> list[Unit]:
     With several jobs, chunks are cut short enough that every job has one: a day range of
     120 days with 2 jobs is two chunks of 60, written at once.
     """
-    todo = {table: [d for d in _all_days(request) if d not in committed.get(table, set())]
+    todo = {table: [d for d in days_between(request.first, request.last) if d not in committed.get(table, set())]
             for table in request.tables}
     longest = max((len(days) for days in todo.values()), default=0)
     size = max(1, min(request.chunk_days, math.ceil(longest / max(1, request.jobs))))
@@ -155,8 +154,9 @@ def plan_units(request: Request, committed: dict[str, set[date]]) -> list[Unit]:
     return units
 
 
-def _all_days(request: Request) -> list[date]:
-    return Unit((request.first, request.last), "").days
+def days_between(first: date, last: date) -> list[date]:
+    """Every day from first to last, both included."""
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
 def chunks(first: date, last: date, size: int) -> list[tuple[date, date]]:

@@ -335,6 +335,7 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
                     return todo
 
                 todo = _in_one_transaction(backend, policy, deploy, f"migrate {conn.info.dbname}")
+                target.stored = target.settings  # what the database holds now
                 todo.notes = notes + advice
         except BaseException:
             if first_deployment:

@@ -390,8 +390,7 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
 
 def _with_cron(target: Target, cron_dsn: str | None) -> list[Check]:
     if not target.settings.cron:
-        stored = deployment.stored_settings(target.conn)
-        if stored and not stored.cron:
+        if target.stored and not target.stored.cron:
             return [Check("cron", "pass", "no pg_cron jobs to check: deployed with --no-cron, the nightly "
                                           "functions are scheduled outside statskit")]
         return [Check("cron", "warn", "pg_cron's jobs not checked (--no-cron)")]
