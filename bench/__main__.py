@@ -173,8 +173,9 @@ def bench_backfill(cluster, users, days, day_by_day=True):
     by day on one connection (the baseline; skipped with day_by_day=False), statskit backfill on
     one connection and with its default two; and the floor: COPY of the same rows into an
     identical empty table."""
-    from toolkit import backfill
+    from toolkit import api, backfill
 
+    project = api.Project.open(REPO / "sql")
     dsn = cluster.dsn(f"bench_{users}")
     first_day = date(2026, 1, 1)
     last_day = first_day + timedelta(days=days - 1)
@@ -182,7 +183,7 @@ def bench_backfill(cluster, users, days, day_by_day=True):
 
     def reset():
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(backfill.LEDGER_SQL)
+            conn.execute(backfill.ledger_sql(project.catalog.users.key_type))
             conn.execute("truncate user_statistics_daily, platform_statistics_daily, statskit.backfill_ledger")
             conn.execute("vacuum analyze user_statistics_daily")
 
@@ -196,9 +197,10 @@ def bench_backfill(cluster, users, days, day_by_day=True):
         row["day_by_day_s"] = time.perf_counter() - started
     for jobs in (1, 2):
         reset()
-        started = time.perf_counter()
-        done = backfill.backfill(dsn, backfill.Request(first_day, last_day, jobs=jobs))
-        row[f"jobs{jobs}_s"] = time.perf_counter() - started
+        with project.deployment(dsn) as app:
+            started = time.perf_counter()
+            done = app.backfill(first_day, last_day, jobs=jobs)
+            row[f"jobs{jobs}_s"] = time.perf_counter() - started
         row["rows"] = done.rows_written
     row["copy_s"], _ = copy_floor(dsn)
     return row

@@ -1,6 +1,6 @@
 """Generate the reference source tables at scale, set-based in SQL, deterministic for a seed.
 
-The shapes follow toolkit.demo_data (skewed tutor popularity, cancellations, refunds, late
+The shapes follow toolkit.reference.marketplace (skewed tutor popularity, cancellations, refunds, late
 reviews, archived listings, unread messages), but the rows are made by the server with
 generate_series and a seeded random(), so 100,000 users load in seconds. Each user takes part
 in about `bookings_per_user` bookings (as tutor or client), so there are users × that / 2.
@@ -10,7 +10,7 @@ import time
 
 import psycopg
 
-from toolkit.demo_data import reference_schema_sql
+from toolkit.reference.marketplace import reference_schema_sql
 
 # Executed in order with the same parameters: %(users)s, %(days)s, %(bookings)s, %(seed)s, %(first_day)s.
 STATEMENTS = [

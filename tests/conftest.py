@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from pytest_postgresql import factories
 
-from toolkit import demo_data
+from toolkit.reference import marketplace
 from toolkit.cli import cli
 from toolkit.cluster import CRON_DATABASE, LocalCluster
 from toolkit.migrate import Target, migrate
@@ -54,7 +54,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 pg_server = factories.postgresql_noproc(
     host="127.0.0.1", port=TEST_PORT, user="postgres", dbname="statskit_test",
-    load=[REPO / "toolkit" / "reference_schema.sql"],
+    load=[REPO / "toolkit" / "reference" / "schema.sql"],
 )
 source_db = factories.postgresql("pg_server")
 
@@ -74,15 +74,31 @@ def dsn(source_db):
             conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [dbname])
 
 
+@pytest.fixture
+def empty_dsn():
+    """A database with nothing in it (no source tables); its cron jobs and itself go at teardown."""
+    name = "statskit_empty_test"
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute(f"drop database if exists {name} with (force)")
+        admin.execute(f"create database {name}")
+    try:
+        yield cluster.dsn(name)
+    finally:
+        with cron_connection() as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute(f"drop database if exists {name} with (force)")
+
+
 @pytest.fixture(scope="session")
 def market():
-    return demo_data.generate(users=160, days=60, seed=7)
+    return marketplace.generate(users=160, days=60, seed=7)
 
 
 @pytest.fixture
 def loaded_dsn(dsn, market):
     with psycopg.connect(dsn) as conn:
-        demo_data.load(conn, market)
+        marketplace.load(conn, market)
     return dsn
 
 

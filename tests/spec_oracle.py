@@ -80,19 +80,20 @@ def _bounds(conn: psycopg.Connection, day, time_zone: str) -> dict:
     return cur.execute(BOUNDS_SQL, {"d": day, "tz": time_zone}).fetchone()
 
 
-def expected_user_rows(conn: psycopg.Connection, day, time_zone: str = "UTC") -> dict:
-    """{user_id: {metric: value}} for every profile created as of D, straight from the spec."""
+def expected_user_rows(conn: psycopg.Connection, day, time_zone: str = "UTC", rename=lambda sql: sql) -> dict:
+    """{user_id: {metric: value}} for every profile created as of D, straight from the spec;
+    `rename` rewrites the query for an application that names its tables and columns otherwise."""
     columns = ",\n".join(f"({sql}) as {name}" for name, sql in USER_METRICS.items())
     query = f"select p.id as user_id, {columns} from profiles p where p.created_at < %(end)s"
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    rows = cur.execute(query, _bounds(conn, day, time_zone)).fetchall()
+    rows = cur.execute(rename(query), _bounds(conn, day, time_zone)).fetchall()
     return {row.pop("user_id"): row for row in rows}
 
 
-def expected_platform_row(conn: psycopg.Connection, day, time_zone: str = "UTC") -> dict:
+def expected_platform_row(conn: psycopg.Connection, day, time_zone: str = "UTC", rename=lambda sql: sql) -> dict:
     columns = ",\n".join(f"({sql}) as {name}" for name, sql in PLATFORM_METRICS.items())
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    return cur.execute(f"select {columns}", _bounds(conn, day, time_zone)).fetchone()
+    return cur.execute(rename(f"select {columns}"), _bounds(conn, day, time_zone)).fetchone()
 
 
 def stored_user_rows(conn: psycopg.Connection, day, user_id=None) -> dict:

@@ -107,4 +107,4 @@ def test_an_unsafe_row_security_expression_is_refused_before_any_sql(dsn, run_cl
 
 def test_row_security_without_roles_is_refused(dsn, run_cli):
     result = run_cli("migrate", "--dsn", dsn, "--row-security", EXPRESSION)
-    assert result.exit_code == 2 and "needs --roles" in result.output
+    assert result.exit_code == 2 and "--row-security needs the statskit roles (--roles)" in result.output

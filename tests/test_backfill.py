@@ -191,10 +191,10 @@ def test_a_to_date_in_the_future_is_clamped_and_said(migrated_dsn, run_cli):
 BAD_INPUT = [
     ("impossible date", ["--from", "2026-02-30", "--to", "2026-03-01"], 2, "--from 2026-02-30: impossible date"),
     ("not a date", ["--from", "last week", "--to", "2026-03-01"], 2, "not a date, use YYYY-MM-DD"),
-    ("reversed range", ["--from", "2026-03-05", "--to", "2026-03-01"], 2, "reversed range: --from 2026-03-05 is after --to 2026-03-01"),
+    ("reversed range", ["--from", "2026-03-05", "--to", "2026-03-01"], 2, "--from 2026-03-05 is after the last day 2026-03-01: a reversed range"),
     ("future range", ["--from", "2999-01-01", "--to", "2999-01-02"], 2, "--from 2999-01-01 is in the future"),
-    ("bad uuid", ["--from", "2026-03-01", "--to", "2026-03-02", "--user", "bob"], 2, "--user 'bob': not a UUID"),
-    ("unknown user", ["--from", "2026-03-01", "--to", "2026-03-02", "--user", "00000000-0000-4000-8000-000000000000"], 2, "no such profile"),
+    ("bad uuid", ["--from", "2026-03-01", "--to", "2026-03-02", "--user", "bob"], 2, "--user 'bob' is not a user key: profiles.id is uuid"),
+    ("unknown user", ["--from", "2026-03-01", "--to", "2026-03-02", "--user", "00000000-0000-4000-8000-000000000000"], 2, "--user 00000000-0000-4000-8000-000000000000: unknown user, not in profiles"),
     ("bad scope", ["--from", "2026-03-01", "--to", "2026-03-02", "--only", "everything"], 2, "Invalid value for '--only'"),
 ]
 

@@ -176,7 +176,7 @@ def test_metric_command_formats_counts_and_money(rolled_up, run_cli):
 
 @pytest.mark.parametrize("args, code, message", [
     (["metric", "00000000-0000-4000-8000-000000000000", "total_earnings", "--date", "2026-03-31"], 2, "unknown user"),
-    (["metric", "not-a-uuid", "total_earnings"], 2, "USER_ID 'not-a-uuid': not a UUID"),
+    (["metric", "not-a-uuid", "total_earnings"], 2, "USER_ID 'not-a-uuid' is not a user key: profiles.id is uuid"),
     (["metric", "{tutor}", "total_earnings; drop table profiles", "--date", "2026-03-31"], 2, "unknown metric"),
     (["metric", "{tutor}", "total_earnings", "--date", "2026-04-15"], 1,
      "no rollup for 2026-04-15 yet — run statskit backfill --from 2026-04-15 --to 2026-04-15"),

@@ -4,24 +4,6 @@ session's test server runs on: toolkit.cluster)."""
 import re
 
 import psycopg
-import pytest
-
-from conftest import cluster, cron_connection
-
-
-@pytest.fixture
-def empty_dsn():
-    name = "statskit_demo_test"
-    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-        admin.execute(f"drop database if exists {name} with (force)")
-        admin.execute(f"create database {name}")
-    try:
-        yield cluster.dsn(name)
-    finally:
-        with cron_connection() as conn:
-            conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
-        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-            admin.execute(f"drop database if exists {name} with (force)")
 
 
 def test_demo_runs_end_to_end_and_tells_the_story(empty_dsn, run_cli):
@@ -41,9 +23,9 @@ def test_demo_runs_end_to_end_and_tells_the_story(empty_dsn, run_cli):
 
 
 def test_demo_is_deterministic_for_a_seed():
-    from toolkit import demo_data
-    assert demo_data.generate(50, 10, seed=9).rows == demo_data.generate(50, 10, seed=9).rows
-    assert demo_data.generate(50, 10, seed=9).rows != demo_data.generate(50, 10, seed=10).rows
+    from toolkit.reference import marketplace
+    assert marketplace.generate(50, 10, seed=9).rows == marketplace.generate(50, 10, seed=9).rows
+    assert marketplace.generate(50, 10, seed=9).rows != marketplace.generate(50, 10, seed=10).rows
 
 
 def test_demo_refuses_a_database_with_source_tables(dsn, run_cli):

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SIDE_PORT, SQL_DIR
 from test_migrate import objects
-from toolkit import demo_data
+from toolkit.reference import marketplace
 from toolkit.cluster import LocalCluster
 
 pytestmark = pytest.mark.pg  # a server of its own
@@ -62,9 +62,9 @@ def app_db(server, market, request):
             conn.execute(f"drop database if exists {name}")
             conn.execute(f"create database {name} owner {OWNER}")
     with psycopg.connect(as_owner(server, name), autocommit=True) as conn:
-        conn.execute("drop table if exists " + ", ".join(demo_data.TABLE_COLUMNS) + " cascade")
-        demo_data.create_source_tables(conn)
-        demo_data.load(conn, market)
+        conn.execute("drop table if exists " + ", ".join(marketplace.TABLE_COLUMNS) + " cascade")
+        marketplace.create_source_tables(conn)
+        marketplace.load(conn, market)
     try:
         yield name
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from toolkit.reference import marketplace
 from conftest import SIDE_PORT, SQL_DIR, TEST_PORT, cron_connection, deploy
 from toolkit.cron import registered_jobs
 
@@ -149,7 +150,7 @@ def test_a_changed_function_template_is_reapplied_and_only_that_one(dsn, tmp_pat
     sql_copy = tmp_path / "sql"
     shutil.copytree(SQL_DIR, sql_copy)
     template = sql_copy / "templates" / "functions" / "aggregate_daily_statistics.sql.j2"
-    template.write_text(template.read_text().replace("Write the platform_statistics_daily row", "Write the platform row"))
+    template.write_text(template.read_text().replace("Write the {{ platform.table }} row", "Write the platform row"))
     done = deploy(dsn, sql_copy)
     assert [name for name, _ in done.functions] == ["aggregate_daily_statistics"]
     assert done.migrations == [] and done.jobs == []
@@ -255,7 +256,7 @@ def test_a_server_without_pg_cron_stops_migrate_unless_no_cron(run_cli, tmp_path
         assert result.exit_code == 1
         # checked before the source tables: nothing to change yet, and the message says what to do
         with psycopg.connect(bare.dsn("postgres"), autocommit=True) as conn:
-            conn.execute((SQL_DIR.parent / "toolkit" / "reference_schema.sql").read_text())
+            conn.execute(marketplace.reference_schema_sql())
         before = objects(bare.dsn("postgres"))
         result = run_cli("migrate", "--dsn", bare.dsn("postgres"))
         assert result.exit_code == 1 and "pg_cron is not loaded on this server" in result.output and "--no-cron" in result.output

@@ -2,21 +2,25 @@
 
 import psycopg
 
-from toolkit.render import FUNCTIONS
+from toolkit.render import FUNCTIONS, signature
+
+
+def plpgsql_findings(dsn: str, key_type: str = "uuid") -> dict:
+    """What plpgsql_check says of every deployed function (in public), with all its warnings."""
+    findings = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create extension if not exists plpgsql_check")
+        for name in FUNCTIONS:
+            rows = conn.execute(
+                "select level, lineno, message from plpgsql_check_function_tb(%s::regprocedure,"
+                " fatal_errors => false, all_warnings => true)", [signature("public", name, key_type)]).fetchall()
+            if rows:
+                findings[name] = rows
+    return findings
 
 
 def test_every_function_passes_plpgsql_check_with_all_warnings(migrated_dsn):
-    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
-        conn.execute("create extension plpgsql_check")
-        findings = {}
-        for name, spec in FUNCTIONS.items():
-            signature = f"public.{name}({spec.arguments})"
-            rows = conn.execute(
-                "select level, lineno, message from plpgsql_check_function_tb(%s::regprocedure,"
-                " fatal_errors => false, all_warnings => true)", [signature]).fetchall()
-            if rows:
-                findings[signature] = rows
-    assert findings == {}
+    assert plpgsql_findings(migrated_dsn) == {}
 
 
 def test_plpgsql_check_reports_what_it_should(migrated_dsn):

@@ -40,3 +40,31 @@ def test_the_docs_module_does_not_import_the_command_line():
     imported = subprocess.run([sys.executable, "-c", "import sys, toolkit.docs; print('toolkit.cli' in sys.modules)"],
                               capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
     assert imported == "False"
+
+
+def test_no_module_of_toolkit_imports_one_that_imports_it_back():
+    """The import graph of toolkit/ (its relative imports) has no cycle: the CLI sits on the API,
+    the API on the modules, and no module reaches back up."""
+    import ast
+    graph = {}
+    for path in (REPO / "toolkit").rglob("*.py"):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        graph[module] = {f"{package}.{node.module}" if node.module else f"{package}.{alias.name}"
+                         for node in ast.walk(ast.parse(path.read_text()))
+                         if isinstance(node, ast.ImportFrom) and node.level == 1
+                         for alias in (node.names if not node.module else node.names[:1])}
+    assert "toolkit.api" in graph["toolkit.cli"] and "toolkit.migrate" in graph["toolkit.api"]  # the graph is read
+
+    def cycle(start):
+        paths = [[start]]
+        while paths:
+            path = paths.pop()
+            for nxt in graph.get(path[-1], ()):
+                if nxt == start:
+                    return path + [nxt]
+                if nxt not in path:
+                    paths.append(path + [nxt])
+        return None
+
+    assert [c for c in map(cycle, graph) if c] == []

@@ -15,9 +15,10 @@ import pytest
 from conftest import REPO
 from spec_oracle import differences, expected_user_rows, stored_user_rows
 
-# The last release that landed before the writer lock and whole-day backfills (issue 21).
+# The last release that landed before the writer lock and whole-day backfills (issue 21); it
+# stores 90 days of history.
 PREVIOUS = "788e7e9"
-FIRST, LAST, NEXT = date(2026, 3, 1), date(2026, 3, 31), date(2026, 4, 1)
+FIRST, LAST, NEXT = date(2026, 1, 1), date(2026, 3, 31), date(2026, 4, 1)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
                           "--dsn", loaded_dsn)
     assert filled.returncode == 0, filled.stderr
     before = stored(loaded_dsn)
-    assert before[0] and len(before[1]) == 31
+    assert before[0] and len(before[1]) == 90  # 90 days of history, as the previous release stored them
 
     reader = DashboardReader(loaded_dsn)
     reader.start()

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from test_backfill import clean_run_then_empty, snapshot
-from toolkit import backfill as backfill_core
+from toolkit import api
 from toolkit.render import render_all
 from conftest import SQL_DIR
 
@@ -27,8 +27,8 @@ DAYS = [FIRST + timedelta(days=n) for n in range((LAST - FIRST).days + 1)]
 
 
 def run_backfill(dsn, rng, notes):
-    backfill_core.backfill(dsn, backfill_core.Request(FIRST, LAST, jobs=2, chunk_days=rng.choice([3, 7, 21])),
-                           report_wait=notes.append)
+    with api.Project.open(SQL_DIR).deployment(dsn) as app:
+        app.backfill(FIRST, LAST, jobs=2, chunk_days=rng.choice([3, 7, 21]), notify=notes.append)
 
 
 def descending_transaction(dsn, rng, notes):

@@ -12,17 +12,17 @@ from dataclasses import dataclass
 import psycopg
 
 from .catalog import Catalog
-from .render import FUNCTIONS, digest, quote_ident
+from .render import FUNCTIONS, digest, quote_ident, signature
 from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
-# The function each job's command calls, by rollup: the user job also reads profiles, the row per user.
+# The function each job's command calls, by rollup: the user job also reads the user table, a row per user.
 JOB_FUNCTIONS = {"platform": "aggregate_daily_statistics", "user": "aggregate_user_statistics"}
 
 
 @dataclass(frozen=True)
 class Need:
     role: str
-    what: str  # e.g. "INSERT on public.user_statistics_daily"
+    what: str  # e.g. "INSERT on public.<the user rollup>"
     sql: str  # a boolean expression of %(role)s
     why: str = ""  # who needs it, for the message
 
@@ -36,12 +36,8 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _function(settings: Settings, name: str) -> str:
-    return f"{quote_ident(settings.schema)}.{name}({FUNCTIONS[name].arguments})"
-
-
-def _execute_need(role: str, settings: Settings, name: str, why: str) -> Need:
-    function = _function(settings, name)
+def _execute_need(role: str, settings: Settings, catalog: Catalog, name: str, why: str) -> Need:
+    function = signature(settings.schema, name, catalog.users.key_type)
     return Need(role, f"EXECUTE on {function}",
                 f"has_function_privilege(%(role)s, to_regprocedure({_lit(function)}), 'execute')", why)
 
@@ -59,13 +55,13 @@ def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job:
     needs = [Need(role, "LOGIN (pg_cron's background workers refuse NOLOGIN roles)",
                   "(select rolcanlogin from pg_roles where rolname = %(role)s)", why)]
     needs += [_usage_need(role, s, why) for s in schemas]
-    needs.append(_execute_need(role, settings, JOB_FUNCTIONS[rollup], why))
+    needs.append(_execute_need(role, settings, catalog, JOB_FUNCTIONS[rollup], why))
     needs += _table_needs(role, f"{quote_ident(settings.schema)}.{table.table}", "SELECT,INSERT,UPDATE", why)
     if settings.capture:  # the job first takes its change log
         needs.append(_usage_need(role, STATSKIT_SCHEMA, why))
         needs += _table_needs(role, f"{STATSKIT_SCHEMA}.{rollup}_changes", "SELECT,DELETE", why)
-        needs.append(_execute_need(role, settings, f"aggregate_{rollup}_changes", why))
-    reads = (["profiles"] if rollup == "user" else []) + table.tables_read
+        needs.append(_execute_need(role, settings, catalog, f"aggregate_{rollup}_changes", why))
+    reads = ([catalog.users.name] if rollup == "user" else []) + table.tables_read
     for source in dict.fromkeys(reads):
         needs += _table_needs(role, f"{quote_ident(settings.source_schema)}.{source}", "SELECT", why)
     return needs
@@ -83,11 +79,11 @@ def role_needs(settings: Settings, catalog: Catalog) -> list[Need]:
                           f"(select relowner::regrole::text = %(role)s from pg_class where oid = to_regclass({_lit(table)}))"))
         needs += _table_needs(READER_ROLE, table, "SELECT", "reads the rollup")
     for name, spec in FUNCTIONS.items():
-        function = _function(settings, name)
+        function = signature(settings.schema, name, catalog.users.key_type)
         needs.append(Need(WRITER_ROLE, f"ownership of {function}",
                           f"(select proowner::regrole::text = %(role)s from pg_proc where oid = to_regprocedure({_lit(function)}))"))
         if spec.returns != "integer":  # the dashboard's functions
-            needs.append(_execute_need(READER_ROLE, settings, name, "serves the dashboard"))
+            needs.append(_execute_need(READER_ROLE, settings, catalog, name, "serves the dashboard"))
     needs += job_needs(settings, catalog, WRITER_ROLE, "user", "the nightly user job")
     needs += job_needs(settings, catalog, WRITER_ROLE, "platform", "the nightly platform job")
     if settings.row_security:

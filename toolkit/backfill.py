@@ -13,7 +13,6 @@ import dataclasses
 import math
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Callable
@@ -21,25 +20,37 @@ from typing import Callable
 import psycopg
 
 from . import db
+from .catalog import Catalog, UserKey
+from .dates import check_range
 from .deployment import mark_filled, require_deployment
 from .errors import StatskitError, UsageError
+from .migrate import Target
 from .render import quote_ident, writer_lock
 from .settings import STATSKIT_SCHEMA
 
-LEDGER_SQL = f"""
+
+def ledger_sql(key_type: str) -> str:
+    """The finished chunks, for resume; a user's own chunks name the user (the catalog's key type)."""
+    return f"""
 create table if not exists {STATSKIT_SCHEMA}.backfill_ledger (
     chunk_first date not null,
     chunk_last date not null,
     scope text not null,
-    user_id uuid,
+    user_id {key_type},
     rows_written bigint not null,
     finished_at timestamptz not null default now(),
     unique nulls not distinct (chunk_first, chunk_last, scope, user_id)
 )
 """
 
+
 SCOPES = ("both", "users", "platform")
-ROLLUP_TABLES = {"users": "user_statistics_daily", "platform": "platform_statistics_daily"}
+
+
+def rollup_table(catalog: Catalog, scope: str) -> str:
+    """The table a ledger scope ("users", "platform") writes, as the catalog names it."""
+    return (catalog.user if scope == "users" else catalog.platform).table
+
 # A unit that PostgreSQL chose as a deadlock victim (or failed to serialise) is simply tried
 # again: it wrote nothing, since its transaction rolled back whole.
 RETRIES = 3
@@ -51,7 +62,7 @@ class Request:
     first: date
     last: date
     scope: str = "both"
-    user_id: uuid.UUID | None = None
+    user_id: UserKey | None = None
     resume: bool = False
     # Each chunk costs one pass over the whole history of the sources, so chunks are long.
     chunk_days: int = 120
@@ -118,11 +129,17 @@ class Progress:
 
 
 class Stopped(StatskitError):
-    """The run stopped before every day was written; every committed day is whole and stays."""
+    """The run stopped before every day was written; every committed day is whole and stays.
+    `then` says how to write the rest (the CLI names its flag)."""
+
+    then = "a resumed run writes the rest"
 
     def __init__(self, reason: str, progress: Progress, cancelled: bool, exit_code: int = 1):
         self.progress, self.cancelled, self.exit_code = progress, cancelled, exit_code
-        super().__init__(f"{reason}; {progress.summary()}; re-run with --resume to write the rest")
+        super().__init__(f"{reason}; {progress.summary()}")
+
+    def named(self, names: dict[str, str]) -> str:
+        return f"{super().named(names)}; {self.then}"
 
 
 def day_runs(days: list[date]) -> list[tuple[date, date]]:
@@ -172,57 +189,68 @@ def yesterday(conn: psycopg.Connection, time_zone: str) -> date:
     return conn.execute("select (now() at time zone %s)::date - 1", [time_zone]).fetchone()[0]
 
 
-def check_request(conn: psycopg.Connection, request: Request) -> tuple[Request, str | None]:
-    """Validate against the database; a --to after yesterday is clamped, with a note saying so."""
+def check_request(target: Target, request: Request) -> tuple[Request, str | None]:
+    """Validate against the database; a last day after yesterday is clamped, with a note saying so."""
+    conn, users = target.conn, target.catalog.users
     settings = require_deployment(conn)
+    check_range(request.first, request.last)
     if request.scope not in SCOPES:
-        raise UsageError(f"--only {request.scope!r}: use users or platform")
+        raise UsageError(f"{request.scope!r}: use users or platform", field="scope")
     if request.user_id is not None:
         known = conn.execute(
-            f"select 1 from {quote_ident(settings.source_schema)}.profiles where id = %s", [request.user_id]
+            f"select 1 from {quote_ident(settings.source_schema)}.{users.name}"
+            f" where {users.key} = %s::{users.key_type}", [request.user_id]
         ).fetchone()
         if not known:
-            raise UsageError(f"--user {request.user_id}: no such profile")
+            raise UsageError(f"{request.user_id}: unknown user, not in {users.name}", field="user_id")
     last_complete = yesterday(conn, settings.time_zone)
     if request.last <= last_complete:
         return request, None
     if request.first > last_complete:
-        raise UsageError(f"--from {request.first} is in the future: the last complete day is {last_complete}")
-    note = f"--to {request.last} is after the last complete day; clamped to {last_complete}"
-    return dataclasses.replace(request, last=last_complete), note
+        raise UsageError(f"{request.first} is in the future: the last complete day is {last_complete}", field="first")
+    return dataclasses.replace(request, last=last_complete), f"the last day {request.last} is after the last complete day; clamped to {last_complete}"
 
 
-def backfill(dsn: str, request: Request,
+def backfill(target: Target, request: Request,
              report: Callable[[Progress, tuple[date, date]], None] = lambda *a: None,
-             report_wait: Callable[[str], None] = lambda message: None,
+             notify: Callable[[str], None] = lambda message: None,
              cancel: threading.Event | None = None) -> Progress:
-    """Write every day of the request with `request.jobs` connections.
+    """Write every day of the request with `request.jobs` connections (one job writes on the
+    target's own connection, more open one each).
 
-    report(progress, chunk) is called when a chunk is committed in every table, report_wait(message)
-    when another writer makes us wait or a unit is retried. Setting `cancel` (from a signal
-    handler, an orchestrator's worker thread) cancels the statements in flight. The first error,
-    or the cancel, stops every connection and raises Stopped, which says what is committed.
+    report(progress, chunk) is called when a chunk is committed in every table; notify(message)
+    with what a careful operator wants to hear on the way: a range clamped to yesterday, another
+    writer making us wait, a unit retried. Setting `cancel` (from a signal handler, an
+    orchestrator's worker thread) cancels the statements in flight. The first error, or the
+    cancel, stops every connection and raises Stopped, which says what is committed.
     """
     cancel = cancel or threading.Event()
-    with db.connect(dsn, autocommit=True) as run_conn:
-        settings = require_deployment(run_conn)
-        with run_conn.transaction():
-            run_conn.execute(LEDGER_SQL)
-        _take_run_lock(run_conn, settings, report_wait)
+    request, note = check_request(target, request)
+    if note:
+        notify(note)
+    run_conn, settings = target.conn, target.settings
+    with run_conn.transaction():
+        run_conn.execute(ledger_sql(target.catalog.users.key_type))
+    _take_run_lock(run_conn, settings, notify)
+    try:
         progress = Progress(request)
         if request.resume:
             progress.committed = _finished_days(run_conn, request)
             progress.days_skipped = progress.days_done
         units = plan_units(request, progress.committed)
-        _run(dsn, settings, request, units, progress, report, report_wait, cancel)
+        _run(target, request, units, progress, report, notify, cancel)
         if request.user_id is None:  # every user's rows of these days are now computed with every metric
             for table in request.tables:
-                mark_filled(run_conn, ROLLUP_TABLES[table], request.first, request.last)
+                mark_filled(run_conn, rollup_table(target.catalog, table), request.first, request.last)
         return progress
+    finally:
+        if not run_conn.broken:  # else the lock went with the session
+            run_conn.execute("select pg_advisory_unlock(hashtext(%s), 0)", [_run_lock_key(settings)])
 
 
-def _run(dsn, settings, request: Request, units: list[Unit], progress: Progress, report, report_wait,
+def _run(target: Target, request: Request, units: list[Unit], progress: Progress, report, notify,
          cancel: threading.Event) -> None:
+    settings = target.settings
     todo = list(units)
     left = {}  # chunk -> units not yet committed
     for unit in units:
@@ -235,24 +263,31 @@ def _run(dsn, settings, request: Request, units: list[Unit], progress: Progress,
         with guard:
             return todo.pop(0) if todo and not failures and not cancel.is_set() else None
 
-    def work():
+    def write_units(conn: psycopg.Connection) -> None:
+        with guard:
+            connections.append(conn)
+        while unit := next_unit():
+            written = _write_with_retries(conn, settings, target.catalog.users.key_type, request, unit, notify)
+            with guard:
+                progress.rows_written += written
+                progress.committed.setdefault(unit.table, set()).update(unit.days)
+                left[unit.chunk] -= 1
+                if left[unit.chunk] == 0:
+                    report(progress, unit.chunk)
+
+    def work(own_connection: bool):
         try:
-            with db.connect(dsn, autocommit=True) as conn:
-                with guard:
-                    connections.append(conn)
-                while unit := next_unit():
-                    written = _write_with_retries(conn, settings, request, unit, report_wait)
-                    with guard:
-                        progress.rows_written += written
-                        progress.committed.setdefault(unit.table, set()).update(unit.days)
-                        left[unit.chunk] -= 1
-                        if left[unit.chunk] == 0:
-                            report(progress, unit.chunk)
+            if not own_connection:
+                write_units(target.conn)
+                return
+            with db.connect(target.dsn, autocommit=True) as conn:
+                write_units(conn)
         except BaseException as exc:  # handed to the caller's thread below
             with guard:
                 failures.append(exc)
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(request.jobs, len(todo))))]
+    jobs = max(1, min(request.jobs, len(todo)))
+    workers = [threading.Thread(target=work, args=(n > 0,), daemon=True) for n in range(jobs)]
     for worker in workers:
         worker.start()
     _wait(workers, connections, guard, cancel)
@@ -263,7 +298,7 @@ def _run(dsn, settings, request: Request, units: list[Unit], progress: Progress,
         if isinstance(exc, StatskitError):
             raise Stopped(str(exc), progress, cancelled=False, exit_code=exc.exit_code) from None
         if isinstance(exc, psycopg.Error):
-            raise Stopped(db.mask_secrets(db.describe_error(exc), dsn), progress, cancelled=False) from None
+            raise Stopped(db.mask_secrets(db.describe_error(exc), target.dsn), progress, cancelled=False) from None
         raise exc
 
 
@@ -277,7 +312,7 @@ def _wait(workers, connections, guard, cancel: threading.Event) -> None:
             worker.join(0.1)
         if cancel.is_set():
             with guard:
-                alive = [conn for conn in connections if not conn.closed]
+                alive = [conn for conn in connections if not conn.closed]  # the target's own included
             for conn in alive:
                 try:
                     conn.cancel_safe(timeout=2)
@@ -286,31 +321,31 @@ def _wait(workers, connections, guard, cancel: threading.Event) -> None:
             time.sleep(0.4)
 
 
-def _write_with_retries(conn: psycopg.Connection, settings, request: Request, unit: Unit, report_wait) -> int:
+def _write_with_retries(conn: psycopg.Connection, settings, key_type: str, request: Request, unit: Unit,
+                        notify) -> int:
     for attempt in range(2, RETRIES + 1):
         try:
-            return _write_unit(conn, settings, request, unit, report_wait)
+            return _write_unit(conn, settings, key_type, request, unit, notify)
         except RETRIED_ERRORS as exc:
-            report_wait(f"{unit.table} {unit.chunk[0]}..{unit.chunk[1]}: {db.first_line(exc)}; nothing of it was "
+            notify(f"{unit.table} {unit.chunk[0]}..{unit.chunk[1]}: {db.first_line(exc)}; nothing of it was "
                         f"committed, trying it again ({attempt} of {RETRIES})")
-    return _write_unit(conn, settings, request, unit, report_wait)
+    return _write_unit(conn, settings, key_type, request, unit, notify)
 
 
-def _write_unit(conn: psycopg.Connection, settings, request: Request, unit: Unit, report_wait) -> int:
+def _write_unit(conn: psycopg.Connection, settings, key_type: str, request: Request, unit: Unit, notify) -> int:
     """One transaction: the unit's days for every user (or the one user), then its ledger row."""
     schema = quote_ident(settings.schema)
     first, last = unit.chunk
     shared = request.user_id is None
     with conn.transaction():
-        _wait_for_other_writers(conn, settings, shared, report_wait)
+        _wait_for_other_writers(conn, settings, shared, notify)
         if unit.table == "platform":
             written = conn.execute(f"select {schema}.aggregate_daily_statistics_range(%s, %s, p_shared => true)",
                                    [first, last]).fetchone()[0]
-        elif request.user_id:
+        elif request.user_id is not None:
             # One user's day is an index lookup: day by day beats a pass over the whole history.
-            written = sum(
-                conn.execute(f"select {schema}.aggregate_user_statistics(%s, %s)", [request.user_id, day]).fetchone()[0]
-                for day in unit.days)
+            function = f"{schema}.aggregate_user_statistics(%s::{key_type}, %s)"
+            written = sum(conn.execute(f"select {function}", [request.user_id, day]).fetchone()[0] for day in unit.days)
         else:
             written = conn.execute(f"select {schema}.aggregate_user_statistics_range(%s, %s, p_shared => true)",
                                    [first, last]).fetchone()[0]
@@ -334,23 +369,27 @@ def _holder(conn: psycopg.Connection, key: str) -> str:
     return f"pid {holder[0]} ({holder[1]}: {holder[2]})" if holder else "another session"
 
 
-def _take_run_lock(conn: psycopg.Connection, settings, report_wait) -> None:
+def _run_lock_key(settings) -> str:
+    return f"{settings.schema}.backfill"
+
+
+def _take_run_lock(conn: psycopg.Connection, settings, notify) -> None:
     """Held for the whole run (a session lock): two backfills never write at once, so the
     chunks that share the writer lock are all of one run, and write different days."""
-    key = f"{settings.schema}.backfill"
+    key = _run_lock_key(settings)
     if not conn.execute("select pg_try_advisory_lock(hashtext(%s), 0)", [key]).fetchone()[0]:
-        report_wait(f"waiting for {_holder(conn, key)}, another statskit backfill of this database")
+        notify(f"waiting for {_holder(conn, key)}, another statskit backfill of this database")
         conn.execute("select pg_advisory_lock(hashtext(%s), 0)", [key])
 
 
-def _wait_for_other_writers(conn: psycopg.Connection, settings, shared: bool, report_wait) -> None:
+def _wait_for_other_writers(conn: psycopg.Connection, settings, shared: bool, notify) -> None:
     """Take the rollup's writer lock as the functions will (shared beside this run's other chunks,
     exclusive for one user's days), first, so no writer waits on us in another order; say whom
     we wait for, if anyone."""
     mode = "_shared" if shared else ""
     key = writer_lock(settings)
     if not conn.execute(f"select pg_try_advisory_xact_lock{mode}(hashtext(%s), 0)", [key]).fetchone()[0]:
-        report_wait(f"waiting for {_holder(conn, key)}, another writer of the rollup")
+        notify(f"waiting for {_holder(conn, key)}, another writer of the rollup")
         conn.execute(f"select pg_advisory_xact_lock{mode}(hashtext(%s), 0)", [key])
 
 

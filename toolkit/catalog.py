@@ -3,6 +3,7 @@
 import dataclasses
 import re
 import tomllib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,7 @@ class Rollup:
     sources: tuple[Source, ...]
     history: tuple[Metric, ...]
     helpers: tuple[Sum, ...] = ()
+    notes: str = ""  # what the contract says of its rows beyond each column's meaning
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
@@ -235,16 +237,23 @@ class SourceTable:
     meaning: str
     columns: tuple[SourceColumn, ...]
     users: tuple[str, ...]  # columns holding a user the row counts for
-    listings: tuple[str, ...]  # columns whose listing's owner the row counts for
+    owners: dict[str, str]  # column -> the table it references, whose row's home user the row counts for
+    home: str  # the user the row belongs to (its shard's): one of `users`, or of `owners`
+    key: str = "id"  # the primary key: capture pairs a row's old and new version by it
 
     @property
     def read_columns(self) -> tuple[SourceColumn, ...]:
         return tuple(c for c in self.columns if c.read)
 
     @property
+    def user_columns(self) -> tuple[str, ...]:
+        """Columns that name a user a row counts for: directly, or through the row they reference."""
+        return self.users + tuple(self.owners)
+
+    @property
     def lookup(self) -> tuple[str, ...]:
-        """Columns the one-user paths find a user's rows by: worth an index (id has its key's)."""
-        return tuple(c for c in self.users + self.listings if c != "id")
+        """Columns the one-user paths find a user's rows by: worth an index (the key has its own)."""
+        return tuple(c for c in self.user_columns if c != self.key)
 
     @property
     def timestamps(self) -> tuple[str, ...]:
@@ -256,9 +265,16 @@ class SourceTable:
         """Every other read column: changing one can change the row's numbers on all its days."""
         return tuple(c.name for c in self.read_columns if c.type != "timestamptz")
 
+    def column(self, name: str) -> SourceColumn:
+        return next(c for c in self.columns if c.name == name)
+
+
+SOURCE_TABLE_KEYS = {"meaning", "columns", "users", "owners", "home", "key"}
+
 
 def _read_source_table(name: str, raw: dict) -> SourceTable:
     check_identifier(name, "source table")
+    _refuse_unknown_keys(raw, SOURCE_TABLE_KEYS, f"source_tables.{name}")
     columns = []
     for column, spec in raw["columns"].items():
         check_identifier(column, "source column")
@@ -267,14 +283,74 @@ def _read_source_table(name: str, raw: dict) -> SourceTable:
                              f"use one of {', '.join(COMPATIBLE_TYPES)}")
         columns.append(SourceColumn(column, spec["type"], spec.get("meaning", ""), spec.get("null", False),
                                     spec.get("read", True)))
-    users, listings = tuple(raw.get("users", ())), tuple(raw.get("listings", ()))
+    users, owners = tuple(raw.get("users", ())), dict(raw.get("owners", {}))
+    key, home = raw.get("key", "id"), raw.get("home")
     names = {c.name for c in columns}
-    unknown = sorted(set(users + listings) - names)
+    unknown = sorted((set(users) | set(owners) | {key}) - names)
     if unknown:
-        raise UsageError(f"catalog: source table {name} names unknown user column {', '.join(unknown)}")
-    if "id" not in names:
-        raise UsageError(f"catalog: source table {name} has no id column (change capture pairs rows by it)")
-    return SourceTable(name, raw.get("meaning", ""), tuple(columns), users, listings)
+        raise UsageError(f"catalog: source table {name} names unknown column {', '.join(unknown)}")
+    if home not in users + tuple(owners):
+        raise UsageError(f"catalog: source table {name} has home = {home!r}: name the column of the user "
+                         f"each row belongs to, one of its users or owners ({', '.join(users + tuple(owners))})")
+    return SourceTable(name, raw.get("meaning", ""), tuple(columns), users, owners, home, key)
+
+
+@dataclass(frozen=True)
+class UserTable:
+    """The application's table of users: one row per user, the key every statistic is kept by."""
+
+    name: str
+    key: str
+    key_type: str  # its column's type: uuid, bigint, integer or text
+    created_at: str  # when the user signed up: the first day it has rows
+    role: str  # which KPI set its dashboard shows
+
+    def parse_key(self, text: str, field: str = "user") -> "UserKey":
+        """A user key typed in (a flag, an argument) as the value its column holds."""
+        try:
+            if self.key_type == "uuid":
+                return uuid.UUID(text)
+            if self.key_type in ("bigint", "integer"):
+                value = int(text)
+                if abs(value) >= 2 ** (63 if self.key_type == "bigint" else 31):
+                    raise ValueError
+                return value
+        except ValueError:
+            raise UsageError(f"{text!r} is not a user key: {self.name}.{self.key} is {self.key_type}",
+                             field=field) from None
+        return text
+
+
+UserKey = uuid.UUID | int | str  # a user's key, as parse_key gives it and psycopg sends it
+
+
+# The types a user key may have: every generated signature and statskit's own tables take it.
+USER_KEY_TYPES = ("uuid", "bigint", "integer", "text")
+
+
+def _read_user_table(raw: dict, source_tables: dict[str, SourceTable]) -> UserTable:
+    _refuse_unknown_keys(raw, {"table", "key", "created_at", "role"}, "user_table")
+    table = source_tables.get(raw["table"])
+    if table is None:
+        raise UsageError(f"catalog: user_table.table = {raw['table']!r} is not one of the source_tables")
+    names = {c.name for c in table.columns}
+    for field in ("key", "created_at", "role"):
+        if raw[field] not in names:
+            raise UsageError(f"catalog: user_table.{field} = {raw[field]!r} is not a column of {table.name}")
+    key_type = table.column(raw["key"]).type
+    if key_type not in USER_KEY_TYPES:
+        raise UsageError(f"catalog: the user key {table.name}.{raw['key']} has type {key_type!r}: "
+                         f"use one of {', '.join(USER_KEY_TYPES)}")
+    for other in source_tables.values():
+        for column in other.users:
+            if other.column(column).type != key_type:
+                raise UsageError(f"catalog: {other.name}.{column} holds a user, so its type is the user key's "
+                                 f"({key_type}), not {other.column(column).type}")
+        for column, owned in other.owners.items():
+            if owned not in source_tables or source_tables[owned].home not in source_tables[owned].users:
+                raise UsageError(f"catalog: {other.name}.owners.{column} = {owned!r}: name a source table "
+                                 f"whose home is one of its users columns")
+    return UserTable(table.name, raw["key"], key_type, raw["created_at"], raw["role"])
 
 
 @dataclass(frozen=True)
@@ -288,6 +364,7 @@ class Catalog:
     migrations: tuple[Migration, ...]
     source_tables: dict[str, SourceTable]
     kpis: dict[str, tuple[str, ...]]  # role -> user metrics, in dashboard order
+    users: UserTable
     user: Rollup
     platform: Rollup
 
@@ -393,7 +470,7 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
         _refuse_unknown_keys(h, SPAN_KEYS, table)
     helpers = tuple(Sum(check_identifier(h["name"], "helper name"), _read_span(h, table, source_names))
                     for h in raw.get("helpers", []))
-    rollup = Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), helpers)
+    rollup = Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), helpers, raw.get("notes", "").strip())
     unused = sorted(source_names - {s.span.source for s in rollup.sums})
     if unused:
         raise UsageError(f"catalog: source {', '.join(unused)} of {table} feeds no metric")
@@ -454,9 +531,14 @@ def load_catalog(path: Path) -> Catalog:
         if unknown:
             raise UsageError(f"catalog: KPI sets name unknown metrics {', '.join(unknown)}")
         source_tables = {table: _read_source_table(table, spec) for table, spec in raw["source_tables"].items()}
+        if "user_table" not in raw:
+            raise UsageError(f"catalog {path} has no [user_table]: name the application's table of users, its key, "
+                             f"created_at and role columns (docs/getting-started.md, \"Your own tables\")")
+        users = _read_user_table(raw["user_table"], source_tables)
         platform = _read_rollup(raw["platform"], first, ids, per_user=False)
         for rollup in (user, platform):
             _check_partitions(rollup, source_tables)
-        return Catalog(migrations=migrations, source_tables=source_tables, kpis=kpis, user=user, platform=platform)
+        return Catalog(migrations=migrations, source_tables=source_tables, kpis=kpis, users=users, user=user,
+                       platform=platform)
     except (KeyError, IndexError) as exc:
         raise UsageError(f"catalog {path} lacks required entry {exc}") from None

@@ -7,17 +7,19 @@ import signal
 import sys
 import threading
 import traceback
-import uuid
 from pathlib import Path
 
 import click
 import psycopg
 
-from . import backfill as backfill_core, clients, cron as cron_core, dashboard, db, demo as demo_core, docs, deployment, migrate as migrate_core, project, report, verify as verify_core
+from . import api, backfill as backfill_core, cron as cron_core, dashboard, db, demo as demo_core, docs, migrate as migrate_core, project, report, verify as verify_core
 from .dates import check_range, parse_date
 from .errors import StatskitError, UsageError
-from .catalog import load_catalog
-from .render import PACKAGED_SQL_DIR, RENDERED_GLOBS, default_sql_dir, render_all, stale_files, write_rendered
+from .render import PACKAGED_SQL_DIR, default_sql_dir
+
+# The library's errors name the parameter they concern by its Python name; here each is the flag.
+FLAGS = {"first": "--from", "last": "--to", "scope": "--only", "user_id": "--user", "day": "--date",
+         "lookback_days": "--lookback-days", "row_security": "--row-security", "cron_dsn": "--cron-dsn"}
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""
@@ -30,7 +32,7 @@ class StatskitGroup(click.Group):
         try:
             return super().invoke(ctx)
         except StatskitError as exc:
-            self._fail(ctx, str(exc), exc.exit_code)
+            self._fail(ctx, exc.named({**FLAGS, **ctx.meta.get("statskit.arguments", {})}), exc.exit_code)
         except psycopg.Error as exc:
             dsn = ctx.meta.get("statskit.dsn", "")
             # Permission denied means the database cannot be used with this login: like no connection.
@@ -126,11 +128,8 @@ def init(folder):
     Example:
       statskit init stats && cd stats && statskit migrate --dsn ...
     """
-    written = project.init(folder, PACKAGED_SQL_DIR)
+    written = api.init(folder)
     sql_dir = project.sql_dir(folder)
-    catalog = load_catalog(sql_dir / "catalog.toml")
-    write_rendered(sql_dir, render_all(sql_dir, catalog=catalog))
-    write_rendered(folder / "clients", clients.render_clients(catalog), ())
     for path in written:
         click.echo(f"wrote {path}")
     click.echo(f"rendered {sql_dir}/migrations, functions, access and {folder / 'clients'}")
@@ -153,42 +152,23 @@ def render(sql_dir, check):
       statskit render            # after editing sql/catalog.toml or a template
       statskit render --check    # in CI: fail when someone forgot to render
     """
-    if not check and sql_dir == PACKAGED_SQL_DIR and sql_dir.parent.name == "toolkit":
-        raise UsageError("render writes into a project's sql/ folder: run it in a project (statskit init makes one) "
-                         "or give --sql-dir")
-    catalog = load_catalog(sql_dir / "catalog.toml")
-    targets = [(sql_dir, render_all(sql_dir, catalog=catalog), RENDERED_GLOBS)]
-    # A project folder keeps the generated docs and client contract beside sql/.
-    for folder, files in (("docs", docs.render_docs), ("clients", clients.render_clients)):
-        if (sql_dir.parent / folder).is_dir():
-            targets.append((sql_dir.parent / folder, files(catalog), ()))
-    if sql_dir.resolve() == PACKAGED_SQL_DIR.resolve() and (sql_dir.parent / "docs").is_dir():
-        # statskit's own checkout: its command reference too (a project's docs are about its catalog)
-        targets.append((sql_dir.parent / "docs", {"commands.md": docs.commands_markdown(cli)}, ()))
-    total = sum(len(files) for _, files, _ in targets)
+    project_ = api.Project.open(sql_dir)
+    # statskit's own checkout documents its commands too (a project's docs are about its catalog)
+    own = sql_dir.resolve() == PACKAGED_SQL_DIR.resolve() and (sql_dir.parent / "docs").is_dir()
+    extra = {"docs": {"commands.md": docs.commands_markdown(cli)}} if own else {}
     if check:
-        stale = [str(folder / rel) for folder, files, owned in targets for rel in stale_files(folder, files, owned)]
+        stale, total = project_.stale(extra)
         if stale:
-            raise StatskitError(f"rendered files are stale, run statskit render: {', '.join(stale)}")
+            raise StatskitError(f"rendered files are stale, run statskit render: {', '.join(map(str, stale))}")
         click.echo(f"rendered files are up to date ({total} files)")
         return
-    released = [rel for rel in stale_files(sql_dir, targets[0][1])
-                if rel.startswith("migrations/") and (sql_dir / rel).exists()]
-    if released:
-        raise StatskitError(
-            f"released migration {released[0]} would change or disappear: never edit a released migration, "
-            f"add a new [[migrations]] entry to the catalog instead (delete the file first only if it was never applied anywhere)"
-        )
-    touched = [folder / rel for folder, files, owned in targets for rel in write_rendered(folder, files, owned)]
-    for rel in (rel for rel, text in targets[0][1].items() if rel.startswith("migrations/") and "-- WARNING:" in text
-                and sql_dir / rel in touched):
-        for line in targets[0][1][rel].splitlines():
-            if line.startswith("-- WARNING:"):
-                click.echo(f"warning: {rel}: {line.removeprefix('-- WARNING: ')}", err=True)
-    for path in touched:
+    done = project_.render(extra)
+    for warning in done.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for path in done.touched:
         click.echo(f"wrote {path}")
-    click.echo(f"{len(touched)} of {total} files changed")
-    if any(p.parent == sql_dir / "migrations" for p in touched):
+    click.echo(f"{len(done.touched)} of {done.total} files changed")
+    if done.new_migrations:
         click.echo("next: statskit migrate applies the new migration and names the days to backfill")
 
 
@@ -209,8 +189,8 @@ def render(sql_dir, check):
 @click.option("--roles", is_flag=True, default=None,
               help="Create statskit_reader (dashboards: read only) and statskit_writer (owns the rollup, runs the jobs); see docs/operations.md.")
 @click.option("--row-security", metavar="EXPR",
-              help="Row-level security on user_statistics_daily: EXPR is the current user's id, "
-                   "e.g. \"current_setting('app.user_id')::uuid\" or \"auth.uid()\". Needs --roles.")
+              help="Row-level security on the user rollup table: EXPR is the current user's id, "
+                   "e.g. \"current_setting('app.user_id')::<key type>\" or \"auth.uid()\". Needs --roles.")
 @click.option("--capture/--no-capture", default=None,
               help="Triggers on the source tables log late and corrected rows, and the nightly jobs rewrite "
                    "exactly the users and days they touched (default). --no-capture: the lookback days only; "
@@ -233,12 +213,11 @@ def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_s
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
                      lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture, cron=cron)
-    with migrate_core.Target.open(dsn, sql_dir, overrides) as target:
+    with api.Project.open(sql_dir).deployment(dsn, **overrides) as app:
         if show_status:
-            _print_status(migrate_core.status(target, cron_dsn))
+            _print_status(app.status(cron_dsn))
             return
-        done = migrate_core.migrate(target, cron_dsn, dry_run=dry_run, policy=policy,
-                                    break_lock=break_lock)
+        done = app.plan(cron_dsn) if dry_run else app.migrate(cron_dsn, policy=policy, break_lock=break_lock)
     for note in done.notes:
         click.echo(f"note: {note}", err=True)
     if dry_run:
@@ -297,8 +276,8 @@ def rollback(dsn, cron_dsn, cron, sql_dir, policy):
     Example:
       statskit rollback --dsn postgresql://dba@db.internal/app
     """
-    with migrate_core.Target.open(dsn, sql_dir, dict(cron=cron)) as target:
-        result = migrate_core.rollback(target, cron_dsn, policy=policy)
+    with api.Project.open(sql_dir).deployment(dsn, cron=cron) as app:
+        result = app.rollback(cron_dsn, policy=policy)
     if result.rolled_back is None:
         click.echo("nothing to roll back")
         return
@@ -405,7 +384,7 @@ def demo_destroy(ctx):
 @click.option("--from", "first", required=True, metavar="YYYY-MM-DD", help="First day to write (inclusive).")
 @click.option("--to", "last", required=True, metavar="YYYY-MM-DD",
               help="Last day to write (inclusive); a day after yesterday is clamped to yesterday.")
-@click.option("--user", "user", metavar="UUID", help="Write only this user's rows.")
+@click.option("--user", "user", metavar="USER_ID", help="Write only this user's rows (a key of the catalog's user table).")
 @click.option("--only", type=click.Choice(["users", "platform"]), help="Write only one of the two tables.")
 @click.option("--resume", is_flag=True, help="Skip chunks of days an earlier run already finished.")
 @click.option("--chunk-days", type=click.IntRange(1, 3660), default=backfill_core.Request.chunk_days, show_default=True,
@@ -414,8 +393,10 @@ def demo_destroy(ctx):
 @click.option("--jobs", type=click.IntRange(1, 32), default=min(2, os.cpu_count() or 1), show_default=True,
               help="Connections writing side by side, each its own chunks of days (a range shorter than "
                    "--jobs chunks is cut into --jobs chunks).")
-@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
+@click.option("--quiet", is_flag=True, help="Print no progress; notes (a clamped range, a wait for another "
+              "writer) still go to stderr.")
+@sql_dir_option
+def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet, sql_dir):
     """Write the rollup rows of every day from --from to --to.
 
     Each chunk of days is computed in one pass over the sources (the *_range functions) and
@@ -440,18 +421,15 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        request = backfill_core.Request(
-            first=parse_date(first, "--from"), last=parse_date(last, "--to"), scope=only or "both",
-            user_id=_parse_uuid(user) if user else None, resume=resume, chunk_days=chunk_days, jobs=jobs,
-        )
-        check_range(request.first, request.last)
-        with db.connect(dsn, autocommit=True) as conn:
-            request, note = backfill_core.check_request(conn, request)
-        if note and not quiet:
-            click.echo(f"note: {note}", err=True)
-        done = backfill_core.backfill(dsn, request, report=_progress_printer(quiet), cancel=cancel,
-                                      report_wait=lambda message: click.echo(f"note: {message}", err=True))
+        first, last = parse_date(first, "--from"), parse_date(last, "--to")
+        check_range(first, last)
+        with api.Project.open(sql_dir).deployment(dsn) as app:
+            done = app.backfill(first, last, only=only or "both", user=app.user_key(user) if user else None,
+                                resume=resume, chunk_days=chunk_days, jobs=jobs, progress=_progress_printer(quiet),
+                                notify=lambda message: click.echo(f"note: {message}", err=True),
+                                cancel=cancel)
     except backfill_core.Stopped as exc:
+        exc.then = "re-run with --resume to write the rest"
         if not exc.cancelled:
             raise
         click.echo(f"statskit: backfill stopped by {signal.Signals(signals[0]).name}: {exc}", err=True)
@@ -466,11 +444,10 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet):
                    f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
 
 
-def _parse_uuid(text, what="--user"):
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise UsageError(f"{what} {text!r}: not a UUID") from None
+def _user_argument(app, text):
+    """USER_ID, as the catalog's key type holds it; errors about it name USER_ID, not --user."""
+    click.get_current_context().meta["statskit.arguments"] = {"user_id": "USER_ID"}
+    return app.user_key(text)
 
 
 def _progress_printer(quiet):
@@ -521,24 +498,18 @@ def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
     unknown = [g for g in groups if g not in verify_core.CHECK_GROUPS]
     if unknown:
         raise UsageError(f"--only {','.join(unknown)}: unknown check group (use {','.join(verify_core.CHECK_GROUPS)})")
-    window_first = window_last = None
+    first_day, last_day = (parse_date(first, "--from") if first else None), (parse_date(last, "--to") if last else None)
     try:
-        with migrate_core.Target.open(dsn, sql_dir, dict(cron=cron)) as target:
-            deployment.require_deployment(target.conn)
-            default_first, default_last = verify_core.default_window(target.conn, target.settings)
-            window_last = parse_date(last, "--to") if last else default_last
-            window_first = parse_date(first, "--from") if first else window_last - (default_last - default_first)
-            check_range(window_first, window_last)
-            checks = verify_core.run_checks(target, cron_dsn, groups, window_first, window_last, sample_users)
-            database = target.conn.info.dbname
+        with api.Project.open(sql_dir).deployment(dsn, cron=cron) as app:
+            done = app.verify(first_day, last_day, groups, sample_users, cron_dsn)
     except (StatskitError, psycopg.Error) as exc:
         if fmt != "text":  # a CI reads the report, not stderr: it holds the failure too
-            reason = str(exc) if isinstance(exc, StatskitError) else db.mask_secrets(db.describe_error(exc), dsn)
+            reason = exc.named(FLAGS) if isinstance(exc, StatskitError) else db.mask_secrets(db.describe_error(exc), dsn)
             _print_report(fmt, [verify_core.Check("verify", "fail", f"could not run: {reason}")],
-                          db.database_of(dsn) or "", window_first, window_last)
+                          db.database_of(dsn) or "", first_day, last_day)
         raise
-    _print_report(fmt, checks, database, window_first, window_last)
-    if verify_core.overall(checks) == "fail":
+    _print_report(fmt, done.checks, done.database, done.first, done.last)
+    if not done.ok:
         sys.exit(1)
 
 
@@ -597,11 +568,10 @@ def metric(dsn, sql_dir, user_id, metric, day, compare, fmt):
     Example:
       statskit metric 0b6f...e1 total_earnings --compare week --dsn ...
     """
-    with migrate_core.Target.open(dsn, sql_dir) as target:
-        deployment.require_deployment(target.conn)
-        day, value = dashboard.user_metric(target, _parse_uuid(user_id, "USER_ID"), metric,
-                                           parse_date(day, "--date") if day else None, compare)
-        units = dashboard.metric_units(target)
+    with api.Project.open(sql_dir).deployment(dsn) as app:
+        day, value = app.user_metric(_user_argument(app, user_id), metric, parse_date(day, "--date") if day else None,
+                                     compare)
+        units = app.metric_units()
     if fmt == "json":
         click.echo(json.dumps({"user_id": user_id, "date": str(day), "compare": compare, **value.as_dict()}, indent=2))
     else:
@@ -624,16 +594,15 @@ def kpis(dsn, sql_dir, user_id, platform, day, compare, fmt):
     """
     if bool(user_id) == platform:
         raise UsageError("give a USER_ID or --platform (one of the two)")
-    with migrate_core.Target.open(dsn, sql_dir) as target:
-        deployment.require_deployment(target.conn)
+    with api.Project.open(sql_dir).deployment(dsn) as app:
         when = parse_date(day, "--date") if day else None
         if platform:
-            day, values = dashboard.platform_kpis(target, when, compare)
+            day, values = app.platform_kpis(when, compare)
             title, subject = f"platform on {day}, compared with the {compare} before", {"platform": True}
         else:
-            day, role, values = dashboard.user_kpis(target, _parse_uuid(user_id, "USER_ID"), when, compare)
+            day, role, values = app.user_kpis(_user_argument(app, user_id), when, compare)
             title, subject = f"{role} {user_id} on {day}, compared with the {compare} before", {"user_id": user_id, "role": role}
-        units = dashboard.metric_units(target)
+        units = app.metric_units()
     if fmt == "json":
         click.echo(json.dumps({**subject, "date": str(day), "compare": compare,
                                "metrics": [v.as_dict() for v in values]}, indent=2))

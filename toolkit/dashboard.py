@@ -3,11 +3,11 @@
 from dataclasses import asdict, dataclass
 from datetime import date
 from decimal import Decimal
-from uuid import UUID
 
 import psycopg
 from psycopg.rows import class_row
 
+from .catalog import UserKey
 from .errors import StatskitError, UsageError
 from .migrate import Target
 from .render import quote_ident
@@ -44,11 +44,12 @@ def _call(target: Target, query: str, params: list) -> list[MetricValue]:
         raise UsageError(exc.diag.message_primary) from None
 
 
-def _require_rollup(target: Target, table: str, day: date, user_id: UUID | None = None) -> None:
+def _require_rollup(target: Target, table: str, day: date, user_id: UserKey | None = None) -> None:
     """Raise when there is no rollup row for day, with the hint that fits: never a backfill that
     would refuse (a day not over yet) or write nothing (a day before the user existed)."""
-    where = "date = %s" + (" and user_id = %s" if user_id else "")
-    params = [day] + ([user_id] if user_id else [])
+    users = target.catalog.users
+    where = "date = %s" + (f" and user_id = %s::{users.key_type}" if user_id is not None else "")
+    params = [day] + ([user_id] if user_id is not None else [])
     found = target.conn.execute(
         f"select 1 from {quote_ident(target.settings.schema)}.{table} where {where}", params
     ).fetchone()
@@ -58,41 +59,44 @@ def _require_rollup(target: Target, table: str, day: date, user_id: UUID | None 
     if day > yesterday:
         raise StatskitError(f"{day} is not over yet in {target.settings.time_zone}: the rollup holds complete days, "
                             f"the latest is {yesterday}")
-    if user_id:
+    if user_id is not None:
         created = target.conn.execute(
-            f"select (created_at at time zone %s)::date from {quote_ident(target.settings.source_schema)}.profiles"
-            " where id = %s", [target.settings.time_zone, user_id]).fetchone()[0]
+            f"select ({users.created_at} at time zone %s)::date from {quote_ident(target.settings.source_schema)}.{users.name}"
+            f" where {users.key} = %s::{users.key_type}", [target.settings.time_zone, user_id]).fetchone()[0]
         if created > day:
             raise StatskitError(f"user {user_id} did not exist yet on {day} (created {created}): "
                                 f"the rollup has rows from {created} on")
     raise StatskitError(f"no rollup for {day} yet — run statskit backfill --from {day} --to {day}")
 
 
-def _require_user(target: Target, user_id: UUID) -> str:
+def _require_user(target: Target, user_id: UserKey) -> str:
+    users = target.catalog.users
     row = target.conn.execute(
-        f"select role from {quote_ident(target.settings.source_schema)}.profiles where id = %s", [user_id]
+        f"select {users.role} from {quote_ident(target.settings.source_schema)}.{users.name}"
+        f" where {users.key} = %s::{users.key_type}", [user_id]
     ).fetchone()
     if row is None:
-        raise UsageError(f"unknown user {user_id}: no such profile")
+        raise UsageError(f"{user_id}: unknown user, not in {users.name}", field="user_id")
     return row[0]
 
 
-def user_metric(target: Target, user_id: UUID, metric: str, day: date | None, compare: str) -> tuple[date, MetricValue]:
+def user_metric(target: Target, user_id: UserKey, metric: str, day: date | None, compare: str) -> tuple[date, MetricValue]:
     day = _day(target, day)
     _require_user(target, user_id)
     _require_rollup(target, target.catalog.user.table, day, user_id)
-    schema = quote_ident(target.settings.schema)
-    rows = _call(target, f"select %s as metric, * from {schema}.user_metric(%s, %s, %s, %s)",
+    schema, key_type = quote_ident(target.settings.schema), target.catalog.users.key_type
+    rows = _call(target, f"select %s as metric, * from {schema}.user_metric(%s::{key_type}, %s, %s, %s)",
                  [metric, user_id, metric, day, compare])
     return day, rows[0]
 
 
-def user_kpis(target: Target, user_id: UUID, day: date | None, compare: str) -> tuple[date, str, list[MetricValue]]:
+def user_kpis(target: Target, user_id: UserKey, day: date | None, compare: str) -> tuple[date, str, list[MetricValue]]:
     day = _day(target, day)
     role = _require_user(target, user_id)
     _require_rollup(target, target.catalog.user.table, day, user_id)
-    schema = quote_ident(target.settings.schema)
-    return day, role, _call(target, f"select * from {schema}.user_kpis(%s, %s, %s)", [user_id, day, compare])
+    schema, key_type = quote_ident(target.settings.schema), target.catalog.users.key_type
+    return day, role, _call(target, f"select * from {schema}.user_kpis(%s::{key_type}, %s, %s)",
+                            [user_id, day, compare])
 
 
 def platform_kpis(target: Target, day: date | None, compare: str) -> tuple[date, list[MetricValue]]:

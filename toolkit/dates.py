@@ -1,4 +1,4 @@
-"""Dates from the command line: strict ISO parsing and range checks with one-line errors."""
+"""Dates: strict ISO parsing of what the command line gives, and range checks, with one-line errors."""
 
 from datetime import date
 
@@ -16,4 +16,4 @@ def parse_date(text: str, option: str) -> date:
 
 def check_range(first: date, last: date) -> None:
     if first > last:
-        raise UsageError(f"reversed range: --from {first} is after --to {last}")
+        raise UsageError(f"{first} is after the last day {last}: a reversed range", field="first")

@@ -6,7 +6,8 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from . import backfill, cron, dashboard, demo_data, deployment, migrate, verify
+from . import backfill, cron, dashboard, deployment, migrate, verify
+from .reference import marketplace
 from .cluster import DEMO_PORT, LocalCluster
 from .errors import StatskitError
 
@@ -28,7 +29,7 @@ class DemoStory:
     jobs: list
     kpis: dict = field(default_factory=dict)  # role -> (user_id, [dashboard.MetricValue])
     metric_units: dict = field(default_factory=dict)
-    booked_until: object = None  # the latest session start: bookings are made ahead of the activity's end
+    booked_until: object = None  # the latest session start: the demo books sessions ahead of its last day
 
 
 def _create_advised_indexes(target: migrate.Target) -> None:
@@ -56,11 +57,9 @@ def check_database(target: migrate.Target, cron_dsn: str | None) -> None:
     """Everything the demo needs of a given database, before it loads a row: empty of the
     marketplace's tables, this login may create tables, and (unless --no-cron) pg_cron is
     reachable and this login may schedule the jobs there."""
-    conn = target.conn
-    if conn.execute("select to_regclass('public.profiles') is not null").fetchone()[0]:
-        raise StatskitError(
-            f"database {conn.info.dbname} already has a profiles table: the demo needs an empty database"
-        )
+    conn, users = target.conn, target.catalog.users.name
+    if conn.execute("select to_regclass(%s) is not null", [f"public.{users}"]).fetchone()[0]:
+        raise StatskitError(f"database {conn.info.dbname} already has a {users} table: the demo needs an empty database")
     user, can_create = conn.execute("select current_user, has_schema_privilege('public', 'create')"
                                     " and has_database_privilege(current_database(), 'create')").fetchone()
     if not can_create:
@@ -81,15 +80,15 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
         say(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
         conn = target.conn
         last_day = backfill.yesterday(conn, "UTC")
-        market = demo_data.generate(users=users, days=days, seed=seed, last_day=last_day)
+        market = marketplace.generate(users=users, days=days, seed=seed, last_day=last_day)
         with conn.transaction():
-            demo_data.create_source_tables(conn)
-        demo_data.load(conn, market)
+            marketplace.create_source_tables(conn)
+        marketplace.load(conn, market)
         _create_advised_indexes(target)
         conn.execute("analyze")
 
         applied = migrate.migrate(target, cron_dsn)
-        progress = backfill.backfill(dsn, backfill.Request(market.first_day, market.last_day))
+        progress = backfill.backfill(target, backfill.Request(market.first_day, market.last_day))
         first, last = market.last_day - timedelta(days=6), market.last_day
         checks = verify.run_checks(target, cron_dsn, verify.CHECK_GROUPS, first, last, 20)
         jobs = []
@@ -98,8 +97,7 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
             with cron_conn:
                 jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
         story = DemoStory(dsn, market.count(), market.first_day, market.last_day, applied, progress, checks, jobs)
-        start = demo_data.TABLE_COLUMNS["bookings"].index("session_start")
-        story.booked_until = max(row[start] for row in market.rows["bookings"]).date()
+        story.booked_until = market.booked_until
         story.kpis = _kpis(target, market.last_day)
         story.metric_units = dashboard.metric_units(target)
     return story
@@ -107,11 +105,11 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
 
 def _kpis(target: migrate.Target, day) -> dict:
     """The KPI sets of the busiest tutor and the busiest client on the last day, against the week before."""
-    out = {}
+    out, users, rollup = {}, target.catalog.users, target.catalog.user.table
     for role, busiest_by in (("tutor", "completed_sessions"), ("client", "active_bookings + completed_sessions")):
         row = target.conn.execute(
-            f"select s.user_id from user_statistics_daily s join profiles p on p.id = s.user_id"
-            f" where s.date = %s and p.role = %s order by {busiest_by} desc, s.user_id limit 1",
+            f"select s.user_id from {rollup} s join {users.name} p on p.{users.key} = s.user_id"
+            f" where s.date = %s and p.{users.role} = %s order by {busiest_by} desc, s.user_id limit 1",
             [day, role],
         ).fetchone()
         if row:

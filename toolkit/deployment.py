@@ -8,13 +8,16 @@ import psycopg
 
 from .catalog import Catalog
 from .errors import NotMigrated, StatskitError, UsageError
-from .render import FUNCTIONS, quote_ident
+from .render import FUNCTIONS, quote_ident, signature
 from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 YOYO_MIGRATION_TABLE = "_yoyo_migration"
 MIN_SERVER_VERSION = 150000
 
-BOOKKEEPING_SQL = f"""
+
+def bookkeeping_sql(key_type: str) -> str:
+    """statskit's own tables; a user in them has the catalog's user key type."""
+    return f"""
 create schema if not exists {STATSKIT_SCHEMA};
 create table if not exists {STATSKIT_SCHEMA}.settings (
     key text primary key,
@@ -28,7 +31,7 @@ create table if not exists {STATSKIT_SCHEMA}.function_checksums (
 -- The change log (capture/capture.sql writes it, aggregate_*_changes take it): each user, and the
 -- platform, with the first day a late or corrected source row can have changed.
 create table if not exists {STATSKIT_SCHEMA}.user_changes (
-    user_id uuid not null,
+    user_id {key_type} not null,
     first_day date not null,
     logged_at timestamptz not null default now()
 );
@@ -61,6 +64,23 @@ def stored_settings(conn: psycopg.Connection) -> Settings | None:
         return None
     rows = dict(conn.execute(f"select key, value from {STATSKIT_SCHEMA}.settings").fetchall())
     return Settings.from_dict(rows) if rows else None
+
+
+def check_catalog_fits(conn: psycopg.Connection, settings: Settings, catalog: Catalog) -> None:
+    """Refuse a catalog this deployment was not made from (statskit run outside its project, or
+    with another --sql-dir): its user table is not in the source schema, or its user key type
+    is not the one the rollup holds."""
+    users = catalog.users
+    if not table_exists(conn, f"{quote_ident(settings.source_schema)}.{quote_ident(users.name)}"):
+        raise UsageError(f"the catalog's user table {settings.source_schema}.{users.name} does not exist here: is this "
+                         f"the project this database was deployed from? (run statskit in it, or give --sql-dir)")
+    stored_key = conn.execute(
+        "select format_type(atttypid, atttypmod) from pg_attribute"
+        " where attrelid = to_regclass(%s) and attname = 'user_id' and not attisdropped",
+        [f"{quote_ident(settings.schema)}.{quote_ident(catalog.user.table)}"]).fetchone()
+    if stored_key and stored_key[0] != users.key_type:
+        raise UsageError(f"this deployment keeps users by {stored_key[0]}, the catalog by {users.key_type} "
+                         f"({users.name}.{users.key}): a user key type cannot change in place")
 
 
 def save_settings(conn: psycopg.Connection, settings: Settings) -> None:
@@ -108,9 +128,9 @@ def function_checksums(conn: psycopg.Connection) -> dict[str, str]:
     return dict(conn.execute(f"select function_name, sha256 from {STATSKIT_SCHEMA}.function_checksums").fetchall())
 
 
-def function_exists(conn: psycopg.Connection, settings: Settings, name: str) -> bool:
-    signature = f"{quote_ident(settings.schema)}.{name}({FUNCTIONS[name].arguments})"
-    return conn.execute("select to_regprocedure(%s) is not null", [signature]).fetchone()[0]
+def function_exists(conn: psycopg.Connection, settings: Settings, name: str, key_type: str) -> bool:
+    return conn.execute("select to_regprocedure(%s) is not null",
+                        [signature(settings.schema, name, key_type)]).fetchone()[0]
 
 
 @dataclass(frozen=True)
@@ -119,13 +139,14 @@ class FunctionState:
     state: str  # current | changed | missing
 
 
-def function_states(conn: psycopg.Connection, settings: Settings, rendered: dict[str, str]) -> list[FunctionState]:
+def function_states(conn: psycopg.Connection, settings: Settings, rendered: dict[str, str],
+                    key_type: str) -> list[FunctionState]:
     """Compare each rendered function with what was applied (by checksum) and what exists."""
     applied = function_checksums(conn)
     states = []
     for name in FUNCTIONS:
         text = rendered[f"functions/{name}.sql"]
-        if not function_exists(conn, settings, name):
+        if not function_exists(conn, settings, name, key_type):
             states.append(FunctionState(name, "missing"))
         elif applied.get(name) != checksum(text):
             states.append(FunctionState(name, "changed"))
@@ -298,14 +319,14 @@ def mark_filled(conn: psycopg.Connection, table: str, first: date, last: date) -
                      [table, first, last])
 
 
-def stale_overloads(conn: psycopg.Connection, settings: Settings) -> list[str]:
+def stale_overloads(conn: psycopg.Connection, settings: Settings, key_type: str) -> list[str]:
     """Our functions' names in the rollup schema with a signature statskit no longer renders
     (an argument added since): left alone, each would linger as a second overload."""
     rows = conn.execute(
         "select p.proname, oidvectortypes(p.proargtypes) from pg_proc p"
         " where p.pronamespace = to_regnamespace(%s) and p.proname = any(%s) order by 1, 2",
         [quote_ident(settings.schema), list(FUNCTIONS)]).fetchall()
-    return [f"{quote_ident(settings.schema)}.{name}({args})" for name, args in rows if args != FUNCTIONS[name].arguments]
+    return [f"{quote_ident(settings.schema)}.{name}({args})" for name, args in rows if args != FUNCTIONS[name].arguments(key_type)]
 
 
 def capture_triggers(conn: psycopg.Connection, settings: Settings, catalog: Catalog) -> int:

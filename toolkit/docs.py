@@ -65,11 +65,10 @@ live. A timestamp exactly equal to end(D) belongs to D + 1.
 
 ## The rows
 
-`{user}`: one row for every (profile, D) where profiles.created_at < end(D); none for users
-created later. Key: `id bigint` identity primary key, `user_id uuid`, `date date`, unique
-(user_id, date). Counts and sums are 0, never NULL, when nothing happened. A user's "bookings"
-are the bookings where the user is tutor_id or client_id. "Completed as of D" means
-completed_at < end(D); "cancelled as of D" means cancelled_at < end(D).
+`{user}`: one row for every (user, D) where {users}.{created_at} < end(D); none for users
+created later. Key: `id bigint` identity primary key, `user_id {key_type}`, `date date`, unique
+(user_id, date). Counts and sums are 0, never NULL, when nothing happened.
+{user_notes}
 
 `{platform}`: one row per D. Key: `id bigint` identity primary key, `date date` unique.
 
@@ -79,8 +78,8 @@ Every column and its meaning: [metrics.md](metrics.md).
 
 | object | contract |
 |---|---|
-| `aggregate_user_statistics(p_user_id uuid DEFAULT NULL, p_date date DEFAULT <yesterday>)` | writes (upserts) the rows of D; NULL user = every user, set-based; returns the number of rows written |
-| `aggregate_single_user_statistics(p_user_id uuid, p_date date)` | writes one user's row of D; returns rows written (0 when the user did not exist as of D) |
+| `aggregate_user_statistics(p_user_id {key_type} DEFAULT NULL, p_date date DEFAULT <yesterday>)` | writes (upserts) the rows of D; NULL user = every user, set-based; returns the number of rows written |
+| `aggregate_single_user_statistics(p_user_id {key_type}, p_date date)` | writes one user's row of D; returns rows written (0 when the user did not exist as of D) |
 | `aggregate_daily_statistics(p_date date DEFAULT <yesterday>)` | writes the platform row of D |
 | pg_cron job `aggregate-platform-statistics` | `0 0 * * *`, runs aggregate_daily_statistics() |
 | pg_cron job `aggregate-user-statistics` | `0 1 * * *`, runs aggregate_user_statistics(); after the platform job |
@@ -94,7 +93,7 @@ to a job of another database (pg_cron 1.4 would silently move that job).
 
 Source rows are inserted, updated and deleted at any time, also with timestamps far in the past
 (a refund imported a month late, a cancellation recorded after the fact, a user migrated in with
-an old `created_at`). The contract for stored rows: after the registered nightly jobs next run,
+an old sign-up time). The contract for stored rows: after the registered nightly jobs next run,
 every stored row of both tables equals the definitions, evaluated on the source tables as they
 are then, for every stored day, including the rows of a user created in the past (one row for
 every day from its creation to the last stored day). A lookback window alone does not meet this.
@@ -123,7 +122,9 @@ def _source_table_section(catalog: Catalog) -> str:
         if step:
             advice += (f" With change capture, the nightly step reads a day's rows through "
                        f"{', '.join(f'`{c}`' for c in step)}: an index on each is advised too.")
-        out.append(f"### `{table.name}`\n\n{table.meaning}{advice}\n\n"
+        owners = "".join(f" A row counts for the home user of the `{owned}` row its `{column}` names."
+                         for column, owned in table.owners.items())
+        out.append(f"### `{table.name}`\n\n{table.meaning}{owners} Home: `{table.home}`.{advice}\n\n"
                    "| column | type | read | meaning |\n|---|---|---|---|\n")
         for c in table.columns:
             kind = f"{c.type} NULL" if c.nullable else f"{c.type} NOT NULL"
@@ -132,20 +133,31 @@ def _source_table_section(catalog: Catalog) -> str:
     return "".join(out)
 
 
+def _users_line(catalog: Catalog) -> str:
+    users = catalog.users
+    return (f"The users are the rows of `{users.name}`: `{users.key}` ({users.key_type}) is the user key every "
+            f"statistic is kept by, `{users.created_at}` when a user signed up (its first day of rows), "
+            f"`{users.role}` which KPI set its dashboard shows. Each table's *home* is the one user a row "
+            f"belongs to (the shard that keeps it, in a sharded application).\n\n")
+
+
 def contract_markdown(catalog: Catalog) -> str:
     return (
         GENERATED.format(origin="sql/catalog.toml")
         + "# The contract: source tables and what every number means\n\n"
         + "An application whose tables have these names and columns runs `statskit migrate` and gets\n"
-        + "correct numbers without editing anything; extra tables and columns are ignored. `migrate`\n"
+        + "correct numbers without editing anything; extra tables and columns are ignored (one that names\n"
+        + "them otherwise says so in its catalog: getting-started.md, \"Your own tables\"). `migrate`\n"
         + "checks, before it changes anything, every column marked *read* (its type may be any of the\n"
         + "same family: a varchar for a text, any integer width for an id or a count; a timestamp\n"
         + "without time zone or a float is refused), and advises the indexes named below: the\n"
         + "one-user function and verify's sample find a user's rows through them, and the nightly\n"
         + "step a day's rows (their cost on the application's writes: docs/performance.md).\n\n"
-        + "## Source tables (schema `public` unless `--source-schema`)\n\n"
+        + "## Source tables (schema `public` unless `--source-schema`)\n\n"        + _users_line(catalog)
         + _source_table_section(catalog)
-        + CONTRACT_RULES.format(user=catalog.user.table, platform=catalog.platform.table)
+        + CONTRACT_RULES.format(user=catalog.user.table, platform=catalog.platform.table, users=catalog.users.name,
+                                created_at=catalog.users.created_at, key_type=catalog.users.key_type,
+                                user_notes=catalog.user.notes)
     )
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from yoyo import read_migrations
 from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import parse_uri
@@ -24,7 +23,7 @@ from . import access, cron, db, deployment
 from .catalog import Catalog, load_catalog
 from .deployment import YOYO_MIGRATION_TABLE
 from .errors import StatskitError, UsageError
-from .render import ACCESS_FILE, CAPTURE_FILE, FUNCTIONS, quote_ident, render_all
+from .render import ACCESS_FILE, CAPTURE_FILE, FUNCTIONS, quote_ident, render_all, signature
 from .settings import STATSKIT_SCHEMA, Settings
 
 
@@ -93,6 +92,8 @@ class Target:
                     f"this database's rollup lives in schema {stored.schema!r}; it cannot move to {settings.schema!r}"
                 )
             catalog = load_catalog(sql_dir / "catalog.toml")
+            if stored:
+                deployment.check_catalog_fits(conn, settings, catalog)
             rendered = render_all(sql_dir, settings, catalog)
             deployment.check_time_zone(conn, settings)
             return cls(dsn, conn, sql_dir, settings, rendered, catalog, stored)
@@ -120,11 +121,11 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     ]
     result.functions = [
         (state.name, target.rendered[f"functions/{state.name}.sql"])
-        for state in deployment.function_states(conn, settings, target.rendered)
+        for state in deployment.function_states(conn, settings, target.rendered, target.catalog.users.key_type)
         if state.state != "current"
     ]
     # An older signature of a function of ours (an argument added since) would linger as an overload.
-    result.drops = deployment.stale_overloads(conn, settings)
+    result.drops = deployment.stale_overloads(conn, settings, target.catalog.users.key_type)
     applied_checksums = deployment.function_checksums(conn)
     access_sql = target.rendered[ACCESS_FILE]
     # After any re-created function too (CREATE OR REPLACE keeps the owner, but not when it
@@ -154,8 +155,13 @@ class _OneConnectionBackend(PostgresqlPsycopgBackend):
     yoyo runs each migration on a copy of the backend with a connection of its own, so a
     deployment would commit piece by piece. Here the copy is the backend itself: inside the
     transaction migrate begins, yoyo's transactions become savepoints, and the migrations,
-    functions, grants and settings commit or roll back as one.
+    functions, grants and settings commit or roll back as one. Its connection is opened the way
+    every statskit connection is (db.connect: timeout, one-line error, no password shown).
     """
+
+    def connect(self, dburi):
+        self.schema = STATSKIT_SCHEMA  # yoyo's own tables go there (it sets search_path)
+        return db.connect(dburi.args["dsn"], autocommit=True, application_name=dburi.args["application_name"])
 
     @contextmanager
     def copy(self):
@@ -163,12 +169,9 @@ class _OneConnectionBackend(PostgresqlPsycopgBackend):
 
 
 def _yoyo_backend(dsn: str) -> _OneConnectionBackend:
-    # yoyo hands URI query arguments to psycopg.connect, so the DSN's parts go there as they are;
-    # its own tables land in the statskit schema through `schema` (yoyo sets search_path). The
-    # application name carries the pid yoyo writes into its lock row, so a lock whose holder is
-    # no longer connected can be told from one that is.
-    args = {**conninfo_to_dict(dsn), "schema": STATSKIT_SCHEMA, "application_name": f"{LOCK_HOLDER}{os.getpid()}"}
-    uri = parse_uri("postgresql+psycopg://")._replace(args=args)
+    # The application name carries the pid yoyo writes into its lock row, so a lock whose holder
+    # is no longer connected can be told from one that is.
+    uri = parse_uri("postgresql+psycopg://")._replace(args={"dsn": dsn, "application_name": f"{LOCK_HOLDER}{os.getpid()}"})
     backend = _OneConnectionBackend(uri, YOYO_MIGRATION_TABLE)
     backend.init_database()  # creates yoyo's lock table, as yoyo.get_backend does
     return backend
@@ -184,11 +187,11 @@ def _migration_files(target: Target):
         yield read_migrations(tmp)
 
 
-def _ensure_bookkeeping(conn: psycopg.Connection) -> None:
+def _ensure_bookkeeping(conn: psycopg.Connection, key_type: str) -> None:
     # Serialised, because two concurrent `create schema if not exists` can still collide.
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext('statskit'), hashtext('bookkeeping'))")
-        conn.execute(deployment.BOOKKEEPING_SQL)
+        conn.execute(deployment.bookkeeping_sql(key_type))
 
 
 def clear_stale_lock(conn: psycopg.Connection, break_lock: bool = False) -> list[str]:
@@ -305,7 +308,7 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
             return checked
         first_deployment = not deployment.table_exists(conn, f"{STATSKIT_SCHEMA}.settings")
         try:
-            _ensure_bookkeeping(conn)
+            _ensure_bookkeeping(conn, target.catalog.users.key_type)
             notes = clear_stale_lock(conn, break_lock)
             with _locked(target, policy.wait) as backend, _migration_files(target) as migrations:
                 backend.ensure_internal_schema_updated()  # outside the transaction, as yoyo needs
@@ -391,10 +394,10 @@ def rollback(target: Target, cron_dsn: str | None = None, policy: LockPolicy = L
                 backend.rollback_migrations(applied[:1])
                 if not everything:
                     return
-                schema = quote_ident(target.settings.schema)
+                key_type = target.catalog.users.key_type
                 result.dropped_functions = []
-                for name, spec in reversed(FUNCTIONS.items()):
-                    backend.connection.execute(f"drop function if exists {schema}.{name}({spec.arguments})")
+                for name in reversed(FUNCTIONS):
+                    backend.connection.execute(f"drop function if exists {signature(target.settings.schema, name, key_type)}")
                     result.dropped_functions.append(name)
                 # the triggers live on the application's tables: they go before statskit's schema
                 without_capture = dataclasses.replace(target.settings, capture=False)
@@ -423,7 +426,7 @@ def status(target: Target, cron_dsn: str | None = None) -> Status:
     applied = deployment.applied_migrations(target.conn)
     rows = [(mid, "applied" if mid in applied else "pending") for mid in target.migration_ids]
     rows += [(mid, "unknown") for mid in applied if mid not in target.migration_ids]
-    functions = deployment.function_states(target.conn, target.settings, target.rendered)
+    functions = deployment.function_states(target.conn, target.settings, target.rendered, target.catalog.users.key_type)
     jobs = None
     cron_conn = open_cron(target, cron_dsn)
     if cron_conn is not None:

@@ -25,22 +25,26 @@ CAPTURE_FILE = "capture/capture.sql"
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    arguments: str  # identity arguments, to find it in pg_proc
+    parameters: str  # identity arguments, {key} standing for the catalog's user key type
     returns: str  # as format_type prints it ("record" for RETURNS TABLE)
+
+    def arguments(self, key_type: str) -> str:
+        """The identity arguments as pg_proc prints them, for a deployment whose users have key_type."""
+        return self.parameters.format(key=key_type)
 
 
 # Every rendered function (sql/functions/<name>.sql), in the order migrate creates them (callers after callees).
 FUNCTIONS = {
-    "aggregate_single_user_statistics": FunctionSpec("uuid, date", "integer"),
-    "aggregate_user_statistics": FunctionSpec("uuid, date", "integer"),
+    "aggregate_single_user_statistics": FunctionSpec("{key}, date", "integer"),
+    "aggregate_user_statistics": FunctionSpec("{key}, date", "integer"),
     "aggregate_daily_statistics": FunctionSpec("date", "integer"),
-    "aggregate_user_statistics_range": FunctionSpec("date, date, uuid[], boolean", "integer"),
+    "aggregate_user_statistics_range": FunctionSpec("date, date, {key}[], boolean", "integer"),
     "aggregate_daily_statistics_range": FunctionSpec("date, date, boolean", "integer"),
     "aggregate_user_changes": FunctionSpec("", "integer"),
     "aggregate_platform_changes": FunctionSpec("", "integer"),
-    "user_metric": FunctionSpec("uuid, text, date, text", "record"),
+    "user_metric": FunctionSpec("{key}, text, date, text", "record"),
     "platform_metric": FunctionSpec("text, date, text", "record"),
-    "user_kpis": FunctionSpec("uuid, date, text", "record"),
+    "user_kpis": FunctionSpec("{key}, date, text", "record"),
 }
 
 
@@ -52,6 +56,11 @@ def default_sql_dir() -> Path:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def signature(schema: str, name: str, key_type: str) -> str:
+    """A rendered function as to_regprocedure reads it: "schema".name(arguments)."""
+    return f"{quote_ident(schema)}.{name}({FUNCTIONS[name].arguments(key_type)})"
 
 
 def digest(text: str) -> str:
@@ -121,6 +130,8 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "row_security": settings.row_security,
         "source_tables": catalog.source_tables,
         "functions": FUNCTIONS,
+        "user_table": catalog.users,
+        "key_type": catalog.users.key_type,
         "writer_lock": writer_lock(settings),
         "key_types": {s.name: catalog.key_types(s) for r in (catalog.user, catalog.platform) for s in r.sources if s.partition},
     }

@@ -63,13 +63,14 @@ class Settings:
         if self.lookback_days == 0:
             object.__setattr__(self, "lookback_days", default_lookback(self.capture))
         if not 1 <= self.lookback_days <= 31:
-            raise UsageError(f"--lookback-days {self.lookback_days}: use 1 to 31 (1 writes yesterday only)")
+            raise UsageError(f"{self.lookback_days}: use 1 to 31 (1 writes yesterday only)", field="lookback_days")
         if self.row_security and not ROW_SECURITY.match(self.row_security):
             raise UsageError(
                 f"invalid row security expression {self.row_security!r}: one expression, without ; or comments"
             )
         if self.row_security and not self.roles:
-            raise UsageError("--row-security needs --roles: the policy is written for the reader role")
+            raise UsageError("needs the statskit roles (--roles): the policy is written for the reader role",
+                             field="row_security")
         if self.cron_database:
             check_identifier(self.cron_database, "pg_cron database")
         if not JOB_SUFFIX.match(self.job_suffix):

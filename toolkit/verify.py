@@ -16,6 +16,7 @@ from . import access, cron, deployment
 from .catalog import Rollup
 from .db import first_line
 from .errors import StatskitError
+from .dates import check_range
 from .migrate import Target
 from .render import FUNCTIONS, quote_ident
 from .settings import STATSKIT_SCHEMA, Settings
@@ -45,11 +46,12 @@ def _result(name: str, problems: list[str], warnings: list[str] = (), ok: str = 
 
 # -- schema -------------------------------------------------------------------------------
 
-def _expected_columns(rollup: Rollup, per_user: bool) -> dict[str, tuple[str, bool, str | None]]:
-    """{column: (type, not null, default)} as format_type and pg_get_expr print them."""
+def _expected_columns(rollup: Rollup, key_type: str | None) -> dict[str, tuple[str, bool, str | None]]:
+    """{column: (type, not null, default)} as format_type and pg_get_expr print them; key_type None
+    for the platform's table, which has no user."""
     columns = {"id": ("bigint", True, None)}
-    if per_user:
-        columns["user_id"] = ("uuid", True, None)
+    if key_type:
+        columns["user_id"] = (key_type, True, None)
     columns["date"] = ("date", True, None)
     for m in rollup.metrics:
         columns[m.name] = (m.type, not m.nullable, m.default)
@@ -57,7 +59,7 @@ def _expected_columns(rollup: Rollup, per_user: bool) -> dict[str, tuple[str, bo
     return columns
 
 
-def _check_table(conn, settings: Settings, rollup: Rollup, per_user: bool) -> list[Check]:
+def _check_table(conn, settings: Settings, rollup: Rollup, key_type: str | None) -> list[Check]:
     table = f"{settings.schema}.{rollup.table}"
     oid = conn.execute("select to_regclass(%s)::oid", [f"{quote_ident(settings.schema)}.{rollup.table}"]).fetchone()[0]
     if oid is None:
@@ -72,7 +74,8 @@ def _check_table(conn, settings: Settings, rollup: Rollup, per_user: bool) -> li
         ).fetchall()
     }
     problems, warnings = [], []
-    expected = _expected_columns(rollup, per_user)
+    expected = _expected_columns(rollup, key_type)
+    per_user = key_type is not None
     for name, (typ, notnull, default) in expected.items():
         if name not in actual:
             problems.append(f"column {name} is missing")
@@ -127,7 +130,7 @@ _BODY = re.compile(r"\$function\$(.*)\$function\$", re.S)
 def _check_functions(conn, target: Target) -> list[Check]:
     checks = []
     for name, spec in FUNCTIONS.items():
-        signature = spec.arguments
+        signature = spec.arguments(target.catalog.users.key_type)
         row = conn.execute(
             "select l.lanname, format_type(p.prorettype, null), p.prosrc from pg_proc p"
             " join pg_language l on l.oid = p.prolang where p.oid = to_regprocedure(%s)",
@@ -273,18 +276,28 @@ def default_window(conn, settings: Settings) -> tuple[date, date]:
     return yesterday - timedelta(days=6), yesterday
 
 
+def window(conn, settings: Settings, first: date | None = None, last: date | None = None) -> tuple[date, date]:
+    """The days the data checks read: by default the last 7 complete days; a last day moves
+    those 7 days, a first day widens them."""
+    default_first, default_last = default_window(conn, settings)
+    last = last or default_last
+    first = first or last - (default_last - default_first)
+    check_range(first, last)
+    return first, last
+
+
 def _check_data(conn, target: Target, first: date, last: date) -> list[Check]:
     s = target.settings
     schema, source = quote_ident(s.schema), quote_ident(s.source_schema)
-    user_table, platform_table = target.catalog.user.table, target.catalog.platform.table
+    user_table, platform_table, users = target.catalog.user.table, target.catalog.platform.table, target.catalog.users
     yesterday = default_window(conn, s)[1]
     rows_yesterday = conn.execute(f"select count(*) from {schema}.{user_table} where date = %s", [yesterday]).fetchone()[0]
     # A window that ends with a yesterday the nightly job has not written yet is a freshness question, not a hole.
     holes_last = last - timedelta(days=1) if last == yesterday and rows_yesterday == 0 else last
     missing = conn.execute(
         f"select d::date, count(*) from generate_series(%s::date, %s::date, interval '1 day') d"
-        f" join {source}.profiles p on p.created_at < (d::date + 1)::timestamp at time zone %s"
-        f" where not exists (select 1 from {schema}.{user_table} s where s.user_id = p.id and s.date = d::date)"
+        f" join {source}.{users.name} p on p.{users.created_at} < (d::date + 1)::timestamp at time zone %s"
+        f" where not exists (select 1 from {schema}.{user_table} s where s.user_id = p.{users.key} and s.date = d::date)"
         f" group by 1 order by 1",
         [first, holes_last, s.time_zone],
     ).fetchall()
@@ -365,8 +378,8 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
     """Run the named groups of checks; a group that cannot run at all is one failed check."""
     conn = target.conn
     runners = {
-        "schema": lambda: _check_table(conn, target.settings, target.catalog.user, per_user=True)
-        + _check_table(conn, target.settings, target.catalog.platform, per_user=False)
+        "schema": lambda: _check_table(conn, target.settings, target.catalog.user, target.catalog.users.key_type)
+        + _check_table(conn, target.settings, target.catalog.platform, None)
         + [_check_source_indexes(conn, target)],
         "functions": lambda: _check_functions(conn, target),
         "access": lambda: _check_access(conn, target),

@@ -7,7 +7,7 @@
 -- user the rows count for, and the platform, with the first day the change can have moved a
 -- statistic: for an insert or a delete the row's earliest timestamp; for an update the earliest
 -- timestamp that changed, or the row's earliest when another column statskit reads changed (a
--- change of a column statskit does not read, like bookings.status, logs nothing). Days from
+-- change of a column statskit does not read, such as a status, logs nothing). Days from
 -- today on, in the statistics time zone, are not logged: none of their rows is written yet, so
 -- ordinary writes of today's events log nothing. aggregate_user_changes and
 -- aggregate_platform_changes take the log every night.
@@ -296,7 +296,7 @@ begin
                 select affected.user_id, min(changed.first_day)
                 from changed
                 cross join lateral (values
-                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
                 where changed.first_day < v_today and affected.user_id is not null
                 group by affected.user_id
@@ -313,7 +313,7 @@ begin
                 select affected.user_id, min(changed.first_day)
                 from changed
                 cross join lateral (values
-                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
                 where changed.first_day < v_today and affected.user_id is not null
                 group by affected.user_id
@@ -342,7 +342,7 @@ begin
                 select affected.user_id, min(changed.first_day)
                 from changed
                 cross join lateral (values
-                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
                 where changed.first_day < v_today and affected.user_id is not null
                 group by affected.user_id
@@ -419,7 +419,7 @@ begin
                 cross join lateral (values
                     (changed.tutor_id),
                     (changed.client_id),
-                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
                 where changed.first_day < v_today and affected.user_id is not null
                 group by affected.user_id
@@ -438,7 +438,7 @@ begin
                 cross join lateral (values
                     (changed.tutor_id),
                     (changed.client_id),
-                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
                 where changed.first_day < v_today and affected.user_id is not null
                 group by affected.user_id
@@ -473,7 +473,7 @@ begin
                 cross join lateral (values
                     (changed.tutor_id),
                     (changed.client_id),
-                    ((select l.tutor_id from "public".listings l where l.id = changed.listing_id))
+                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
                 where changed.first_day < v_today and affected.user_id is not null
                 group by affected.user_id

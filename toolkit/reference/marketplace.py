@@ -31,7 +31,7 @@ TABLE_COLUMNS = {
 
 def reference_schema_sql() -> str:
     """DDL of the reference source tables (the application brings its own in production)."""
-    return resources.files("toolkit").joinpath("reference_schema.sql").read_text()
+    return resources.files("toolkit.reference").joinpath("schema.sql").read_text()
 
 
 @dataclass
@@ -44,6 +44,12 @@ class Marketplace:
 
     def count(self) -> int:
         return sum(len(r) for r in self.rows.values())
+
+    @property
+    def booked_until(self) -> date:
+        """The latest session start: bookings are made ahead of the activity's end."""
+        start = TABLE_COLUMNS["bookings"].index("session_start")
+        return max(row[start] for row in self.rows["bookings"]).date()
 
 
 class _Clock:

@@ -1,0 +1,220 @@
+"""statskit's Python API: what every CLI command calls, for an orchestrator's task to call too.
+
+    from toolkit import api
+
+    project = api.Project.open()                   # statskit.toml here or above, else the packaged catalog
+    with project.deployment(dsn) as app:           # one connection, reused by every call below
+        app.migrate()                              # app.plan() says what it would do
+        app.backfill(date(2026, 1, 1), date(2026, 3, 31), progress=print_progress, cancel=stop_event)
+        report = app.verify()                      # report.ok, report.checks
+        day, role, kpis = app.user_kpis(user_key)
+
+Nothing here prints or installs a signal handler: progress and notes are callbacks, cancellation
+is a threading.Event. Errors are StatskitError (one line; `field` names the parameter it concerns).
+docs/api.md has the whole surface and a scheduled task written as the plain function a task calls.
+"""
+
+import threading
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+from . import backfill as backfill_core
+from . import clients, dashboard, deployment, docs, project as project_files, verify as verify_core
+from . import migrate as migrate_core
+from .catalog import Catalog, UserKey, load_catalog
+from .errors import StatskitError
+from .render import PACKAGED_SQL_DIR, RENDERED_GLOBS, default_sql_dir, render_all, stale_files, write_rendered
+
+WARNING = "-- WARNING: "
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What a render wrote: the paths it touched, out of how many files, and the warnings of the
+    migrations it wrote (a retyped column that rewrites its table, ...)."""
+
+    touched: list[Path]
+    total: int
+    warnings: list[str]
+
+    @property
+    def new_migrations(self) -> bool:
+        return any(p.parent.name == "migrations" for p in self.touched)
+
+
+@dataclass(frozen=True)
+class Project:
+    """A catalog and the folder its SQL is rendered into (a project made by `statskit init`)."""
+
+    sql_dir: Path
+    catalog: Catalog
+
+    @classmethod
+    def open(cls, sql_dir: Path | str | None = None) -> "Project":
+        """The project at sql_dir; by default the one statskit.toml here or above (or
+        $STATSKIT_PROJECT) names, else the catalog installed with statskit."""
+        folder = Path(sql_dir) if sql_dir else default_sql_dir()
+        return cls(folder, load_catalog(folder / "catalog.toml"))
+
+    def _outputs(self, extra: dict[str, dict[str, str]]) -> list[tuple[Path, dict[str, str], tuple[str, ...]]]:
+        """(folder, {file: text}, globs render owns there): sql/, and the docs/ and clients/ a
+        project keeps beside it, with `extra` files for folders by name."""
+        outputs = [(self.sql_dir, render_all(self.sql_dir, catalog=self.catalog), RENDERED_GLOBS)]
+        for folder, files in (("docs", docs.render_docs), ("clients", clients.render_clients)):
+            if (self.sql_dir.parent / folder).is_dir():
+                outputs.append((self.sql_dir.parent / folder, {**files(self.catalog), **extra.get(folder, {})}, ()))
+        return outputs
+
+    def stale(self, extra: dict[str, dict[str, str]] | None = None) -> tuple[list[Path], int]:
+        """Rendered files that differ from a fresh rendering (or are missing, or left over), and
+        how many files a render writes."""
+        outputs = self._outputs(extra or {})
+        stale = [folder / rel for folder, files, owned in outputs for rel in stale_files(folder, files, owned)]
+        return stale, sum(len(files) for _, files, _ in outputs)
+
+    def render(self, extra: dict[str, dict[str, str]] | None = None) -> Rendered:
+        """Write what changed. A released migration is never rewritten: if the catalog would change
+        one, nothing is written and StatskitError says to add a migration instead."""
+        if self.sql_dir.resolve() == PACKAGED_SQL_DIR.resolve() and self.sql_dir.parent.name == "toolkit":
+            raise StatskitError("render writes into a project's sql/ folder: open a project (statskit init makes one)")
+        outputs = self._outputs(extra or {})
+        sql = outputs[0][1]
+        released = [rel for rel in stale_files(self.sql_dir, sql)
+                    if rel.startswith("migrations/") and (self.sql_dir / rel).exists()]
+        if released:
+            raise StatskitError(
+                f"released migration {released[0]} would change or disappear: never edit a released migration, "
+                f"add a new [[migrations]] entry to the catalog instead (delete the file first only if it was "
+                f"never applied anywhere)")
+        touched = [folder / rel for folder, files, owned in outputs for rel in write_rendered(folder, files, owned)]
+        warnings = [f"{rel}: {line.removeprefix(WARNING)}" for rel, text in sql.items()
+                    if rel.startswith("migrations/") and self.sql_dir / rel in touched
+                    for line in text.splitlines() if line.startswith(WARNING)]
+        return Rendered(touched, sum(len(files) for _, files, _ in outputs), warnings)
+
+    def deployment(self, dsn: str, **settings) -> "Deployment":
+        """Open the database at dsn (settings: schema, time_zone, capture, cron, ... as migrate takes them)."""
+        return Deployment(migrate_core.Target.open(dsn, self.sql_dir, settings))
+
+
+def init(folder: Path | str) -> list[Path]:
+    """Write a new project (statskit.toml, sql/ with the packaged catalog and templates, clients/)
+    and render it; return the paths written. An application adapts the catalog to its own
+    tables before its first migrate (docs/getting-started.md)."""
+    folder = Path(folder)
+    written = project_files.init(folder, PACKAGED_SQL_DIR)
+    Project.open(project_files.sql_dir(folder)).render()
+    return written
+
+
+@dataclass(frozen=True)
+class Report:
+    """verify's result: every check, and the window of days the data checks read."""
+
+    checks: list[verify_core.Check]
+    database: str
+    first: date
+    last: date
+
+    @property
+    def status(self) -> str:
+        """pass, warn or fail: the worst of the checks."""
+        return verify_core.overall(self.checks)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "fail"
+
+    @property
+    def failures(self) -> list[verify_core.Check]:
+        return [c for c in self.checks if c.status == "fail"]
+
+
+class Deployment:
+    """One database with statskit deployed in it, or to deploy into. A context manager: every
+    call uses the one connection it opened (a backfill's extra jobs open their own)."""
+
+    def __init__(self, target: migrate_core.Target):
+        self.target = target
+
+    def close(self) -> None:
+        self.target.close()
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.target.catalog
+
+    def user_key(self, text: str) -> UserKey:
+        """A user key typed in, as the catalog's key type holds it."""
+        return self.catalog.users.parse_key(text, "user_id")
+
+    # -- deploying ------------------------------------------------------------------------
+
+    def plan(self, cron_dsn: str | None = None) -> migrate_core.MigratePlan:
+        """What migrate would do, changing nothing (plan.script() is the exact SQL)."""
+        return migrate_core.migrate(self.target, cron_dsn, dry_run=True)
+
+    def migrate(self, cron_dsn: str | None = None, policy: migrate_core.LockPolicy = migrate_core.LockPolicy(),
+                break_lock: bool = False) -> migrate_core.MigratePlan:
+        """Bring the deployment up to date: migrations, functions, access, capture, pg_cron jobs."""
+        return migrate_core.migrate(self.target, cron_dsn, policy=policy, break_lock=break_lock)
+
+    def status(self, cron_dsn: str | None = None) -> migrate_core.Status:
+        return migrate_core.status(self.target, cron_dsn)
+
+    def rollback(self, cron_dsn: str | None = None,
+                 policy: migrate_core.LockPolicy = migrate_core.LockPolicy()) -> migrate_core.RollbackResult:
+        return migrate_core.rollback(self.target, cron_dsn, policy)
+
+    # -- filling and checking ---------------------------------------------------------------
+
+    def backfill(self, first: date, last: date, *, only: str = "both", user: UserKey | None = None,
+                 resume: bool = False, chunk_days: int = backfill_core.Request.chunk_days,
+                 jobs: int = backfill_core.Request.jobs,
+                 progress: Callable[[backfill_core.Progress, tuple[date, date]], None] = lambda *a: None,
+                 notify: Callable[[str], None] = lambda message: None,
+                 cancel: threading.Event | None = None) -> backfill_core.Progress:
+        """Write every day from first to last (a last day after yesterday is clamped, with a
+        note). Each chunk of days commits whole; on cancel or error, backfill_core.Stopped says
+        what is committed, and resume=True writes the rest."""
+        request = backfill_core.Request(first=first, last=last, scope=only, user_id=user, resume=resume,
+                                         chunk_days=chunk_days, jobs=jobs)
+        return backfill_core.backfill(self.target, request, progress, notify, cancel)
+
+    def verify(self, first: date | None = None, last: date | None = None,
+               groups: tuple[str, ...] = verify_core.CHECK_GROUPS, sample: int = 20,
+               cron_dsn: str | None = None) -> Report:
+        """Every check of the groups; the data window defaults to the last 7 complete days."""
+        deployment.require_deployment(self.target.conn)
+        first, last = verify_core.window(self.target.conn, self.target.settings, first, last)
+        checks = verify_core.run_checks(self.target, cron_dsn, groups, first, last, sample)
+        return Report(checks, self.target.conn.info.dbname, first, last)
+
+    # -- the dashboard's reads --------------------------------------------------------------
+
+    def user_metric(self, user: UserKey, metric: str, day: date | None = None,
+                    compare: str = "day") -> tuple[date, dashboard.MetricValue]:
+        deployment.require_deployment(self.target.conn)
+        return dashboard.user_metric(self.target, user, metric, day, compare)
+
+    def user_kpis(self, user: UserKey, day: date | None = None,
+                  compare: str = "day") -> tuple[date, str, list[dashboard.MetricValue]]:
+        """(day, the user's role, its KPI set in dashboard order)."""
+        deployment.require_deployment(self.target.conn)
+        return dashboard.user_kpis(self.target, user, day, compare)
+
+    def platform_kpis(self, day: date | None = None,
+                      compare: str = "day") -> tuple[date, list[dashboard.MetricValue]]:
+        deployment.require_deployment(self.target.conn)
+        return dashboard.platform_kpis(self.target, day, compare)
+
+    def metric_units(self) -> dict[str, str]:
+        return dashboard.metric_units(self.target)
