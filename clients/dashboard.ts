@@ -11,6 +11,7 @@ import {
   type PlatformMetricName,
   type Trend,
   type Unit,
+  type UserKey,
   type UserMetricName,
 } from "./metrics.js";
 
@@ -29,7 +30,7 @@ export interface RpcCall<F extends DashboardFunction, A> {
 }
 
 export interface UserMetricArgs {
-  readonly p_user_id: string;
+  readonly p_user_id: UserKey;
   readonly p_metric: UserMetricName;
   readonly p_date?: string;
   readonly p_compare?: Comparison;
@@ -42,7 +43,7 @@ export interface PlatformMetricArgs {
 }
 
 export interface UserKpisArgs {
-  readonly p_user_id: string;
+  readonly p_user_id: UserKey;
   readonly p_date?: string;
   readonly p_compare?: Comparison;
 }
@@ -71,7 +72,7 @@ function call<F extends DashboardFunction, A>(fn: F, args: A): RpcCall<F, A> {
 
 /** user_metric: one metric of one user, with its comparison; the RPC returns one MetricRow. */
 export function userMetricRpc(
-  userId: string,
+  userId: UserKey,
   metric: UserMetricName,
   options: CallOptions = {},
 ): RpcCall<"user_metric", UserMetricArgs> {
@@ -87,7 +88,7 @@ export function platformMetricRpc(
 }
 
 /** user_kpis: the KPI set of the user's role, in order; the RPC returns KpiRow[]. */
-export function userKpisRpc(userId: string, options: CallOptions = {}): RpcCall<"user_kpis", UserKpisArgs> {
+export function userKpisRpc(userId: UserKey, options: CallOptions = {}): RpcCall<"user_kpis", UserKpisArgs> {
   return call("user_kpis", { p_user_id: userId, ...optional(options) });
 }
 

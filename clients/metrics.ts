@@ -72,9 +72,20 @@ export type Trend = (typeof TRENDS)[number];
 export const UNITS = ["money", "count", "hours", "rating", "score", "percent"] as const;
 export type Unit = (typeof UNITS)[number];
 
-/** Profile roles that have a KPI set. */
+/** User roles that have a KPI set. */
 export const ROLES = ["tutor", "agent", "client"] as const;
 export type Role = (typeof ROLES)[number];
+
+/**
+ * Whose dashboard: the key of the application's user table, whatever its SQL type. A bigint
+ * key travels as a string too, since a JSON number loses digits past 2^53.
+ */
+export const USER_KEY = {
+  "table": "profiles",
+  "column": "id",
+  "sqlType": "uuid"
+} as const;
+export type UserKey = string;
 
 export interface MetricInfo {
   /** How to format the value (formatValue in dashboard.ts). */

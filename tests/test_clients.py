@@ -45,6 +45,7 @@ def test_the_json_and_the_typescript_carry_the_same_facts(compiled):
     assert compiled["USER_METRICS"] == facts["userMetrics"]
     assert compiled["PLATFORM_METRICS"] == facts["platformMetrics"]
     assert compiled["KPIS"] == facts["kpis"]
+    assert compiled["USER_KEY"] == facts["userKey"] == {"table": "profiles", "column": "id", "sqlType": "uuid"}
     assert compiled["FUNCTIONS"] == facts["functions"]
     assert compiled["SCHEDULE"] == facts["schedule"]
 

@@ -5,6 +5,7 @@ otherwise. Only the catalog changes; it renders, migrates, backfills, takes late
 capture, serves the dashboard and verifies, and every stored day equals the literal oracle
 rewritten with the same names."""
 
+import json
 import re
 import shutil
 import uuid
@@ -119,6 +120,9 @@ def test_the_rendered_sql_carries_only_the_catalogs_names(project):
     assert leftovers == {}
     function = (project / "sql" / "functions" / "user_metric.sql").read_text()
     assert "p_user_id bigint," in function
+    contract = json.loads((project / "clients" / "metrics.json").read_text())
+    assert contract["userKey"] == {"table": "members", "column": "member_no", "sqlType": "bigint"}
+    assert "export type UserKey = string;" in (project / "clients" / "metrics.ts").read_text()  # 2^53 and past
 
 
 @pytest.mark.pg

@@ -208,7 +208,8 @@ def check_request(target: Target, request: Request) -> tuple[Request, str | None
         return request, None
     if request.first > last_complete:
         raise UsageError(f"{request.first} is in the future: the last complete day is {last_complete}", field="first")
-    return dataclasses.replace(request, last=last_complete), f"the last day {request.last} is after the last complete day; clamped to {last_complete}"
+    note = f"the last day {request.last} is after the last complete day; clamped to {last_complete}"
+    return dataclasses.replace(request, last=last_complete), note
 
 
 def backfill(target: Target, request: Request,

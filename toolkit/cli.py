@@ -13,13 +13,13 @@ import click
 import psycopg
 
 from . import api, backfill as backfill_core, cron as cron_core, dashboard, db, demo as demo_core, docs, migrate as migrate_core, project, report, verify as verify_core
-from .dates import check_range, parse_date
+from .dates import parse_date
 from .errors import StatskitError, UsageError
 from .render import PACKAGED_SQL_DIR, default_sql_dir
 
 # The library's errors name the parameter they concern by its Python name; here each is the flag.
-FLAGS = {"first": "--from", "last": "--to", "scope": "--only", "user_id": "--user", "day": "--date",
-         "lookback_days": "--lookback-days", "row_security": "--row-security", "cron_dsn": "--cron-dsn"}
+FLAGS = {"first": "--from", "scope": "--only", "user_id": "--user", "lookback_days": "--lookback-days",
+         "row_security": "--row-security"}
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""
@@ -422,7 +422,6 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet, sql_
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         first, last = parse_date(first, "--from"), parse_date(last, "--to")
-        check_range(first, last)
         with api.Project.open(sql_dir).deployment(dsn) as app:
             done = app.backfill(first, last, only=only or "both", user=app.user_key(user) if user else None,
                                 resume=resume, chunk_days=chunk_days, jobs=jobs, progress=_progress_printer(quiet),

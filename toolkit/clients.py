@@ -48,6 +48,7 @@ def contract(catalog: Catalog, settings: Settings) -> dict:
         "trends": list(TRENDS),
         "units": list(UNITS),
         "kpis": {role: list(metrics) for role, metrics in catalog.kpis.items()},
+        "userKey": {"table": catalog.users.name, "column": catalog.users.key, "sqlType": catalog.users.key_type},
         "functions": {name: {"schema": settings.schema, "args": list(args)} for name, args in RPC_ARGUMENTS.items()},
         "schedule": {
             "timeZone": settings.time_zone,
@@ -82,7 +83,14 @@ def typescript(facts: dict) -> str:
 {_names("COMPARISONS", "Comparison", facts["comparisons"], "p_compare: the day before, 7 days before, or (D - 1 month) (so 03-31 compares with 02-28).")}
 {_names("TRENDS", "Trend", facts["trends"], "The sign of change; 'neutral' also when change is NULL.")}
 {_names("UNITS", "Unit", facts["units"], "What a number counts: money and hours with 2 decimals, counts whole, ratings 1..5, scores and percents 0..100.")}
-{_names("ROLES", "Role", facts["kpis"], "Profile roles that have a KPI set.")}
+{_names("ROLES", "Role", facts["kpis"], "User roles that have a KPI set.")}
+/**
+ * Whose dashboard: the key of the application's user table, whatever its SQL type. A bigint
+ * key travels as a string too, since a JSON number loses digits past 2^53.
+ */
+export const USER_KEY = {_ts(facts["userKey"])} as const;
+export type UserKey = string;
+
 export interface MetricInfo {{
   /** How to format the value (formatValue in dashboard.ts). */
   readonly unit: Unit;
