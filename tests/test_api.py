@@ -94,3 +94,14 @@ def test_the_api_imports_no_command_line():
     imported = subprocess.run([sys.executable, "-c", "import sys, toolkit.api; print('toolkit.cli' in sys.modules)"],
                               capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
     assert imported == "False"
+
+
+def test_advice_names_options_as_the_caller_passes_them():
+    """The same error, read by a Python caller and by the CLI: each names the option its own way."""
+    from toolkit.cli import FLAGS
+    from toolkit.errors import OPTIONS, StatskitError
+
+    error = StatskitError("pg_cron is not loaded: run with {no_cron}, or name it with {cron_dsn}; {not_an_option}")
+    assert str(error) == "pg_cron is not loaded: run with cron=False, or name it with cron_dsn; {not_an_option}"
+    assert error.named(FLAGS) == "pg_cron is not loaded: run with --no-cron, or name it with --cron-dsn; {not_an_option}"
+    assert set(OPTIONS) <= set(FLAGS)  # every option the library's advice names has its flag

@@ -134,9 +134,10 @@ class Stopped(StatskitError):
 
     then = "a resumed run writes the rest"
 
-    def __init__(self, reason: str, progress: Progress, cancelled: bool, exit_code: int = 1):
+    def __init__(self, reason: str, progress: Progress, cancelled: bool, exit_code: int = 1,
+                 field: str | None = None):
         self.progress, self.cancelled, self.exit_code = progress, cancelled, exit_code
-        super().__init__(f"{reason}; {progress.summary()}")
+        super().__init__(f"{reason}; {progress.summary()}", field)
 
     def named(self, names: dict[str, str]) -> str:
         return f"{super().named(names)}; {self.then}"
@@ -297,7 +298,7 @@ def _run(target: Target, request: Request, units: list[Unit], progress: Progress
     if failures:
         exc = failures[0]
         if isinstance(exc, StatskitError):
-            raise Stopped(str(exc), progress, cancelled=False, exit_code=exc.exit_code) from None
+            raise Stopped(exc.message, progress, cancelled=False, exit_code=exc.exit_code, field=exc.field) from None
         if isinstance(exc, psycopg.Error):
             raise Stopped(db.mask_secrets(db.describe_error(exc), target.dsn), progress, cancelled=False) from None
         raise exc

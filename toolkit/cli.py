@@ -19,7 +19,9 @@ from .render import PACKAGED_SQL_DIR, default_sql_dir
 
 # The library's errors name the parameter they concern by its Python name; here each is the flag.
 FLAGS = {"first": "--from", "scope": "--only", "user_id": "--user", "lookback_days": "--lookback-days",
-         "row_security": "--row-security"}
+         "row_security": "--row-security", "cron_dsn": "--cron-dsn", "no_cron": "--no-cron",
+         "no_capture": "--no-capture", "roles": "--roles", "job_suffix": "--job-suffix", "break_lock": "--break-lock",
+         "lock_timeout": "--lock-timeout", "retries": "--retries", "sql_dir": "--sql-dir"}
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""

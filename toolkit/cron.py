@@ -85,8 +85,8 @@ def cron_database(conn: psycopg.Connection) -> str | None:
             return conn.info.dbname
         raise StatskitError(
             "cannot tell which database pg_cron lives in: reading cron.database_name needs superuser or "
-            "pg_read_all_settings; name it once with --cron-dsn (a database name, e.g. --cron-dsn postgres, "
-            f"keeps this server and login; or ${CRON_DSN_VARIABLE}) and migrate records it, or use --no-cron"
+            "pg_read_all_settings; name it once with {cron_dsn} (a database name, e.g. postgres, "
+            f"keeps this server and login; or ${CRON_DSN_VARIABLE}) and migrate records it, or use {{no_cron}}"
         ) from None
 
 
@@ -106,7 +106,7 @@ def connect_cron(target_dsn: str, target_conn: psycopg.Connection, cron_dsn: str
         if cron_db is None:
             raise StatskitError(
                 "pg_cron is not loaded on this server (shared_preload_libraries = 'pg_cron' and a restart); "
-                "install it, or run with --no-cron to skip the nightly jobs"
+                "install it, or run with {no_cron} to skip the nightly jobs"
             )
         same = cron_db == target_conn.info.dbname
         conn = db.connect(target_dsn if same else db.with_database(target_dsn, cron_db), autocommit=True)
@@ -114,7 +114,7 @@ def connect_cron(target_dsn: str, target_conn: psycopg.Connection, cron_dsn: str
         conn.close()
         raise StatskitError(
             f"the pg_cron extension is missing in database {cron_db}: run CREATE EXTENSION pg_cron there "
-            f"(pg_cron's database is cron.database_name), or use --no-cron"
+            f"(pg_cron's database is cron.database_name), or use {{no_cron}}"
         )
     return conn
 
@@ -168,7 +168,7 @@ def plan_jobs(cron_conn: psycopg.Connection, settings: Settings, database: str) 
         if job.database != database:
             raise StatskitError(
                 f"pg_cron job {job.jobname!r} already belongs to database {job.database!r} (user {job.username!r}); "
-                f"nothing changed. Give this database its own jobs with --job-suffix"
+                f"nothing changed. Give this database its own jobs with {{job_suffix}}"
             )
         existing[job.jobname] = job
     todo = []

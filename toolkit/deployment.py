@@ -73,7 +73,7 @@ def check_catalog_fits(conn: psycopg.Connection, settings: Settings, catalog: Ca
     users = catalog.users
     if not table_exists(conn, f"{quote_ident(settings.source_schema)}.{quote_ident(users.name)}"):
         raise UsageError(f"the catalog's user table {settings.source_schema}.{users.name} does not exist here: is this "
-                         f"the project this database was deployed from? (run statskit in it, or give --sql-dir)")
+                         f"the project this database was deployed from? (run statskit in it, or give {{sql_dir}})")
     stored_key = conn.execute(
         "select format_type(atttypid, atttypmod) from pg_attribute"
         " where attrelid = to_regclass(%s) and attname = 'user_id' and not attisdropped",
@@ -246,7 +246,7 @@ def check_can_deploy(conn: psycopg.Connection, catalog: Catalog, settings: Setti
             "select t from unnest(%s::text[]) t where to_regclass(t) is not null and not has_table_privilege(t, 'trigger')",
             [[f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]],
         ).fetchall()
-        missing += [f"TRIGGER on {t} (change capture; or deploy with --no-capture)" for (t,) in untriggerable]
+        missing += [f"TRIGGER on {t} (change capture; or deploy with {{no_capture}})" for (t,) in untriggerable]
     if missing:
         raise StatskitError(f"{user} cannot deploy here: it lacks {'; '.join(missing)} "
                             f"(see docs/managed.md); nothing changed")

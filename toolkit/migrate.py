@@ -222,7 +222,7 @@ def _locked(target: Target, wait: float):
             raise StatskitError(
                 f"another statskit migrate holds the lock on {target.conn.info.dbname} "
                 f"(table {STATSKIT_SCHEMA}.yoyo_lock) and is still connected; waited {wait:.0f} s. "
-                f"If it is stuck, stop it, or run statskit migrate --break-lock"
+                f"If it is stuck, stop it, or run migrate with {{break_lock}}"
             ) from None
     finally:
         backend.connection.close()
@@ -264,9 +264,9 @@ def _in_one_transaction(backend, policy: LockPolicy, work, what: str):
             backend.rollback()
             if attempt > policy.retries:
                 raise StatskitError(
-                    f"{what}: a lock was not granted within --lock-timeout {policy.lock_timeout:g} s, "
+                    f"{what}: a lock was not granted within {{lock_timeout}} {policy.lock_timeout:g} s, "
                     f"{attempt} attempt{'s' if attempt > 1 else ''} ({db.describe_error(exc)}); nothing changed. "
-                    f"Retry when the table is quiet, or allow more with --lock-timeout/--retries"
+                    f"Retry when the table is quiet, or allow more with {{lock_timeout}}/{{retries}}"
                 ) from None
             time.sleep(policy.backoff(attempt))
         except BaseException:

@@ -69,7 +69,7 @@ class Settings:
                 f"invalid row security expression {self.row_security!r}: one expression, without ; or comments"
             )
         if self.row_security and not self.roles:
-            raise UsageError("needs the statskit roles (--roles): the policy is written for the reader role",
+            raise UsageError("needs the statskit roles ({roles}): the policy is written for the reader role",
                              field="row_security")
         if self.cron_database:
             check_identifier(self.cron_database, "pg_cron database")
