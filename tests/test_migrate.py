@@ -8,9 +8,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from toolkit.reference import marketplace
 from conftest import SIDE_PORT, SQL_DIR, TEST_PORT, cron_connection, deploy
+from toolkit import api
 from toolkit.cron import registered_jobs
+from toolkit.reference import marketplace
+from toolkit.render import FUNCTIONS
 
 
 def objects(dsn):
@@ -116,19 +118,24 @@ def test_status_lists_applied_pending_and_jobs(dsn, run_cli):
     with cron_connection() as conn:  # another database's job of the same name is not this one's
         conn.execute("select cron.schedule_in_database('aggregate-user-statistics', '0 3 * * *', 'select 1', 'postgres')")
     try:
-        before = run_cli("migrate", "--status", "--dsn", dsn)
+        with api.Project.open(SQL_DIR).deployment(dsn) as app:
+            before = app.status()
     finally:
         with cron_connection() as conn:
             conn.execute("select cron.unschedule(jobid) from cron.job where database = 'postgres'")
-    assert before.exit_code == 0
-    assert "0001_statistics_tables                   pending" in before.output
-    assert "aggregate_user_statistics                missing" in before.output
-    assert "pg_cron    no jobs registered" in before.output and "0 3 * * *" not in before.output
+    assert before.migrations == [("0001_statistics_tables", "pending")]
+    assert {f.name: f.state for f in before.functions} == dict.fromkeys(FUNCTIONS, "missing")
+    assert before.jobs == []  # the other database's job of the same name is not this one's
     deploy(dsn)
-    after = run_cli("migrate", "--status", "--dsn", dsn).output
-    assert "0001_statistics_tables                   applied" in after
-    assert "aggregate_user_statistics                current" in after
-    assert "aggregate-user-statistics                0 1 * * * active" in after
+    with api.Project.open(SQL_DIR).deployment(dsn) as app:
+        after = app.status()
+    assert after.migrations == [("0001_statistics_tables", "applied")]
+    assert {f.name: f.state for f in after.functions} == dict.fromkeys(FUNCTIONS, "current")
+    assert {j.jobname: (j.schedule, j.active) for j in after.jobs} == {
+        "aggregate-platform-statistics": ("0 0 * * *", True), "aggregate-user-statistics": ("0 1 * * *", True)}
+    printed = run_cli("migrate", "--status", "--dsn", dsn).output  # the same, as a table
+    assert "0001_statistics_tables                   applied" in printed
+    assert "aggregate-user-statistics                0 1 * * * active" in printed
 
 
 def test_rollback_then_migrate_restores_the_deployment(dsn, run_cli):

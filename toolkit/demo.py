@@ -6,12 +6,13 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 
-from . import backfill, cron, dashboard, deployment, migrate, verify
-from .reference import marketplace
+from . import api, backfill, cron, deployment, migrate
 from .cluster import DEMO_PORT, LocalCluster
 from .errors import StatskitError
+from .reference import marketplace
 
 DEMO_DATABASE = "statskit_demo"
+
 
 def demo_cluster(port: int = DEMO_PORT) -> LocalCluster:
     return LocalCluster("demo", port)
@@ -74,8 +75,10 @@ def check_database(target: migrate.Target, cron_dsn: str | None) -> None:
 def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | None = None,
         use_cron: bool = True, say=lambda message: None) -> DemoStory:
     """Check the database, load a synthetic marketplace into it with the indexes statskit advises,
-    then migrate, backfill its whole period and verify; say() what it loads, once it may."""
-    with migrate.Target.open(dsn, sql_dir, dict(cron=use_cron)) as target:
+    then migrate, backfill its whole period and verify, through the API as any caller would;
+    say() what it loads, once it may."""
+    with api.Project.open(sql_dir).deployment(dsn, cron=use_cron) as app:
+        target = app.target
         check_database(target, cron_dsn)
         say(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
         conn = target.conn
@@ -87,31 +90,31 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
         _create_advised_indexes(target)
         conn.execute("analyze")
 
-        applied = migrate.migrate(target, cron_dsn)
-        progress = backfill.backfill(target, backfill.Request(market.first_day, market.last_day))
-        first, last = market.last_day - timedelta(days=6), market.last_day
-        checks = verify.run_checks(target, cron_dsn, verify.CHECK_GROUPS, first, last, 20)
+        applied = app.migrate(cron_dsn)
+        progress = app.backfill(market.first_day, market.last_day)
+        report = app.verify(market.last_day - timedelta(days=6), market.last_day, cron_dsn=cron_dsn)
         jobs = []
         cron_conn = migrate.open_cron(target, cron_dsn)
         if cron_conn is not None:
             with cron_conn:
                 jobs = cron.registered_jobs(cron_conn, [j.name for j in cron.wanted_jobs(target.settings)])
-        story = DemoStory(dsn, market.count(), market.first_day, market.last_day, applied, progress, checks, jobs)
+        story = DemoStory(dsn, market.count(), market.first_day, market.last_day, applied, progress, report.checks,
+                          jobs)
         story.booked_until = market.booked_until
-        story.kpis = _kpis(target, market.last_day)
-        story.metric_units = dashboard.metric_units(target)
+        story.kpis = _kpis(app, market.last_day)
+        story.metric_units = app.metric_units()
     return story
 
 
-def _kpis(target: migrate.Target, day) -> dict:
+def _kpis(app: api.Deployment, day) -> dict:
     """The KPI sets of the busiest tutor and the busiest client on the last day, against the week before."""
-    out, users, rollup = {}, target.catalog.users, target.catalog.user.table
+    out, users, rollup = {}, app.catalog.users, app.catalog.user.table
     for role, busiest_by in (("tutor", "completed_sessions"), ("client", "active_bookings + completed_sessions")):
-        row = target.conn.execute(
+        row = app.target.conn.execute(
             f"select s.user_id from {rollup} s join {users.name} p on p.{users.key} = s.user_id"
             f" where s.date = %s and p.{users.role} = %s order by {busiest_by} desc, s.user_id limit 1",
             [day, role],
         ).fetchone()
         if row:
-            out[role] = (row[0], dashboard.user_kpis(target, row[0], day, "week")[2])
+            out[role] = (row[0], app.user_kpis(row[0], day, "week")[2])
     return out
