@@ -6,16 +6,19 @@ from toolkit.render import FUNCTIONS, signature
 
 
 def plpgsql_findings(dsn: str, key_type: str = "uuid") -> dict:
-    """What plpgsql_check says of every deployed function (in public), with all its warnings."""
+    """What plpgsql_check says of every deployed function (in public) and of capture's one writer
+    of the change log, with all its warnings."""
     findings = {}
+    functions = [signature("public", name, key_type) for name in FUNCTIONS]
+    functions.append(f"statskit.log_changes({key_type}[], date[], date)")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("create extension if not exists plpgsql_check")
-        for name in FUNCTIONS:
+        for function in functions:
             rows = conn.execute(
                 "select level, lineno, message from plpgsql_check_function_tb(%s::regprocedure,"
-                " fatal_errors => false, all_warnings => true)", [signature("public", name, key_type)]).fetchall()
+                " fatal_errors => false, all_warnings => true)", [function]).fetchall()
             if rows:
-                findings[name] = rows
+                findings[function] = rows
     return findings
 
 

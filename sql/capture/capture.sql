@@ -15,6 +15,31 @@
 -- A failing capture never fails the application's write: any error, or a log locked for more
 -- than a second, becomes a WARNING, and the change reaches the rollup only through a backfill.
 
+-- The one writer of the change log: every table's capture function below hands it what it found.
+-- It runs with its caller's rights (the capture functions are SECURITY DEFINER); anyone else
+-- calling it lacks INSERT on the log. PL/pgSQL, not SQL: PostgreSQL 15 plans an SQL function's
+-- body again at every call, a cost on each backdated write, where PL/pgSQL keeps the plan. No
+-- SET clause either (one more cost per call): its caller's search_path holds, and it names every
+-- relation with its schema.
+create or replace function "statskit".log_changes(
+    p_users uuid[],
+    p_first_days date[],
+    p_platform_first_day date
+)
+returns void
+language plpgsql
+as $function$
+begin
+    insert into "statskit".user_changes (user_id, first_day)
+    select changed.user_id, changed.first_day
+    from unnest(p_users, p_first_days) as changed (user_id, first_day)
+    where changed.user_id is not null;
+    insert into "statskit".platform_changes (first_day)
+    select p_platform_first_day
+    where p_platform_first_day is not null;
+end;
+$function$;
+
 create or replace function "statskit".capture_profiles()
 returns trigger
 language plpgsql
@@ -26,86 +51,81 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.created_at) < v_today_start) then
+        if not exists (select from new_rows n where n.created_at < v_today_start) then
             return null;
         end if;
     elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.created_at) < v_today_start) then
+        if not exists (select from old_rows o where o.created_at < v_today_start) then
             return null;
         end if;
-    elsif not (exists (select from old_rows o where least(o.created_at) < v_today_start)
-               or exists (select from new_rows n where least(n.created_at) < v_today_start)) then
+    elsif not (exists (select from old_rows o where o.created_at < v_today_start)
+               or exists (select from new_rows n where n.created_at < v_today_start)) then
         return null;
     end if;
 
     begin
         if tg_op = 'INSERT' then
-            with changed (id, first_day) as (
-                select n.id, (least(n.created_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.id, (n.created_at at time zone 'UTC')::date from new_rows n
+                ) as changed (id, first_day)
                 cross join lateral (values
                     (changed.id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (id, first_day) as (
-                select o.id, (least(o.created_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.id, (o.created_at at time zone 'UTC')::date from old_rows o
+                ) as changed (id, first_day)
                 cross join lateral (values
                     (changed.id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.id), (n.id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
-                            then least((least(o.created_at) at time zone 'UTC')::date, (least(n.created_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.id), (n.id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
+                                then least((o.created_at at time zone 'UTC')::date, (n.created_at at time zone 'UTC')::date)
+                            when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date
+                        end as day
+                    ) as first
+                ) as changed (id, first_day)
                 cross join lateral (values
                     (changed.id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -147,6 +167,9 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
@@ -165,70 +188,64 @@ begin
 
     begin
         if tg_op = 'INSERT' then
-            with changed (tutor_id, first_day) as (
-                select n.tutor_id, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.tutor_id, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date from new_rows n
+                ) as changed (tutor_id, first_day)
                 cross join lateral (values
                     (changed.tutor_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (tutor_id, first_day) as (
-                select o.tutor_id, (least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.tutor_id, (least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date from old_rows o
+                ) as changed (tutor_id, first_day)
                 cross join lateral (values
                     (changed.tutor_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (tutor_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.tutor_id), (n.tutor_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
-                            then least((least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                            case when o.published_at is distinct from n.published_at then (least(o.published_at, n.published_at) at time zone 'UTC')::date end,
-                            case when o.archived_at is distinct from n.archived_at then (least(o.archived_at, n.archived_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.tutor_id), (n.tutor_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
+                                then least((least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date)
+                            else least(
+                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                                case when o.published_at is distinct from n.published_at then (least(o.published_at, n.published_at) at time zone 'UTC')::date end,
+                                case when o.archived_at is distinct from n.archived_at then (least(o.archived_at, n.archived_at) at time zone 'UTC')::date end
+                            )
+                        end as day
+                    ) as first
+                ) as changed (tutor_id, first_day)
                 cross join lateral (values
                     (changed.tutor_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -270,86 +287,81 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.viewed_at) < v_today_start) then
+        if not exists (select from new_rows n where n.viewed_at < v_today_start) then
             return null;
         end if;
     elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.viewed_at) < v_today_start) then
+        if not exists (select from old_rows o where o.viewed_at < v_today_start) then
             return null;
         end if;
-    elsif not (exists (select from old_rows o where least(o.viewed_at) < v_today_start)
-               or exists (select from new_rows n where least(n.viewed_at) < v_today_start)) then
+    elsif not (exists (select from old_rows o where o.viewed_at < v_today_start)
+               or exists (select from new_rows n where n.viewed_at < v_today_start)) then
         return null;
     end if;
 
     begin
         if tg_op = 'INSERT' then
-            with changed (listing_id, first_day) as (
-                select n.listing_id, (least(n.viewed_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.listing_id, (n.viewed_at at time zone 'UTC')::date from new_rows n
+                ) as changed (listing_id, first_day)
                 cross join lateral (values
                     ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (listing_id, first_day) as (
-                select o.listing_id, (least(o.viewed_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.listing_id, (o.viewed_at at time zone 'UTC')::date from old_rows o
+                ) as changed (listing_id, first_day)
                 cross join lateral (values
                     ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (listing_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.listing_id), (n.listing_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
-                            then least((least(o.viewed_at) at time zone 'UTC')::date, (least(n.viewed_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.viewed_at is distinct from n.viewed_at then (least(o.viewed_at, n.viewed_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.listing_id), (n.listing_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
+                                then least((o.viewed_at at time zone 'UTC')::date, (n.viewed_at at time zone 'UTC')::date)
+                            when o.viewed_at is distinct from n.viewed_at then (least(o.viewed_at, n.viewed_at) at time zone 'UTC')::date
+                        end as day
+                    ) as first
+                ) as changed (listing_id, first_day)
                 cross join lateral (values
                     ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -391,6 +403,9 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
@@ -409,78 +424,72 @@ begin
 
     begin
         if tg_op = 'INSERT' then
-            with changed (tutor_id, client_id, listing_id, first_day) as (
-                select n.tutor_id, n.client_id, n.listing_id, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.tutor_id, n.client_id, n.listing_id, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date from new_rows n
+                ) as changed (tutor_id, client_id, listing_id, first_day)
                 cross join lateral (values
                     (changed.tutor_id),
                     (changed.client_id),
                     ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (tutor_id, client_id, listing_id, first_day) as (
-                select o.tutor_id, o.client_id, o.listing_id, (least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.tutor_id, o.client_id, o.listing_id, (least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date from old_rows o
+                ) as changed (tutor_id, client_id, listing_id, first_day)
                 cross join lateral (values
                     (changed.tutor_id),
                     (changed.client_id),
                     ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (tutor_id, client_id, listing_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.tutor_id, o.client_id, o.listing_id), (n.tutor_id, n.client_id, n.listing_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
-                            then least((least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date)
-                        else least(
-                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                            case when o.confirmed_at is distinct from n.confirmed_at then (least(o.confirmed_at, n.confirmed_at) at time zone 'UTC')::date end,
-                            case when o.cancelled_at is distinct from n.cancelled_at then (least(o.cancelled_at, n.cancelled_at) at time zone 'UTC')::date end,
-                            case when o.completed_at is distinct from n.completed_at then (least(o.completed_at, n.completed_at) at time zone 'UTC')::date end,
-                            case when o.session_start is distinct from n.session_start then (least(o.session_start, n.session_start) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.tutor_id, o.client_id, o.listing_id), (n.tutor_id, n.client_id, n.listing_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
+                                then least((least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date)
+                            else least(
+                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                                case when o.confirmed_at is distinct from n.confirmed_at then (least(o.confirmed_at, n.confirmed_at) at time zone 'UTC')::date end,
+                                case when o.cancelled_at is distinct from n.cancelled_at then (least(o.cancelled_at, n.cancelled_at) at time zone 'UTC')::date end,
+                                case when o.completed_at is distinct from n.completed_at then (least(o.completed_at, n.completed_at) at time zone 'UTC')::date end,
+                                case when o.session_start is distinct from n.session_start then (least(o.session_start, n.session_start) at time zone 'UTC')::date end
+                            )
+                        end as day
+                    ) as first
+                ) as changed (tutor_id, client_id, listing_id, first_day)
                 cross join lateral (values
                     (changed.tutor_id),
                     (changed.client_id),
                     ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -522,6 +531,9 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
@@ -540,69 +552,63 @@ begin
 
     begin
         if tg_op = 'INSERT' then
-            with changed (user_id, first_day) as (
-                select n.user_id, (least(n.created_at, n.available_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.user_id, (least(n.created_at, n.available_at) at time zone 'UTC')::date from new_rows n
+                ) as changed (user_id, first_day)
                 cross join lateral (values
                     (changed.user_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (user_id, first_day) as (
-                select o.user_id, (least(o.created_at, o.available_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.user_id, (least(o.created_at, o.available_at) at time zone 'UTC')::date from old_rows o
+                ) as changed (user_id, first_day)
                 cross join lateral (values
                     (changed.user_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (user_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.user_id), (n.user_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
-                            then least((least(o.created_at, o.available_at) at time zone 'UTC')::date, (least(n.created_at, n.available_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                            case when o.available_at is distinct from n.available_at then (least(o.available_at, n.available_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.user_id), (n.user_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
+                                then least((least(o.created_at, o.available_at) at time zone 'UTC')::date, (least(n.created_at, n.available_at) at time zone 'UTC')::date)
+                            else least(
+                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                                case when o.available_at is distinct from n.available_at then (least(o.available_at, n.available_at) at time zone 'UTC')::date end
+                            )
+                        end as day
+                    ) as first
+                ) as changed (user_id, first_day)
                 cross join lateral (values
                     (changed.user_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -644,86 +650,81 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.created_at) < v_today_start) then
+        if not exists (select from new_rows n where n.created_at < v_today_start) then
             return null;
         end if;
     elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.created_at) < v_today_start) then
+        if not exists (select from old_rows o where o.created_at < v_today_start) then
             return null;
         end if;
-    elsif not (exists (select from old_rows o where least(o.created_at) < v_today_start)
-               or exists (select from new_rows n where least(n.created_at) < v_today_start)) then
+    elsif not (exists (select from old_rows o where o.created_at < v_today_start)
+               or exists (select from new_rows n where n.created_at < v_today_start)) then
         return null;
     end if;
 
     begin
         if tg_op = 'INSERT' then
-            with changed (reviewee_id, first_day) as (
-                select n.reviewee_id, (least(n.created_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.reviewee_id, (n.created_at at time zone 'UTC')::date from new_rows n
+                ) as changed (reviewee_id, first_day)
                 cross join lateral (values
                     (changed.reviewee_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (reviewee_id, first_day) as (
-                select o.reviewee_id, (least(o.created_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.reviewee_id, (o.created_at at time zone 'UTC')::date from old_rows o
+                ) as changed (reviewee_id, first_day)
                 cross join lateral (values
                     (changed.reviewee_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (reviewee_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.reviewee_id), (n.reviewee_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
-                            then least((least(o.created_at) at time zone 'UTC')::date, (least(n.created_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.reviewee_id), (n.reviewee_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
+                                then least((o.created_at at time zone 'UTC')::date, (n.created_at at time zone 'UTC')::date)
+                            when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date
+                        end as day
+                    ) as first
+                ) as changed (reviewee_id, first_day)
                 cross join lateral (values
                     (changed.reviewee_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -765,6 +766,9 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
@@ -783,72 +787,66 @@ begin
 
     begin
         if tg_op = 'INSERT' then
-            with changed (sender_id, recipient_id, first_day) as (
-                select n.sender_id, n.recipient_id, (least(n.created_at, n.read_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.sender_id, n.recipient_id, (least(n.created_at, n.read_at) at time zone 'UTC')::date from new_rows n
+                ) as changed (sender_id, recipient_id, first_day)
                 cross join lateral (values
                     (changed.sender_id),
                     (changed.recipient_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (sender_id, recipient_id, first_day) as (
-                select o.sender_id, o.recipient_id, (least(o.created_at, o.read_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.sender_id, o.recipient_id, (least(o.created_at, o.read_at) at time zone 'UTC')::date from old_rows o
+                ) as changed (sender_id, recipient_id, first_day)
                 cross join lateral (values
                     (changed.sender_id),
                     (changed.recipient_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (sender_id, recipient_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.sender_id, o.recipient_id), (n.sender_id, n.recipient_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
-                            then least((least(o.created_at, o.read_at) at time zone 'UTC')::date, (least(n.created_at, n.read_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                            case when o.read_at is distinct from n.read_at then (least(o.read_at, n.read_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.sender_id, o.recipient_id), (n.sender_id, n.recipient_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
+                                then least((least(o.created_at, o.read_at) at time zone 'UTC')::date, (least(n.created_at, n.read_at) at time zone 'UTC')::date)
+                            else least(
+                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                                case when o.read_at is distinct from n.read_at then (least(o.read_at, n.read_at) at time zone 'UTC')::date end
+                            )
+                        end as day
+                    ) as first
+                ) as changed (sender_id, recipient_id, first_day)
                 cross join lateral (values
                     (changed.sender_id),
                     (changed.recipient_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -890,6 +888,9 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
@@ -908,69 +909,63 @@ begin
 
     begin
         if tg_op = 'INSERT' then
-            with changed (referrer_id, first_day) as (
-                select n.referrer_id, (least(n.created_at, n.converted_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.referrer_id, (least(n.created_at, n.converted_at) at time zone 'UTC')::date from new_rows n
+                ) as changed (referrer_id, first_day)
                 cross join lateral (values
                     (changed.referrer_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (referrer_id, first_day) as (
-                select o.referrer_id, (least(o.created_at, o.converted_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.referrer_id, (least(o.created_at, o.converted_at) at time zone 'UTC')::date from old_rows o
+                ) as changed (referrer_id, first_day)
                 cross join lateral (values
                     (changed.referrer_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (referrer_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.referrer_id), (n.referrer_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
-                            then least((least(o.created_at, o.converted_at) at time zone 'UTC')::date, (least(n.created_at, n.converted_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                            case when o.converted_at is distinct from n.converted_at then (least(o.converted_at, n.converted_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.referrer_id), (n.referrer_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
+                                then least((least(o.created_at, o.converted_at) at time zone 'UTC')::date, (least(n.created_at, n.converted_at) at time zone 'UTC')::date)
+                            else least(
+                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
+                                case when o.converted_at is distinct from n.converted_at then (least(o.converted_at, n.converted_at) at time zone 'UTC')::date end
+                            )
+                        end as day
+                    ) as first
+                ) as changed (referrer_id, first_day)
                 cross join lateral (values
                     (changed.referrer_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -1012,86 +1007,81 @@ as $function$
 declare
     v_today constant date := (now() at time zone 'UTC')::date;
     v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
+    v_users uuid[];
+    v_first_days date[];
+    v_platform_first_day date;
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
     if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.computed_at) < v_today_start) then
+        if not exists (select from new_rows n where n.computed_at < v_today_start) then
             return null;
         end if;
     elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.computed_at) < v_today_start) then
+        if not exists (select from old_rows o where o.computed_at < v_today_start) then
             return null;
         end if;
-    elsif not (exists (select from old_rows o where least(o.computed_at) < v_today_start)
-               or exists (select from new_rows n where least(n.computed_at) < v_today_start)) then
+    elsif not (exists (select from old_rows o where o.computed_at < v_today_start)
+               or exists (select from new_rows n where n.computed_at < v_today_start)) then
         return null;
     end if;
 
     begin
         if tg_op = 'INSERT' then
-            with changed (user_id, first_day) as (
-                select n.user_id, (least(n.computed_at) at time zone 'UTC')::date from new_rows n
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select n.user_id, (n.computed_at at time zone 'UTC')::date from new_rows n
+                ) as changed (user_id, first_day)
                 cross join lateral (values
                     (changed.user_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         elsif tg_op = 'DELETE' then
-            with changed (user_id, first_day) as (
-                select o.user_id, (least(o.computed_at) at time zone 'UTC')::date from old_rows o
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select o.user_id, (o.computed_at at time zone 'UTC')::date from old_rows o
+                ) as changed (user_id, first_day)
                 cross join lateral (values
                     (changed.user_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
         else
-            with changed (user_id, first_day) as (
-                select side.*, first.day
-                from old_rows o
-                full join new_rows n on n.id = o.id
-                cross join lateral (values (o.user_id), (n.user_id)) as side
-                cross join lateral (
-                    select case
-                        when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
-                            then least((least(o.computed_at) at time zone 'UTC')::date, (least(n.computed_at) at time zone 'UTC')::date)
-                        else least(
-                            case when o.computed_at is distinct from n.computed_at then (least(o.computed_at, n.computed_at) at time zone 'UTC')::date end
-                        )
-                    end as day
-                ) as first
-            ),
-            logged_users as (
-                insert into "statskit".user_changes (user_id, first_day)
-                select affected.user_id, min(changed.first_day)
-                from changed
+            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
+            into v_users, v_first_days, v_platform_first_day
+            from (
+                select affected.user_id, min(changed.first_day) as first_day
+                from (
+                    select side.*, first.day
+                    from old_rows o
+                    full join new_rows n on n.id = o.id
+                    cross join lateral (values (o.user_id), (n.user_id)) as side
+                    cross join lateral (
+                        select case
+                            when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
+                                then least((o.computed_at at time zone 'UTC')::date, (n.computed_at at time zone 'UTC')::date)
+                            when o.computed_at is distinct from n.computed_at then (least(o.computed_at, n.computed_at) at time zone 'UTC')::date
+                        end as day
+                    ) as first
+                ) as changed (user_id, first_day)
                 cross join lateral (values
                     (changed.user_id)
                 ) as affected (user_id)
-                where changed.first_day < v_today and affected.user_id is not null
+                where changed.first_day < v_today
                 group by affected.user_id
-            )
-            insert into "statskit".platform_changes (first_day)
-            select min(changed.first_day) from changed where changed.first_day < v_today
-            having min(changed.first_day) is not null;
+            ) as logged;
+        end if;
+        if v_platform_first_day is not null then
+            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
