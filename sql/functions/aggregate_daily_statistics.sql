@@ -252,10 +252,23 @@ begin
         cross join referral_days_on_d
         where s.date = p_date - 1 and not v_from_history
         union all
-        select total_users, new_users, total_tutors, total_clients, total_agents, active_listings,
-               bookings_created, sessions_completed, sessions_cancelled, hours_completed,
-               gross_revenue, tutor_earnings, reviews_created, average_rating, messages_sent,
-               referrals_converted, ratings
+        select total_users,
+               new_users,
+               total_tutors,
+               total_clients,
+               total_agents,
+               active_listings,
+               bookings_created,
+               sessions_completed,
+               sessions_cancelled,
+               hours_completed,
+               gross_revenue,
+               tutor_earnings,
+               reviews_created,
+               average_rating,
+               messages_sent,
+               referrals_converted,
+               ratings
         from "statskit".platform_statistics_daily_sums s
         where s.date = p_date and not v_from_history
     ),
@@ -410,15 +423,43 @@ begin
     ),
     saved as (
         insert into "statskit".platform_statistics_daily_sums as s (
-            date, total_users, new_users, total_tutors, total_clients, total_agents,
-            active_listings, bookings_created, sessions_completed, sessions_cancelled,
-            hours_completed, gross_revenue, tutor_earnings, reviews_created, average_rating,
-            messages_sent, referrals_converted, ratings
+            date,
+            total_users,
+            new_users,
+            total_tutors,
+            total_clients,
+            total_agents,
+            active_listings,
+            bookings_created,
+            sessions_completed,
+            sessions_cancelled,
+            hours_completed,
+            gross_revenue,
+            tutor_earnings,
+            reviews_created,
+            average_rating,
+            messages_sent,
+            referrals_converted,
+            ratings
         )
-        select p_date, total_users, new_users, total_tutors, total_clients, total_agents,
-               active_listings, bookings_created, sessions_completed, sessions_cancelled,
-               hours_completed, gross_revenue, tutor_earnings, reviews_created, average_rating,
-               messages_sent, referrals_converted, ratings
+        select p_date,
+               total_users,
+               new_users,
+               total_tutors,
+               total_clients,
+               total_agents,
+               active_listings,
+               bookings_created,
+               sessions_completed,
+               sessions_cancelled,
+               hours_completed,
+               gross_revenue,
+               tutor_earnings,
+               reviews_created,
+               average_rating,
+               messages_sent,
+               referrals_converted,
+               ratings
         from sums
         where p_date < v_today
         on conflict (one_row) do update

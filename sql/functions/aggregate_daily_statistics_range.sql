@@ -178,9 +178,23 @@ begin
     ),
     changes as (
         select day, created_on,
-               total_users, new_users, total_tutors, total_clients, total_agents, active_listings,
-               bookings_created, sessions_completed, sessions_cancelled, hours_completed, gross_revenue,
-               tutor_earnings, reviews_created, average_rating, messages_sent, referrals_converted, ratings
+               total_users,
+               new_users,
+               total_tutors,
+               total_clients,
+               total_agents,
+               active_listings,
+               bookings_created,
+               sessions_completed,
+               sessions_cancelled,
+               hours_completed,
+               gross_revenue,
+               tutor_earnings,
+               reviews_created,
+               average_rating,
+               messages_sent,
+               referrals_converted,
+               ratings
         from first_days
         full join profile_days using (day)
         full join listing_days using (day)
