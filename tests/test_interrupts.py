@@ -112,7 +112,7 @@ def test_a_backfill_stopped_at_a_random_point_leaves_only_whole_days(migrated_ds
     assert all(n == whole[day] for day, n in stored.items())
     assert len(stored) < len(whole)  # stopped part way: the test holds a real interruption
     if signum != signal.SIGKILL:
-        assert run.returncode == 128 + signum
+        assert run.returncode == 128 + signum, err
         assert f"{committed_days(migrated_dsn)} of {DAYS} days committed" in err.strip().splitlines()[-1]
     resumed = subprocess.run([sys.executable, "-m", "toolkit", "backfill", "--from", str(FIRST), "--to", str(LAST),
                               "--resume", "--quiet", "--dsn", migrated_dsn], capture_output=True, text=True)

@@ -241,13 +241,22 @@ def backfill(target: Target, request: Request,
             progress.days_skipped = progress.days_done
         units = plan_units(request, progress.committed)
         _run(target, request, units, progress, report, notify, cancel)
+        _settle(run_conn)
         if request.user_id is None:  # every user's rows of these days are now computed with every metric
             for table in request.tables:
                 mark_filled(run_conn, rollup_table(target.catalog, table), request.first, request.last)
         return progress
     finally:
         if not run_conn.broken:  # else the lock went with the session
+            _settle(run_conn)
             run_conn.execute("select pg_advisory_unlock(hashtext(%s), 0)", [_run_lock_key(settings)])
+
+
+def _settle(conn: psycopg.Connection) -> None:
+    """End what a job left open on the target's own connection: a cancel of ours that reached it
+    during its rollback leaves the transaction failed, and the next statement would be refused."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.rollback()
 
 
 def _run(target: Target, request: Request, units: list[Unit], progress: Progress, report, notify,
@@ -268,14 +277,18 @@ def _run(target: Target, request: Request, units: list[Unit], progress: Progress
     def write_units(conn: psycopg.Connection) -> None:
         with guard:
             connections.append(conn)
-        while unit := next_unit():
-            written = _write_with_retries(conn, settings, target.catalog.users.key_type, request, unit, notify)
-            with guard:
-                progress.rows_written += written
-                progress.committed.setdefault(unit.table, set()).update(unit.days)
-                left[unit.chunk] -= 1
-                if left[unit.chunk] == 0:
-                    report(progress, unit.chunk)
+        try:
+            while unit := next_unit():
+                written = _write_with_retries(conn, settings, target.catalog.users.key_type, request, unit, notify)
+                with guard:
+                    progress.rows_written += written
+                    progress.committed.setdefault(unit.table, set()).update(unit.days)
+                    left[unit.chunk] -= 1
+                    if left[unit.chunk] == 0:
+                        report(progress, unit.chunk)
+        finally:
+            with guard:  # no cancel for a connection whose job is over (the target's goes on being used)
+                connections.remove(conn)
 
     def work(own_connection: bool):
         try:
@@ -314,7 +327,7 @@ def _wait(workers, connections, guard, cancel: threading.Event) -> None:
             worker.join(0.1)
         if cancel.is_set():
             with guard:
-                alive = [conn for conn in connections if not conn.closed]  # the target's own included
+                alive = [conn for conn in connections if not conn.closed]
             for conn in alive:
                 try:
                     conn.cancel_safe(timeout=2)
