@@ -154,7 +154,7 @@ class Deployment:
 
     def user_key(self, text: str) -> UserKey:
         """A user key typed in, as the catalog's key type holds it."""
-        return self.catalog.users.parse_key(text, "user_id")
+        return self.catalog.users.parse_key(text)
 
     # -- deploying ------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import psycopg
 
 from . import db
 from .catalog import Catalog, UserKey
-from .dates import check_range
+from .dates import check_range, yesterday
 from .deployment import mark_filled, require_deployment
 from .errors import StatskitError, UsageError
 from .migrate import Target
@@ -186,14 +186,10 @@ def chunks(first: date, last: date, size: int) -> list[tuple[date, date]]:
     return out
 
 
-def yesterday(conn: psycopg.Connection, time_zone: str) -> date:
-    return conn.execute("select (now() at time zone %s)::date - 1", [time_zone]).fetchone()[0]
-
-
 def check_request(target: Target, request: Request) -> tuple[Request, str | None]:
     """Validate against the database; a last day after yesterday is clamped, with a note saying so."""
-    conn, users = target.conn, target.catalog.users
-    settings = require_deployment(conn)
+    conn, users, settings = target.conn, target.catalog.users, target.settings
+    require_deployment(conn)
     check_range(request.first, request.last)
     if request.scope not in SCOPES:
         raise UsageError(f"{request.scope!r}: use users or platform", field="scope")

@@ -289,10 +289,11 @@ def _read_source_table(name: str, raw: dict) -> SourceTable:
     unknown = sorted((set(users) | set(owners) | {key}) - names)
     if unknown:
         raise UsageError(f"catalog: source table {name} names unknown column {', '.join(unknown)}")
-    if home not in users + tuple(owners):
+    table = SourceTable(name, raw.get("meaning", ""), tuple(columns), users, owners, home, key)
+    if home not in table.user_columns:
         raise UsageError(f"catalog: source table {name} has home = {home!r}: name the column of the user "
-                         f"each row belongs to, one of its users or owners ({', '.join(users + tuple(owners))})")
-    return SourceTable(name, raw.get("meaning", ""), tuple(columns), users, owners, home, key)
+                         f"each row belongs to, one of its users or owners ({', '.join(table.user_columns)})")
+    return table
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ class UserTable:
     created_at: str  # when the user signed up: the first day it has rows
     role: str  # which KPI set its dashboard shows
 
-    def parse_key(self, text: str, field: str = "user") -> "UserKey":
+    def parse_key(self, text: str, field: str = "user_id") -> "UserKey":
         """A user key typed in (a flag, an argument) as the value its column holds."""
         try:
             if self.key_type == "uuid":
@@ -328,6 +329,16 @@ UserKey = uuid.UUID | int | str  # a user's key, as parse_key gives it and psyco
 USER_KEY_TYPES = ("uuid", "bigint", "integer", "text")
 
 
+def _check_owners(source_tables: dict[str, SourceTable]) -> None:
+    """An `owners` column counts for the home user of the row it references: that table's home
+    must be a user column of its own, not another reference."""
+    for table in source_tables.values():
+        for column, owned in table.owners.items():
+            if owned not in source_tables or source_tables[owned].home not in source_tables[owned].users:
+                raise UsageError(f"catalog: {table.name}.owners.{column} = {owned!r}: name a source table "
+                                 f"whose home is one of its users columns")
+
+
 def _read_user_table(raw: dict, source_tables: dict[str, SourceTable]) -> UserTable:
     _refuse_unknown_keys(raw, {"table", "key", "created_at", "role"}, "user_table")
     table = source_tables.get(raw["table"])
@@ -346,10 +357,6 @@ def _read_user_table(raw: dict, source_tables: dict[str, SourceTable]) -> UserTa
             if other.column(column).type != key_type:
                 raise UsageError(f"catalog: {other.name}.{column} holds a user, so its type is the user key's "
                                  f"({key_type}), not {other.column(column).type}")
-        for column, owned in other.owners.items():
-            if owned not in source_tables or source_tables[owned].home not in source_tables[owned].users:
-                raise UsageError(f"catalog: {other.name}.owners.{column} = {owned!r}: name a source table "
-                                 f"whose home is one of its users columns")
     return UserTable(table.name, raw["key"], key_type, raw["created_at"], raw["role"])
 
 
@@ -534,6 +541,7 @@ def load_catalog(path: Path) -> Catalog:
         if "user_table" not in raw:
             raise UsageError(f"catalog {path} has no [user_table]: name the application's table of users, its key, "
                              f"created_at and role columns (docs/getting-started.md, \"Your own tables\")")
+        _check_owners(source_tables)
         users = _read_user_table(raw["user_table"], source_tables)
         platform = _read_rollup(raw["platform"], first, ids, per_user=False)
         for rollup in (user, platform):

@@ -27,6 +27,12 @@ EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""
 
 
+def _named(exc: StatskitError) -> str:
+    """The error's line with its field and options called by their flags (or the command's own
+    argument names, e.g. USER_ID)."""
+    return exc.named({**FLAGS, **click.get_current_context().meta.get("statskit.arguments", {})})
+
+
 class StatskitGroup(click.Group):
     """Turns statskit's own errors and database errors into one line on stderr and an exit code."""
 
@@ -34,7 +40,7 @@ class StatskitGroup(click.Group):
         try:
             return super().invoke(ctx)
         except StatskitError as exc:
-            self._fail(ctx, exc.named({**FLAGS, **ctx.meta.get("statskit.arguments", {})}), exc.exit_code)
+            self._fail(ctx, _named(exc), exc.exit_code)
         except psycopg.Error as exc:
             dsn = ctx.meta.get("statskit.dsn", "")
             # Permission denied means the database cannot be used with this login: like no connection.
@@ -505,7 +511,7 @@ def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
             done = app.verify(first_day, last_day, groups, sample_users, cron_dsn)
     except (StatskitError, psycopg.Error) as exc:
         if fmt != "text":  # a CI reads the report, not stderr: it holds the failure too
-            reason = exc.named(FLAGS) if isinstance(exc, StatskitError) else db.mask_secrets(db.describe_error(exc), dsn)
+            reason = _named(exc) if isinstance(exc, StatskitError) else db.mask_secrets(db.describe_error(exc), dsn)
             _print_report(fmt, [verify_core.Check("verify", "fail", f"could not run: {reason}")],
                           db.database_of(dsn) or "", first_day, last_day)
         raise

@@ -8,6 +8,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from .catalog import UserKey
+from .dates import yesterday
 from .errors import StatskitError, UsageError
 from .migrate import Target
 from .render import quote_ident
@@ -33,7 +34,7 @@ class MetricValue:
 def _day(target: Target, day: date | None) -> date:
     if day is not None:
         return day
-    return target.conn.execute("select (now() at time zone %s)::date - 1", [target.settings.time_zone]).fetchone()[0]
+    return yesterday(target.conn, target.settings.time_zone)
 
 
 def _call(target: Target, query: str, params: list) -> list[MetricValue]:

@@ -1,4 +1,5 @@
-"""Dates: strict ISO parsing of what the command line gives, and range checks, with one-line errors."""
+"""Dates: strict ISO parsing of what the command line gives, range checks with one-line errors,
+and the last complete day."""
 
 from datetime import date
 
@@ -17,3 +18,8 @@ def parse_date(text: str, option: str) -> date:
 def check_range(first: date, last: date) -> None:
     if first > last:
         raise UsageError(f"{first} is after the last day {last}: a reversed range", field="first")
+
+
+def yesterday(conn, time_zone: str) -> date:
+    """The last complete day in the statistics time zone, by the server's clock."""
+    return conn.execute("select (now() at time zone %s)::date - 1", [time_zone]).fetchone()[0]

@@ -8,6 +8,7 @@ from psycopg import sql
 
 from . import api, backfill, cron, deployment, migrate
 from .cluster import DEMO_PORT, LocalCluster
+from .dates import yesterday
 from .errors import StatskitError
 from .reference import marketplace
 
@@ -82,7 +83,7 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
         check_database(target, cron_dsn)
         say(f"loading a synthetic marketplace: {users} users, {days} days, seed {seed} ...")
         conn = target.conn
-        last_day = backfill.yesterday(conn, "UTC")
+        last_day = yesterday(conn, "UTC")
         market = marketplace.generate(users=users, days=days, seed=seed, last_day=last_day)
         with conn.transaction():
             marketplace.create_source_tables(conn)

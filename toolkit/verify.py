@@ -16,7 +16,7 @@ from . import access, cron, deployment
 from .catalog import Rollup
 from .db import first_line
 from .errors import StatskitError
-from .dates import check_range
+from .dates import check_range, yesterday
 from .migrate import Target
 from .render import FUNCTIONS, quote_ident
 from .settings import STATSKIT_SCHEMA, Settings
@@ -272,8 +272,8 @@ def _check_capture(conn, target: Target) -> list[Check]:
 
 def default_window(conn, settings: Settings) -> tuple[date, date]:
     """The last 7 complete days in the statistics time zone."""
-    yesterday = conn.execute("select (now() at time zone %s)::date - 1", [settings.time_zone]).fetchone()[0]
-    return yesterday - timedelta(days=6), yesterday
+    last = yesterday(conn, settings.time_zone)
+    return last - timedelta(days=6), last
 
 
 def window(conn, settings: Settings, first: date | None = None, last: date | None = None) -> tuple[date, date]:
@@ -290,10 +290,10 @@ def _check_data(conn, target: Target, first: date, last: date) -> list[Check]:
     s = target.settings
     schema, source = quote_ident(s.schema), quote_ident(s.source_schema)
     user_table, platform_table, users = target.catalog.user.table, target.catalog.platform.table, target.catalog.users
-    yesterday = default_window(conn, s)[1]
-    rows_yesterday = conn.execute(f"select count(*) from {schema}.{user_table} where date = %s", [yesterday]).fetchone()[0]
+    last_complete = yesterday(conn, s.time_zone)
+    rows_yesterday = conn.execute(f"select count(*) from {schema}.{user_table} where date = %s", [last_complete]).fetchone()[0]
     # A window that ends with a yesterday the nightly job has not written yet is a freshness question, not a hole.
-    holes_last = last - timedelta(days=1) if last == yesterday and rows_yesterday == 0 else last
+    holes_last = last - timedelta(days=1) if last == last_complete and rows_yesterday == 0 else last
     missing = conn.execute(
         f"select d::date, count(*) from generate_series(%s::date, %s::date, interval '1 day') d"
         f" join {source}.{users.name} p on p.{users.created_at} < (d::date + 1)::timestamp at time zone %s"
@@ -328,11 +328,11 @@ def _check_data(conn, target: Target, first: date, last: date) -> list[Check]:
         ok="every metric column was filled for the days stored before it"))
     hour = datetime.now(timezone.utc).hour
     if rows_yesterday:
-        checks.append(Check("data freshness", "pass", f"rows for {yesterday} exist"))
+        checks.append(Check("data freshness", "pass", f"rows for {last_complete} exist"))
     elif hour >= USER_JOB_HOUR_UTC + 1:
-        checks.append(Check("data freshness", "warn", f"no rows for {yesterday} although the user job runs at 01:00 UTC"))
+        checks.append(Check("data freshness", "warn", f"no rows for {last_complete} although the user job runs at 01:00 UTC"))
     else:
-        checks.append(Check("data freshness", "pass", f"rows for {yesterday} are not due before 01:00 UTC"))
+        checks.append(Check("data freshness", "pass", f"rows for {last_complete} are not due before 01:00 UTC"))
     return checks
 
 
