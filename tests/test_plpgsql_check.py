@@ -10,7 +10,7 @@ def plpgsql_findings(dsn: str, key_type: str = "uuid") -> dict:
     of the change log, with all its warnings."""
     findings = {}
     functions = [signature("public", name, key_type) for name in FUNCTIONS]
-    functions.append(f"statskit.log_changes({key_type}[], date[], date)")
+    functions.append(f"statskit.log_changes({key_type}[], timestamptz[])")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("create extension if not exists plpgsql_check")
         for function in functions:
@@ -47,7 +47,7 @@ def test_every_capture_trigger_function_passes_plpgsql_check(migrated_dsn):
         for table in tables:
             rows = conn.execute(
                 "select level, lineno, message from plpgsql_check_function_tb(%s::regprocedure, %s::regclass,"
-                " fatal_errors => false, oldtable => 'old_rows', newtable => 'new_rows', all_warnings => true)",
+                " fatal_errors => false, oldtable => 'old_rows', newtable => 'changed_rows', all_warnings => true)",
                 [f"statskit.capture_{table}()", f"public.{table}"]).fetchall()
             if rows:
                 findings[table] = rows

@@ -68,3 +68,16 @@ def test_no_module_of_toolkit_imports_one_that_imports_it_back():
         return None
 
     assert [c for c in map(cycle, graph) if c] == []
+
+
+def test_the_repeated_block_count_sees_a_copy_and_only_a_copy():
+    """tools/repeated_blocks.py, which CI runs against its limits: a block of 4 lines written again
+    (re-indented, a comment between) counts 4 repeated lines; 3 lines again, or the same lines in
+    another order, count none."""
+    import sys
+    sys.path.insert(0, str(REPO / "tools"))
+    from repeated_blocks import normalized, repeated
+    block = "select a,\n  b\nfrom t\nwhere c\n"
+    assert repeated(normalized(block + "-- again\n" + "    select a,\n b\n  from t\nwhere c\n")) == (1, 4)
+    assert repeated(normalized(block + "select a,\n  b\nfrom t\n")) == (0, 0)
+    assert repeated(normalized(block + "where c\nfrom t\n  b\nselect a,\n")) == (0, 0)

@@ -78,9 +78,15 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
     assert stored(loaded_dsn) == before
 
     with psycopg.connect(loaded_dsn, autocommit=True) as conn:  # the next night, as the upgraded job runs it
+        # a correction made after the upgrade reaches the rollup: the capture triggers the previous
+        # release made were re-created for the functions that read them
+        completed = conn.execute("update bookings set duration_minutes = duration_minutes + 30 where id = "
+                                 "(select min(id) from bookings where completed_at < %s) returning completed_at::date",
+                                 [LAST]).fetchone()[0]
         conn.execute("select aggregate_user_changes()")
         conn.execute("select aggregate_user_statistics(null, %s)", [NEXT])
-        assert differences(expected_user_rows(conn, NEXT), stored_user_rows(conn, NEXT)) == []
+        for day in (completed, NEXT):
+            assert differences(expected_user_rows(conn, day), stored_user_rows(conn, day)) == []
 
 
 class DashboardReader(threading.Thread):

@@ -99,6 +99,11 @@ FAULTS = [
         " E'ERROR:  division by zero\\nCONTEXT:  PL/pgSQL function aggregate_user_statistics(uuid,date) line 9',"
         " now() - interval '1 hour', now() - interval '1 hour' from cron.job where database = %s and jobname = 'aggregate-user-statistics'"),
      "cron health aggregate-user-statistics", "ERROR:  division by zero"),
+    ("trigger with other transition tables", in_target(
+        "drop trigger statskit_capture_insert on bookings;"
+        " create trigger statskit_capture_insert after insert on bookings referencing new table as new_rows"
+        " for each statement execute function statskit.capture_bookings()"),
+     "capture triggers", "26 of 27 triggers on the source tables: run statskit migrate"),
     ("missing day of rows", in_target("delete from user_statistics_daily where date = '2026-03-27'"),
      "data user rows", "missing on 2026-03-27"),
     ("missing platform day", in_target("delete from platform_statistics_daily where date = '2026-03-26'"),

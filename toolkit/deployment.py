@@ -6,6 +6,7 @@ from datetime import date
 
 import psycopg
 
+from . import compiler
 from .catalog import Catalog
 from .errors import NotMigrated, StatskitError, UsageError
 from .render import FUNCTIONS, quote_ident, signature
@@ -330,8 +331,14 @@ def stale_overloads(conn: psycopg.Connection, settings: Settings, key_type: str)
 
 
 def capture_triggers(conn: psycopg.Connection, settings: Settings, catalog: Catalog) -> int:
-    """How many of statskit's capture triggers the source tables carry (3 per table when installed)."""
+    """How many of statskit's capture triggers the source tables carry with the transition tables
+    their functions read (3 per table when installed; one an earlier statskit made counts once
+    migrate has re-created it)."""
     return conn.execute(
-        "select count(*) from pg_trigger t where t.tgname like 'statskit\\_capture\\_%%'"
-        " and t.tgrelid in (select to_regclass(r) from unnest(%s::text[]) r)",
-        [[f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]]).fetchone()[0]
+        "select count(*) from pg_trigger t"
+        " join unnest(%s::text[], %s::text[], %s::text[]) as wanted (event, old_table, new_table)"
+        "   on t.tgname = 'statskit_capture_' || wanted.event"
+        "  and (t.tgoldtable, t.tgnewtable) is not distinct from (wanted.old_table::name, wanted.new_table::name)"
+        " where t.tgrelid in (select to_regclass(r) from unnest(%s::text[]) r)",
+        [*map(list, zip(*compiler.TRIGGERS)),
+         [f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]]).fetchone()[0]

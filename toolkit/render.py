@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import project
+from . import compiler, project
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
 from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
@@ -129,6 +129,9 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "writer_role": WRITER_ROLE,
         "row_security": settings.row_security,
         "source_tables": catalog.source_tables,
+        "captured": compiler.captured_tables(catalog.source_tables, source),
+        "triggers": compiler.TRIGGERS,
+        "referencing": compiler.referencing,
         "functions": FUNCTIONS,
         "user_table": catalog.users,
         "key_type": catalog.users.key_type,

@@ -15,30 +15,33 @@
 -- A failing capture never fails the application's write: any error, or a log locked for more
 -- than a second, becomes a WARNING, and the change reaches the rollup only through a backfill.
 
--- The one writer of the change log: every table's capture function below hands it what it found.
--- It runs with its caller's rights (the capture functions are SECURITY DEFINER); anyone else
--- calling it lacks INSERT on the log. PL/pgSQL, not SQL: PostgreSQL 15 plans an SQL function's
--- body again at every call, a cost on each backdated write, where PL/pgSQL keeps the plan. No
--- SET clause either (one more cost per call): its caller's search_path holds, and it names every
--- relation with its schema.
+-- The one writer of the change log: every table's capture function below hands it the users its
+-- rows count for (NULL for a row that counts for none), each with the earliest moment before
+-- today at which the change can have moved a statistic. It logs each user with the day of their
+-- moment, and the platform with the first day of all. It runs with its caller's rights (the
+-- capture functions are SECURITY DEFINER); anyone else calling it lacks INSERT on the log.
+-- PL/pgSQL, not SQL: PostgreSQL 15 plans an SQL function's body again at every call, a cost on
+-- each backdated write, where PL/pgSQL keeps the plan. No SET clause either (one more cost per
+-- call): its caller's search_path holds, and it names every relation with its schema.
 create or replace function "statskit".log_changes(
     p_users uuid[],
-    p_first_days date[],
-    p_platform_first_day date
+    p_moments timestamptz[]
 )
 returns void
 language plpgsql
 as $function$
 begin
     insert into "statskit".user_changes (user_id, first_day)
-    select changed.user_id, changed.first_day
-    from unnest(p_users, p_first_days) as changed (user_id, first_day)
+    select changed.user_id, (changed.moment at time zone 'UTC')::date
+    from unnest(p_users, p_moments) as changed (user_id, moment)
     where changed.user_id is not null;
     insert into "statskit".platform_changes (first_day)
-    select p_platform_first_day
-    where p_platform_first_day is not null;
+    select (min(changed.moment) at time zone 'UTC')::date
+    from unnest(p_moments) as changed (moment);
 end;
 $function$;
+-- made by statskit before the capture functions handed over moments
+drop function if exists "statskit".log_changes(uuid[], date[], date);
 
 create or replace function "statskit".capture_profiles()
 returns trigger
@@ -49,83 +52,50 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where n.created_at < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where r.created_at < v_today_start)
+           and not exists (select from changed_rows r where r.created_at < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where o.created_at < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where o.created_at < v_today_start)
-               or exists (select from new_rows n where n.created_at < v_today_start)) then
+    elsif not exists (select from changed_rows r where r.created_at < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.id, (n.created_at at time zone 'UTC')::date from new_rows n
-                ) as changed (id, first_day)
-                cross join lateral (values
-                    (changed.id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
+                            then least(o.created_at, n.created_at)
+                        else case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end
+                    end as moment) as changed
+                cross join lateral unnest(array[o.id, n.id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.id, (o.created_at at time zone 'UTC')::date from old_rows o
-                ) as changed (id, first_day)
-                cross join lateral (values
-                    (changed.id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.id), (n.id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
-                                then least((o.created_at at time zone 'UTC')::date, (n.created_at at time zone 'UTC')::date)
-                            when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date
-                        end as day
-                    ) as first
-                ) as changed (id, first_day)
-                cross join lateral (values
-                    (changed.id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select r.created_at as moment) as changed
+                cross join lateral unnest(array[r.id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -134,27 +104,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".profiles'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".profiles
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_profiles();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".profiles'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".profiles
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_profiles();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".profiles'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".profiles
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_profiles();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_listings()
 returns trigger
@@ -165,87 +114,54 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.created_at, n.published_at, n.archived_at) < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where least(r.created_at, r.published_at, r.archived_at) < v_today_start)
+           and not exists (select from changed_rows r where least(r.created_at, r.published_at, r.archived_at) < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.created_at, o.published_at, o.archived_at) < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where least(o.created_at, o.published_at, o.archived_at) < v_today_start)
-               or exists (select from new_rows n where least(n.created_at, n.published_at, n.archived_at) < v_today_start)) then
+    elsif not exists (select from changed_rows r where least(r.created_at, r.published_at, r.archived_at) < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.tutor_id, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date from new_rows n
-                ) as changed (tutor_id, first_day)
-                cross join lateral (values
-                    (changed.tutor_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
+                            then least(o.created_at, o.published_at, o.archived_at, n.created_at, n.published_at, n.archived_at)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                            case when o.published_at is distinct from n.published_at then least(o.published_at, n.published_at) end,
+                            case when o.archived_at is distinct from n.archived_at then least(o.archived_at, n.archived_at) end
+                        )
+                    end as moment) as changed
+                cross join lateral unnest(array[o.tutor_id, n.tutor_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.tutor_id, (least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date from old_rows o
-                ) as changed (tutor_id, first_day)
-                cross join lateral (values
-                    (changed.tutor_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.tutor_id), (n.tutor_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
-                                then least((least(o.created_at, o.published_at, o.archived_at) at time zone 'UTC')::date, (least(n.created_at, n.published_at, n.archived_at) at time zone 'UTC')::date)
-                            else least(
-                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                                case when o.published_at is distinct from n.published_at then (least(o.published_at, n.published_at) at time zone 'UTC')::date end,
-                                case when o.archived_at is distinct from n.archived_at then (least(o.archived_at, n.archived_at) at time zone 'UTC')::date end
-                            )
-                        end as day
-                    ) as first
-                ) as changed (tutor_id, first_day)
-                cross join lateral (values
-                    (changed.tutor_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select least(r.created_at, r.published_at, r.archived_at) as moment) as changed
+                cross join lateral unnest(array[r.tutor_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -254,27 +170,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".listings'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".listings
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_listings();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".listings'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".listings
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_listings();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".listings'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".listings
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_listings();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_listing_views()
 returns trigger
@@ -285,83 +180,50 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where n.viewed_at < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where r.viewed_at < v_today_start)
+           and not exists (select from changed_rows r where r.viewed_at < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where o.viewed_at < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where o.viewed_at < v_today_start)
-               or exists (select from new_rows n where n.viewed_at < v_today_start)) then
+    elsif not exists (select from changed_rows r where r.viewed_at < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.listing_id, (n.viewed_at at time zone 'UTC')::date from new_rows n
-                ) as changed (listing_id, first_day)
-                cross join lateral (values
-                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
+                            then least(o.viewed_at, n.viewed_at)
+                        else case when o.viewed_at is distinct from n.viewed_at then least(o.viewed_at, n.viewed_at) end
+                    end as moment) as changed
+                cross join lateral unnest(array[(select owning.tutor_id from "public".listings owning where owning.id = o.listing_id), (select owning.tutor_id from "public".listings owning where owning.id = n.listing_id)]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.listing_id, (o.viewed_at at time zone 'UTC')::date from old_rows o
-                ) as changed (listing_id, first_day)
-                cross join lateral (values
-                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.listing_id), (n.listing_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
-                                then least((o.viewed_at at time zone 'UTC')::date, (n.viewed_at at time zone 'UTC')::date)
-                            when o.viewed_at is distinct from n.viewed_at then (least(o.viewed_at, n.viewed_at) at time zone 'UTC')::date
-                        end as day
-                    ) as first
-                ) as changed (listing_id, first_day)
-                cross join lateral (values
-                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select r.viewed_at as moment) as changed
+                cross join lateral unnest(array[(select owning.tutor_id from "public".listings owning where owning.id = r.listing_id)]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -370,27 +232,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".listing_views'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".listing_views
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_listing_views();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".listing_views'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".listing_views
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_listing_views();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".listing_views'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".listing_views
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_listing_views();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_bookings()
 returns trigger
@@ -401,95 +242,56 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) < v_today_start)
+           and not exists (select from changed_rows r where least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) < v_today_start)
-               or exists (select from new_rows n where least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) < v_today_start)) then
+    elsif not exists (select from changed_rows r where least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.tutor_id, n.client_id, n.listing_id, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date from new_rows n
-                ) as changed (tutor_id, client_id, listing_id, first_day)
-                cross join lateral (values
-                    (changed.tutor_id),
-                    (changed.client_id),
-                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
+                            then least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start, n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                            case when o.confirmed_at is distinct from n.confirmed_at then least(o.confirmed_at, n.confirmed_at) end,
+                            case when o.cancelled_at is distinct from n.cancelled_at then least(o.cancelled_at, n.cancelled_at) end,
+                            case when o.completed_at is distinct from n.completed_at then least(o.completed_at, n.completed_at) end,
+                            case when o.session_start is distinct from n.session_start then least(o.session_start, n.session_start) end
+                        )
+                    end as moment) as changed
+                cross join lateral unnest(array[o.tutor_id, o.client_id, (select owning.tutor_id from "public".listings owning where owning.id = o.listing_id), n.tutor_id, n.client_id, (select owning.tutor_id from "public".listings owning where owning.id = n.listing_id)]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.tutor_id, o.client_id, o.listing_id, (least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date from old_rows o
-                ) as changed (tutor_id, client_id, listing_id, first_day)
-                cross join lateral (values
-                    (changed.tutor_id),
-                    (changed.client_id),
-                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.tutor_id, o.client_id, o.listing_id), (n.tutor_id, n.client_id, n.listing_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
-                                then least((least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start) at time zone 'UTC')::date, (least(n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start) at time zone 'UTC')::date)
-                            else least(
-                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                                case when o.confirmed_at is distinct from n.confirmed_at then (least(o.confirmed_at, n.confirmed_at) at time zone 'UTC')::date end,
-                                case when o.cancelled_at is distinct from n.cancelled_at then (least(o.cancelled_at, n.cancelled_at) at time zone 'UTC')::date end,
-                                case when o.completed_at is distinct from n.completed_at then (least(o.completed_at, n.completed_at) at time zone 'UTC')::date end,
-                                case when o.session_start is distinct from n.session_start then (least(o.session_start, n.session_start) at time zone 'UTC')::date end
-                            )
-                        end as day
-                    ) as first
-                ) as changed (tutor_id, client_id, listing_id, first_day)
-                cross join lateral (values
-                    (changed.tutor_id),
-                    (changed.client_id),
-                    ((select o.tutor_id from "public".listings o where o.id = changed.listing_id))
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) as moment) as changed
+                cross join lateral unnest(array[r.tutor_id, r.client_id, (select owning.tutor_id from "public".listings owning where owning.id = r.listing_id)]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -498,27 +300,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".bookings'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".bookings
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_bookings();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".bookings'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".bookings
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_bookings();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".bookings'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".bookings
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_bookings();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_transactions()
 returns trigger
@@ -529,86 +310,53 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.created_at, n.available_at) < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where least(r.created_at, r.available_at) < v_today_start)
+           and not exists (select from changed_rows r where least(r.created_at, r.available_at) < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.created_at, o.available_at) < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where least(o.created_at, o.available_at) < v_today_start)
-               or exists (select from new_rows n where least(n.created_at, n.available_at) < v_today_start)) then
+    elsif not exists (select from changed_rows r where least(r.created_at, r.available_at) < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.user_id, (least(n.created_at, n.available_at) at time zone 'UTC')::date from new_rows n
-                ) as changed (user_id, first_day)
-                cross join lateral (values
-                    (changed.user_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
+                            then least(o.created_at, o.available_at, n.created_at, n.available_at)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                            case when o.available_at is distinct from n.available_at then least(o.available_at, n.available_at) end
+                        )
+                    end as moment) as changed
+                cross join lateral unnest(array[o.user_id, n.user_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.user_id, (least(o.created_at, o.available_at) at time zone 'UTC')::date from old_rows o
-                ) as changed (user_id, first_day)
-                cross join lateral (values
-                    (changed.user_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.user_id), (n.user_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
-                                then least((least(o.created_at, o.available_at) at time zone 'UTC')::date, (least(n.created_at, n.available_at) at time zone 'UTC')::date)
-                            else least(
-                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                                case when o.available_at is distinct from n.available_at then (least(o.available_at, n.available_at) at time zone 'UTC')::date end
-                            )
-                        end as day
-                    ) as first
-                ) as changed (user_id, first_day)
-                cross join lateral (values
-                    (changed.user_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select least(r.created_at, r.available_at) as moment) as changed
+                cross join lateral unnest(array[r.user_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -617,27 +365,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".transactions'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".transactions
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_transactions();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".transactions'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".transactions
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_transactions();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".transactions'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".transactions
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_transactions();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_reviews()
 returns trigger
@@ -648,83 +375,50 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where n.created_at < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where r.created_at < v_today_start)
+           and not exists (select from changed_rows r where r.created_at < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where o.created_at < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where o.created_at < v_today_start)
-               or exists (select from new_rows n where n.created_at < v_today_start)) then
+    elsif not exists (select from changed_rows r where r.created_at < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.reviewee_id, (n.created_at at time zone 'UTC')::date from new_rows n
-                ) as changed (reviewee_id, first_day)
-                cross join lateral (values
-                    (changed.reviewee_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
+                            then least(o.created_at, n.created_at)
+                        else case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end
+                    end as moment) as changed
+                cross join lateral unnest(array[o.reviewee_id, n.reviewee_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.reviewee_id, (o.created_at at time zone 'UTC')::date from old_rows o
-                ) as changed (reviewee_id, first_day)
-                cross join lateral (values
-                    (changed.reviewee_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.reviewee_id), (n.reviewee_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
-                                then least((o.created_at at time zone 'UTC')::date, (n.created_at at time zone 'UTC')::date)
-                            when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date
-                        end as day
-                    ) as first
-                ) as changed (reviewee_id, first_day)
-                cross join lateral (values
-                    (changed.reviewee_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select r.created_at as moment) as changed
+                cross join lateral unnest(array[r.reviewee_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -733,27 +427,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".reviews'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".reviews
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_reviews();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".reviews'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".reviews
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_reviews();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".reviews'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".reviews
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_reviews();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_messages()
 returns trigger
@@ -764,89 +437,53 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.created_at, n.read_at) < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where least(r.created_at, r.read_at) < v_today_start)
+           and not exists (select from changed_rows r where least(r.created_at, r.read_at) < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.created_at, o.read_at) < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where least(o.created_at, o.read_at) < v_today_start)
-               or exists (select from new_rows n where least(n.created_at, n.read_at) < v_today_start)) then
+    elsif not exists (select from changed_rows r where least(r.created_at, r.read_at) < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.sender_id, n.recipient_id, (least(n.created_at, n.read_at) at time zone 'UTC')::date from new_rows n
-                ) as changed (sender_id, recipient_id, first_day)
-                cross join lateral (values
-                    (changed.sender_id),
-                    (changed.recipient_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
+                            then least(o.created_at, o.read_at, n.created_at, n.read_at)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                            case when o.read_at is distinct from n.read_at then least(o.read_at, n.read_at) end
+                        )
+                    end as moment) as changed
+                cross join lateral unnest(array[o.sender_id, o.recipient_id, n.sender_id, n.recipient_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.sender_id, o.recipient_id, (least(o.created_at, o.read_at) at time zone 'UTC')::date from old_rows o
-                ) as changed (sender_id, recipient_id, first_day)
-                cross join lateral (values
-                    (changed.sender_id),
-                    (changed.recipient_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.sender_id, o.recipient_id), (n.sender_id, n.recipient_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
-                                then least((least(o.created_at, o.read_at) at time zone 'UTC')::date, (least(n.created_at, n.read_at) at time zone 'UTC')::date)
-                            else least(
-                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                                case when o.read_at is distinct from n.read_at then (least(o.read_at, n.read_at) at time zone 'UTC')::date end
-                            )
-                        end as day
-                    ) as first
-                ) as changed (sender_id, recipient_id, first_day)
-                cross join lateral (values
-                    (changed.sender_id),
-                    (changed.recipient_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select least(r.created_at, r.read_at) as moment) as changed
+                cross join lateral unnest(array[r.sender_id, r.recipient_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -855,27 +492,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".messages'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".messages
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_messages();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".messages'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".messages
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_messages();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".messages'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".messages
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_messages();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_referrals()
 returns trigger
@@ -886,86 +502,53 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where least(n.created_at, n.converted_at) < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where least(r.created_at, r.converted_at) < v_today_start)
+           and not exists (select from changed_rows r where least(r.created_at, r.converted_at) < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where least(o.created_at, o.converted_at) < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where least(o.created_at, o.converted_at) < v_today_start)
-               or exists (select from new_rows n where least(n.created_at, n.converted_at) < v_today_start)) then
+    elsif not exists (select from changed_rows r where least(r.created_at, r.converted_at) < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.referrer_id, (least(n.created_at, n.converted_at) at time zone 'UTC')::date from new_rows n
-                ) as changed (referrer_id, first_day)
-                cross join lateral (values
-                    (changed.referrer_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
+                            then least(o.created_at, o.converted_at, n.created_at, n.converted_at)
+                        else least(
+                            case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                            case when o.converted_at is distinct from n.converted_at then least(o.converted_at, n.converted_at) end
+                        )
+                    end as moment) as changed
+                cross join lateral unnest(array[o.referrer_id, n.referrer_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.referrer_id, (least(o.created_at, o.converted_at) at time zone 'UTC')::date from old_rows o
-                ) as changed (referrer_id, first_day)
-                cross join lateral (values
-                    (changed.referrer_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.referrer_id), (n.referrer_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
-                                then least((least(o.created_at, o.converted_at) at time zone 'UTC')::date, (least(n.created_at, n.converted_at) at time zone 'UTC')::date)
-                            else least(
-                                case when o.created_at is distinct from n.created_at then (least(o.created_at, n.created_at) at time zone 'UTC')::date end,
-                                case when o.converted_at is distinct from n.converted_at then (least(o.converted_at, n.converted_at) at time zone 'UTC')::date end
-                            )
-                        end as day
-                    ) as first
-                ) as changed (referrer_id, first_day)
-                cross join lateral (values
-                    (changed.referrer_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select least(r.created_at, r.converted_at) as moment) as changed
+                cross join lateral unnest(array[r.referrer_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -974,27 +557,6 @@ begin
     return null;
 end;
 $function$;
-
--- CREATE TRIGGER locks the table against writes: only when missing.
-do $triggers$
-begin
-    if not exists (select from pg_trigger where tgrelid = '"public".referrals'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".referrals
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_referrals();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".referrals'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".referrals
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_referrals();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".referrals'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".referrals
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_referrals();
-    end if;
-end
-$triggers$;
 
 create or replace function "statskit".capture_caas_scores()
 returns trigger
@@ -1005,83 +567,50 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '1s'
 as $function$
 declare
-    v_today constant date := (now() at time zone 'UTC')::date;
-    v_today_start constant timestamptz := v_today::timestamp at time zone 'UTC';
-    v_users uuid[];
-    v_first_days date[];
-    v_platform_first_day date;
+    v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
     -- Most writes are of today's events: they log nothing, and return before the handler below,
     -- whose subtransaction would cost every statement.
-    if tg_op = 'INSERT' then
-        if not exists (select from new_rows n where n.computed_at < v_today_start) then
+    if tg_op = 'UPDATE' then
+        if not exists (select from old_rows r where r.computed_at < v_today_start)
+           and not exists (select from changed_rows r where r.computed_at < v_today_start) then
             return null;
         end if;
-    elsif tg_op = 'DELETE' then
-        if not exists (select from old_rows o where o.computed_at < v_today_start) then
-            return null;
-        end if;
-    elsif not (exists (select from old_rows o where o.computed_at < v_today_start)
-               or exists (select from new_rows n where n.computed_at < v_today_start)) then
+    elsif not exists (select from changed_rows r where r.computed_at < v_today_start) then
         return null;
     end if;
 
     begin
-        if tg_op = 'INSERT' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+        -- Each row's moment is named once, and rows with none before today leave before their
+        -- owners are looked up.
+        if tg_op = 'UPDATE' then
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select n.user_id, (n.computed_at at time zone 'UTC')::date from new_rows n
-                ) as changed (user_id, first_day)
-                cross join lateral (values
-                    (changed.user_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                -- each row as it was (o) and as it is (n), paired by its key
+                select affected.user_id, min(changed.moment) as moment
+                from old_rows o
+                full join changed_rows n on n.id = o.id
+                cross join lateral (select case
+                        when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
+                            then least(o.computed_at, n.computed_at)
+                        else case when o.computed_at is distinct from n.computed_at then least(o.computed_at, n.computed_at) end
+                    end as moment) as changed
+                cross join lateral unnest(array[o.user_id, n.user_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        elsif tg_op = 'DELETE' then
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
-            from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select o.user_id, (o.computed_at at time zone 'UTC')::date from old_rows o
-                ) as changed (user_id, first_day)
-                cross join lateral (values
-                    (changed.user_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
-                group by affected.user_id
-            ) as logged;
+            ) as logged
+            having count(*) > 0;
         else
-            select array_agg(logged.user_id), array_agg(logged.first_day), min(logged.first_day)
-            into v_users, v_first_days, v_platform_first_day
+            perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.first_day) as first_day
-                from (
-                    select side.*, first.day
-                    from old_rows o
-                    full join new_rows n on n.id = o.id
-                    cross join lateral (values (o.user_id), (n.user_id)) as side
-                    cross join lateral (
-                        select case
-                            when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
-                                then least((o.computed_at at time zone 'UTC')::date, (n.computed_at at time zone 'UTC')::date)
-                            when o.computed_at is distinct from n.computed_at then (least(o.computed_at, n.computed_at) at time zone 'UTC')::date
-                        end as day
-                    ) as first
-                ) as changed (user_id, first_day)
-                cross join lateral (values
-                    (changed.user_id)
-                ) as affected (user_id)
-                where changed.first_day < v_today
+                select affected.user_id, min(changed.moment) as moment
+                from changed_rows r
+                cross join lateral (select r.computed_at as moment) as changed
+                cross join lateral unnest(array[r.user_id]) as affected (user_id)
+                where changed.moment < v_today_start
                 group by affected.user_id
-            ) as logged;
-        end if;
-        if v_platform_first_day is not null then
-            perform "statskit".log_changes(v_users, v_first_days, v_platform_first_day);
+            ) as logged
+            having count(*) > 0;
         end if;
     exception when others then
         raise warning 'statskit: change capture on %.% failed (%); the change is kept, and the rollup misses it until statskit backfill covers its days',
@@ -1091,23 +620,46 @@ begin
 end;
 $function$;
 
--- CREATE TRIGGER locks the table against writes: only when missing.
+-- Each table's three triggers. CREATE TRIGGER locks the table against
+-- writes: only when missing, or made with other transition tables (by an earlier statskit); a
+-- trigger is dropped only when it exists.
 do $triggers$
+declare
+    v_trigger record;
+    v_relation text;
 begin
-    if not exists (select from pg_trigger where tgrelid = '"public".caas_scores'::regclass and tgname = 'statskit_capture_insert') then
-        create trigger statskit_capture_insert after insert on "public".caas_scores
-            referencing new table as new_rows
-            for each statement execute function "statskit".capture_caas_scores();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".caas_scores'::regclass and tgname = 'statskit_capture_update') then
-        create trigger statskit_capture_update after update on "public".caas_scores
-            referencing old table as old_rows new table as new_rows
-            for each statement execute function "statskit".capture_caas_scores();
-    end if;
-    if not exists (select from pg_trigger where tgrelid = '"public".caas_scores'::regclass and tgname = 'statskit_capture_delete') then
-        create trigger statskit_capture_delete after delete on "public".caas_scores
-            referencing old table as old_rows
-            for each statement execute function "statskit".capture_caas_scores();
-    end if;
+    for v_trigger in
+        select source_table.name, event.name as event, event.old_table, event.new_table
+        from unnest(array[
+            'profiles',
+            'listings',
+            'listing_views',
+            'bookings',
+            'transactions',
+            'reviews',
+            'messages',
+            'referrals',
+            'caas_scores'
+        ]) as source_table (name)
+        cross join (values
+            ('insert', null, 'changed_rows'),
+            ('update', 'old_rows', 'changed_rows'),
+            ('delete', 'changed_rows', null)
+        ) as event (name, old_table, new_table)
+    loop
+        v_relation := format('%s.%I', '"public"', v_trigger.name);
+        if not exists (
+            select from pg_trigger t
+            where t.tgrelid = v_relation::regclass
+              and t.tgname = 'statskit_capture_' || v_trigger.event
+              and (t.tgoldtable, t.tgnewtable) is not distinct from (v_trigger.old_table::name, v_trigger.new_table::name)
+        ) then
+            execute format('drop trigger if exists %I on %s', 'statskit_capture_' || v_trigger.event, v_relation);
+            execute format('create trigger %I after %s on %s referencing %s for each statement execute function %s.%I()',
+                'statskit_capture_' || v_trigger.event, v_trigger.event, v_relation,
+                concat_ws(' ', 'old table as ' || v_trigger.old_table, 'new table as ' || v_trigger.new_table),
+                '"statskit"', 'capture_' || v_trigger.name);
+        end if;
+    end loop;
 end
 $triggers$;
