@@ -6,20 +6,40 @@ import pytest
 
 from conftest import SQL_DIR
 from toolkit.catalog import Span, load_catalog
+from toolkit.compiler import changed, changes, counts_on, leaving_day
 from toolkit.errors import UsageError
 
 
 def test_a_span_counts_from_the_day_it_enters_until_the_day_it_leaves():
-    assert Span("s", "1", "t.created_on").counts_on("p_date") == "t.created_on <= p_date"
-    assert Span("s", "1", "t.created_on", leaves="t.available_on").counts_on("p_date") == (
+    assert counts_on(Span("s", "1", "t.created_on"), "p_date") == "t.created_on <= p_date"
+    assert counts_on(Span("s", "1", "t.created_on", leaves="t.available_on"), "p_date") == (
         "t.created_on <= p_date and (t.available_on > p_date or t.available_on is null)")
-    assert Span("s", "1", "m.created_on", days=1).counts_on("p_date") == "m.created_on = p_date"
+    assert counts_on(Span("s", "1", "m.created_on", days=1), "p_date") == "m.created_on = p_date"
     month = Span("s", "1", "t.created_on", month=True)
-    assert month.counts_on("p_date") == "t.created_on between date_trunc('month', p_date::timestamp)::date and p_date"
-    assert month.leaving_day == "(date_trunc('month', t.created_on::timestamp) + interval '1 month')::date"
+    assert counts_on(month, "p_date") == "t.created_on between date_trunc('month', p_date::timestamp)::date and p_date"
+    assert leaving_day(month) == "(date_trunc('month', t.created_on::timestamp) + interval '1 month')::date"
     window = Span("s", "1", "v.viewed_on", days=30)
-    assert window.counts_on("p_date") == "v.viewed_on between p_date - 29 and p_date"
-    assert window.leaving_day == "v.viewed_on + 30"
+    assert counts_on(window, "p_date") == "v.viewed_on between p_date - 29 and p_date"
+    assert leaving_day(window) == "v.viewed_on + 30"
+
+
+def test_change_rows_name_each_event_and_each_sum_its_own_values():
+    """The VALUES of a source's change rows carry (event, day) only; each sum says which events
+    move it and by how much, so no row is a wall of zeros counted by position."""
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    bookings = next(s for s in catalog.user.sources if s.name == "booking_days")
+    found = changes(catalog.user, bookings)
+    assert ("month after completed_on", "(date_trunc('month', b.completed_on::timestamp) + interval '1 month')::date") in found.events
+    by_name = {s.name: s.aggregate for s in found.sums}
+    assert by_name["total_minutes"] == "sum(case change.event when 'completed_on' then b.duration_minutes end)"
+    assert by_name["monthly_minutes"] == ("sum(case change.event when 'completed_on' then b.duration_minutes"
+                                        " when 'month after completed_on' then -b.duration_minutes end)")
+    # the nightly step starts month windows again on the 1st: they never leave there
+    stepped = {s.name: s.aggregate for s in changes(catalog.user, bookings, step=True).sums}
+    assert stepped["monthly_minutes"] == by_name["total_minutes"]
+    transactions = next(s for s in catalog.user.sources if s.name == "transaction_days")
+    pending = next(s for s in changes(catalog.user, transactions).sums if s.name == "pending_earnings")
+    assert pending.aggregate.endswith("end) filter (where t.kind = 'earning')")
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -92,7 +112,7 @@ def test_changes_on_names_the_rows_of_d_and_the_indexes_that_find_them():
     catalog = load_catalog(SQL_DIR / "catalog.toml")
     assert catalog.user.offsets == [0, 30] and catalog.platform.offsets == [0, 1]
     views = next(s for s in catalog.user.sources if s.name == "listing_view_days")
-    assert views.changed("v") == ("(v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)\n"
+    assert changed(views, "v") == ("(v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)\n"
                                   "or (v.viewed_at >= v_from_30 and v.viewed_at < v_to_30)")
     lookups = catalog.step_lookups
     # a partitioned source is found by its key; a join's timestamp only in the table that has it

@@ -166,3 +166,39 @@ def test_a_source_no_metric_uses_is_refused_by_name(tmp_path, run_cli):
     result = run_cli("render", "--sql-dir", sql_copy)
     assert result.exit_code == 2
     assert result.output.strip() == "statskit: error: catalog: source orphan_days of user_statistics_daily feeds no metric"
+
+
+def unrelated_changes(before: str, after: str, name: str) -> list[str]:
+    """The lines a rendered file's diff changes that do not name `name`: none may, but for a line
+    that only gains the comma a new last item needs, and the sums' digest (it must change: it
+    says the sums are defined otherwise, and migrate rebuilds them)."""
+    import difflib
+    found = []
+    diff = list(difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0))
+    removed = [line[1:] for line in diff if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:] for line in diff if line.startswith("+") and not line.startswith("+++")]
+    for line in removed:
+        if name in line or line + "," in added or "statskit sums " in line:
+            continue
+        found.append(f"-{line}")
+    for line in added:
+        if name in line or (line.endswith(",") and line[:-1] in removed) or "statskit sums " in line:
+            continue
+        found.append(f"+{line}")
+    return found
+
+
+def test_a_new_metric_is_reviewed_by_the_lines_that_name_it(tmp_path):
+    """The rendered diff of a new metric is its review: every line it changes names the metric
+    (no wall of positional values gains a column, no list re-flows), plus its migration."""
+    from toolkit.render import render_all
+    shutil.copytree(SQL_DIR, tmp_path / "sql")
+    catalog = tmp_path / "sql" / "catalog.toml"
+    before = render_all(tmp_path / "sql")
+    add_migration(catalog, "0002_payments_made", "Add payments_made to user_statistics_daily")
+    catalog.write_text(catalog.read_text() + NEW_METRIC)
+    after = render_all(tmp_path / "sql")
+    assert set(after) - set(before) == {"migrations/0002_payments_made.sql", "migrations/0002_payments_made.rollback.sql"}
+    changed = [rel for rel in before if before[rel] != after[rel]]
+    assert "functions/aggregate_user_statistics_range.sql" in changed
+    assert {rel: unrelated_changes(before[rel], after[rel], "payments_made") for rel in changed} == {rel: [] for rel in changed}

@@ -182,7 +182,9 @@ def test_the_sums_stay_across_an_unchanged_deploy_and_go_with_capture(loaded_dsn
 
 def test_a_re_applied_function_file_keeps_the_sums_unless_what_defines_them_changed(loaded_dsn, tmp_path):
     """An upgrade re-creates the step's function (its text changed) but not its sums: the table's
-    comment names what defines them. A changed span re-creates them empty."""
+    comment names what defines them. A changed span re-creates them, and migrate rebuilds them
+    as of the last stored day, that day's rows left as stored: the next night steps from them to
+    the new definition's numbers."""
     sql = tmp_path / "sql"
     shutil.copytree(SQL_DIR, sql)
 
@@ -200,6 +202,16 @@ def test_a_re_applied_function_file_keeps_the_sums_unless_what_defines_them_chan
     marker = 'name = "cancelled_sessions"'
     head, tail = text.split(marker, 1)
     catalog.write_text(head + marker + tail.replace('value = "1"', 'value = "2"', 1))
-    deploy(loaded_dsn, sql)
+    with psycopg.connect(loaded_dsn) as conn:
+        stored = conn.execute("select to_jsonb(s) from user_statistics_daily s order by 1::text").fetchall()
+    assert any("sums of user_statistics_daily are defined otherwise now" in note and "as of 2026-03-01" in note
+               for note in deploy(loaded_dsn, sql).notes)
     with psycopg.connect(loaded_dsn, autocommit=True) as conn:
-        assert not sums_days(conn)
+        assert sums_days(conn) == kept
+        assert conn.execute("select to_jsonb(s) from user_statistics_daily s order by 1::text").fetchall() == stored
+        run_night(conn, date(2026, 3, 2))
+        doubled = conn.execute("select sum(cancelled_sessions) from user_statistics_daily where date = '2026-03-02'").fetchone()[0]
+        conn.execute("truncate statskit.user_statistics_daily_sums")  # the same day, summed from history
+        conn.execute("select aggregate_user_statistics(null, '2026-03-02')")
+        assert conn.execute("select sum(cancelled_sessions) from user_statistics_daily where date = '2026-03-02'").fetchone()[0] == doubled
+        assert doubled and doubled % 2 == 0

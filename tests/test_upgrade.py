@@ -67,6 +67,15 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
     assert "aggregate_daily_statistics_range(date, date) (an older signature)" in upgraded.output
     assert "created function public.aggregate_user_statistics\n" in upgraded.output
     assert stored(loaded_dsn) == before
+    # the sums the previous release kept are defined otherwise now: migrate says so and rebuilds
+    # them as of the last stored day, so the next night steps from them
+    for table in ("user_statistics_daily", "platform_statistics_daily"):
+        assert f"the nightly step's sums of {table} are defined otherwise now: migrate re-creates them and " \
+               f"rebuilds them as of {LAST}" in upgraded.output
+    with psycopg.connect(loaded_dsn) as conn:
+        users = conn.execute("select count(*) from user_statistics_daily where date = %s", [LAST]).fetchone()[0]
+        assert conn.execute("select count(*), min(date), max(date) from statskit.user_statistics_daily_sums").fetchone() \
+            == (users, LAST, LAST)
     assert "nothing to do" in run_cli("migrate", "--dsn", loaded_dsn).output
 
     verified = run_cli("verify", "--dsn", loaded_dsn, "--from", FIRST, "--to", LAST)

@@ -41,19 +41,13 @@ class Source:
     def offsets(self) -> list[int]:
         return [o for _, offsets in self.changes_on for o in offsets]
 
-    def changed(self, alias: str) -> str:
-        """Whether a row (of the source, or of its partition table) can change a sum on D: one
-        of its timestamps falls on a day the catalog names. The bounds are declared by
-        step_bounds (v_from_N, v_to_N: start and end of D - N)."""
-        return "\nor ".join(f"({alias}.{column} >= v_from_{o} and {alias}.{column} < v_to_{o})"
-                            for column, offsets in self.changes_on for o in offsets)
-
 
 @dataclass(frozen=True)
 class Span:
     """A metric's one definition: each row of `source` (matching `where`) adds `value` to the
-    metric on every day from `enters` up to, not including, `leaves` (never, when None or NULL).
-    Both are dates; a row whose `leaves` is not after `enters` never counts."""
+    metric on every day from `enters` up to, not including, `leaves` (never, when None or NULL),
+    or for `days` days, or to the end of the month it enters in. Both are dates; a row whose
+    `leaves` is not after `enters` never counts. toolkit/compiler.py makes SQL of it."""
 
     source: str
     value: str
@@ -64,40 +58,6 @@ class Span:
     final: str | None = None  # the stored value, from the sums by name; default: this sum
     days: int | None = None  # counts for this many days from `enters` (then `leaves` is enters + days)
     month: bool = False  # counts until the end of the month it enters in (then `leaves` is the 1st after)
-
-    def __post_init__(self):
-        if self.days:
-            object.__setattr__(self, "leaves", f"{self.enters} + {self.days}")
-        if self.month:
-            enters = self.enters if re.fullmatch(r"[\w.]+", self.enters) else f"({self.enters})"
-            object.__setattr__(self, "leaves", f"(date_trunc('month', {enters}::timestamp) + interval '1 month')::date")
-
-    def signed(self, sign: str) -> str:
-        value = f"case when {self.where} then {self.value} end" if self.where else self.value
-        if sign == "+":
-            return value
-        return f"-{value}" if value.isalnum() else f"-({value})"
-
-    def counts_on(self, day: str) -> str:
-        """Whether a row counts on `day`: it entered by then and has not left."""
-        if self.days == 1:
-            return f"{self.enters} = {day}"
-        if self.days:
-            return f"{self.enters} between {day} - {self.days - 1} and {day}"
-        if self.month:
-            return f"{self.enters} between date_trunc('month', {day}::timestamp)::date and {day}"
-        entered = f"{self.enters} <= {day}"
-        return f"{entered} and ({self.leaves} > {day} or {self.leaves} is null)" if self.leaves else entered
-
-    @property
-    def leaving_day(self) -> str | None:
-        # A row that leaves before it enters never counts (it leaves the day it enters); a row
-        # that never enters never leaves either (NULL, as for a NULL leaves).
-        if not self.leaves:
-            return None
-        if self.days or self.month:
-            return self.leaves
-        return f"case when {self.leaves} > {self.enters} then {self.leaves} when {self.leaves} <= {self.enters} then {self.enters} end"
 
 
 @dataclass(frozen=True)
@@ -123,6 +83,11 @@ class Metric:
     removed_in: str | None = None
     retyped_in: str | None = None
     was: str | None = None  # the type before retyped_in
+    sum: str | None = None  # what its sum is called when it holds something else (minutes of an hours metric)
+
+    @property
+    def sum_name(self) -> str:
+        return self.sum or self.name
 
     @property
     def nullable(self) -> bool:
@@ -131,7 +96,7 @@ class Metric:
     @property
     def stored_value(self) -> str:
         """The stored value from the sums: counts and sums are 0, not NULL, when nothing happened."""
-        value = self.span.final or self.name
+        value = self.span.final or self.sum_name
         return value if self.nullable else f"coalesce({value}, {self.default})"
 
 
@@ -156,7 +121,7 @@ class Rollup:
 
     @property
     def sums(self) -> tuple[Sum, ...]:
-        return tuple(Sum(m.name, m.span) for m in self.metrics) + self.helpers
+        return tuple(Sum(m.sum_name, m.span) for m in self.metrics) + self.helpers
 
     @property
     def offsets(self) -> list[int]:
@@ -165,26 +130,6 @@ class Rollup:
 
     def sums_of(self, source: Source) -> list[Sum]:
         return [s for s in self.sums if s.span.source == source.name]
-
-    def entered_by(self, source: Source, day: str) -> str:
-        """Whether a row of the source counts for any sum by `day`: none counts before it enters."""
-        enters = list(dict.fromkeys(s.span.enters for s in self.sums_of(source)))
-        first = enters[0] if len(enters) == 1 else f"least({', '.join(enters)})"
-        return f"{first} <= {day}"
-
-    def changes(self, source: Source, step: bool = False) -> tuple[list[Sum], list[tuple[str, list[str]]]]:
-        """The sums a source feeds, and its change rows: (day, signed value per sum), one per
-        distinct day expression. A row adds a value on the day it enters and takes it back on
-        the day it leaves. For the nightly `step`, month windows do not leave: on the 1st every
-        row they hold leaves at once, and the step starts those sums again from 0 instead."""
-        sums = self.sums_of(source)
-        leaving = {s.name: s.span.leaving_day for s in sums if not (step and s.span.month)}
-        days = list(dict.fromkeys(d for s in sums for d in (s.span.enters, leaving.get(s.name)) if d))
-        rows = []
-        for day in days:
-            values = ["+" if s.span.enters == day else "-" if leaving.get(s.name) == day else None for s in sums]
-            rows.append((day, [s.span.signed(sign) if sign else "0" for s, sign in zip(sums, values)]))
-        return sums, rows
 
     @property
     def tables_read(self) -> list[str]:
@@ -428,7 +373,8 @@ def _read_source(raw: dict, table: str, per_user: bool) -> Source:
 # The keys a span is written with, and those a metric adds: any other key is a typo the
 # catalog would otherwise ignore (`leave` for `leaves` would count a row for ever).
 SPAN_KEYS = {"name", "source", "value", "enters", "leaves", "days", "month", "where", "sum_type", "final"}
-METRIC_KEYS = SPAN_KEYS | {"group", "type", "unit", "default", "meaning", "added_in", "removed_in", "retyped_in", "was"}
+METRIC_KEYS = SPAN_KEYS | {"group", "type", "unit", "default", "meaning", "added_in", "removed_in", "retyped_in", "was",
+                           "sum"}
 
 
 def _refuse_unknown_keys(entry: dict, allowed: set[str], table: str) -> None:
@@ -467,6 +413,7 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
                 removed_in=m.get("removed_in"),
                 retyped_in=m.get("retyped_in"),
                 was=m.get("was"),
+                sum=check_identifier(m["sum"], "sum name") if "sum" in m else None,
             )
         )
     names = [m.name for m in metrics if m.removed_in is None]
@@ -478,6 +425,10 @@ def _read_rollup(raw: dict, first_migration: str, migration_ids: set[str], per_u
     helpers = tuple(Sum(check_identifier(h["name"], "helper name"), _read_span(h, table, source_names))
                     for h in raw.get("helpers", []))
     rollup = Rollup(table, raw.get("comment", ""), tuple(sources), tuple(metrics), helpers, raw.get("notes", "").strip())
+    sums = [s.name for s in rollup.sums]
+    duplicated = sorted({n for n in sums if sums.count(n) > 1})
+    if duplicated:
+        raise UsageError(f"catalog: {table} has two sums named {', '.join(duplicated)} (a metric's `sum`, or a helper)")
     unused = sorted(source_names - {s.span.source for s in rollup.sums})
     if unused:
         raise UsageError(f"catalog: source {', '.join(unused)} of {table} feeds no metric")

@@ -6,9 +6,177 @@ template only loops over fragments and puts them where they go. No template buil
 pieces of strings.
 """
 
+import re
 from dataclasses import dataclass
 
-from .catalog import SourceTable
+from .catalog import Rollup, Source, SourceTable, Span, Sum
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _negated(value: str) -> str:
+    return f"-{value}" if re.fullmatch(r"[\w.]+", value) else f"-({value})"
+
+
+# -- spans: the days a row counts on ----------------------------------------------------------
+
+def leaves(span: Span) -> str | None:
+    """The day a row of the span stops counting (NULL or None: never)."""
+    if span.days:
+        return f"{span.enters} + {span.days}"
+    if span.month:
+        enters = span.enters if re.fullmatch(r"[\w.]+", span.enters) else f"({span.enters})"
+        return f"(date_trunc('month', {enters}::timestamp) + interval '1 month')::date"
+    return span.leaves
+
+
+def leaving_day(span: Span) -> str | None:
+    """The day a row's value is taken back. A row that leaves before it enters never counts (it
+    leaves the day it enters); a row that never enters never leaves either (NULL, as for a NULL
+    leaves)."""
+    left = leaves(span)
+    if not left or span.days or span.month:
+        return left
+    return f"case when {left} > {span.enters} then {left} when {left} <= {span.enters} then {span.enters} end"
+
+
+def counts_on(span: Span, day: str) -> str:
+    """Whether a row counts on `day`: it entered by then and has not left."""
+    if span.days == 1:
+        return f"{span.enters} = {day}"
+    if span.days:
+        return f"{span.enters} between {day} - {span.days - 1} and {day}"
+    if span.month:
+        return f"{span.enters} between date_trunc('month', {day}::timestamp)::date and {day}"
+    entered = f"{span.enters} <= {day}"
+    return f"{entered} and ({span.leaves} > {day} or {span.leaves} is null)" if span.leaves else entered
+
+
+def day_sum(span: Span) -> str:
+    """A sum of D over a source's rows, as one filtered aggregate of the rows that count on D."""
+    conditions = [f"({span.where})" if " or " in span.where else span.where] if span.where else []
+    conditions.append(counts_on(span, "p_date"))
+    aggregate = "count(*)" if span.value == "1" else f"sum({span.value})"
+    return f"{aggregate} filter (where {' and '.join(conditions)})"
+
+
+def entered_by(rollup: Rollup, source: Source, day: str) -> str:
+    """Whether a row of the source counts for any sum by `day`: none counts before it enters."""
+    enters = list(dict.fromkeys(s.span.enters for s in rollup.sums_of(source)))
+    first = enters[0] if len(enters) == 1 else f"least({', '.join(enters)})"
+    return f"{first} <= {day}"
+
+
+def changed(source: Source, alias: str) -> str:
+    """Whether a row (of the source, or of its partition table) can change a sum on D: one of its
+    timestamps falls on a day the catalog's `changes_on` names. The bounds v_from_N and v_to_N
+    are the start and end of D - N."""
+    return "\nor ".join(f"({alias}.{column} >= v_from_{o} and {alias}.{column} < v_to_{o})"
+                        for column, offsets in source.changes_on for o in offsets)
+
+
+def day_bounds(offsets: list[int], time_zone: str) -> list[str]:
+    """The start (v_from_N) and end (v_to_N) of each day D - N that `offsets` names, as the
+    declarations of a function of p_date: D itself (0) for the sources' `scan` tests, and the
+    days the nightly step reads (the sources' `changes_on`)."""
+    zone = _literal(time_zone)
+    lines = []
+    for n in offsets:
+        start = "p_date" if n == 0 else f"(p_date - {n})"
+        end = "(p_date + 1)" if n == 0 else "p_date" if n == 1 else f"(p_date - {n - 1})"
+        lines += [f"v_from_{n} constant timestamptz := {start}::timestamp at time zone {zone};",
+                  f"v_to_{n} constant timestamptz := {end}::timestamp at time zone {zone};"]
+    return lines
+
+
+def stepped(item: Sum) -> str:
+    """A sum of D in the nightly step: the sum of D - 1 (none on the 1st, for a month window)
+    plus what changes on D."""
+    before = f"case when v_month_starts then 0 else s.{item.name} end" if item.span.month else f"s.{item.name}"
+    return f"{before} + coalesce({item.span.source}_on_d.{item.name}, 0)"
+
+
+def partition_filters(source: Source) -> list[str]:
+    """The nightly step's test that a row of a window or group source is in a partition with a
+    row that changes on D (partition_lists): whole partitions, so the window sees every row of each."""
+    _, keys = source.partition
+    tests = [f"{source.alias}.{key} = any (v_{source.name}_{key})" for key in keys]
+    if len(keys) > 1:
+        tests.append(f"concat_ws(' ', {', '.join(source.alias + '.' + key for key in keys)}) = any (v_{source.name}_keys)")
+    return tests
+
+
+# -- change rows: what each source row adds on the day it enters, and takes back when it leaves
+
+@dataclass(frozen=True)
+class ChangedSum:
+    name: str
+    sum_type: str
+    aggregate: str  # over a source's change rows: its value on the events it enters and leaves on
+
+
+@dataclass(frozen=True)
+class Changes:
+    """A source's change rows: one per event (a day a row enters or leaves some sum on, named),
+    and each sum as the aggregate of its own events' values."""
+
+    events: list[tuple[str, str]]  # (name, day)
+    sums: list[ChangedSum]
+
+
+def _event_name(span: Span, kind: str) -> str | None:
+    """What a span's day of entering or leaving is called: its column (`completed_on`), or the
+    window it ends (`month after created_on`, `30 days after viewed_on`)."""
+    def column(expression):
+        found = re.fullmatch(r"\w+\.(\w+)", expression)
+        return found and found.group(1)
+    if kind == "enters":
+        return column(span.enters)
+    if span.month or span.days:
+        entered = column(span.enters)
+        after = "month" if span.month else "day" if span.days == 1 else f"{span.days} days"
+        return entered and f"{after} after {entered}"
+    return column(span.leaves)
+
+
+def changes(rollup: Rollup, source: Source, step: bool = False) -> Changes:
+    """A row adds a sum's value on the day it enters and takes it back on the day it leaves. For
+    the nightly `step`, month windows do not leave: on the 1st every row they hold leaves at
+    once, and the step starts those sums again from 0 instead. Each event is named for its day
+    (_event_name), or for the sum that first enters or leaves on it."""
+    found = rollup.sums_of(source)
+    gone = {s.name: leaving_day(s.span) for s in found if not (step and s.span.month)}
+    events: dict[str, str] = {}  # day -> name
+    for item in found:
+        for day, kind in ((item.span.enters, "enters"), (gone.get(item.name), "leaves")):
+            if day and day not in events:
+                name = _event_name(item.span, kind)
+                events[day] = name if name and name not in events.values() else f"{item.name} {kind}"
+    sums = []
+    for item in found:
+        whens = [f"when {_literal(events[item.span.enters])} then {item.span.value}"]
+        if gone.get(item.name):
+            whens.append(f"when {_literal(events[gone[item.name]])} then {_negated(item.span.value)}")
+        aggregate = f"sum(case change.event {' '.join(whens)} end)"
+        if item.span.where:
+            aggregate += f" filter (where {item.span.where})"
+        sums.append(ChangedSum(item.name, item.span.sum_type, aggregate))
+    return Changes([(name, day) for day, name in events.items()], sums)
+
+
+def partition_lists(source: Source) -> tuple[list[str], list[str]]:
+    """The nightly step's lists of the partitions (of a window or group source) with a row that can
+    change on D: (variables, aggregates into them) for each key column, and for several keys
+    together as text (each key's values alone admit every combination of them)."""
+    table, keys = source.partition
+    targets = [f"v_{source.name}_{key}" for key in keys]
+    values = [f"array_agg(distinct k.{key})" for key in keys]
+    if len(keys) > 1:
+        targets.append(f"v_{source.name}_keys")
+        values.append(f"array_agg(distinct concat_ws(' ', {', '.join('k.' + key for key in keys)}))")
+    return targets, values
 
 # -- change capture -------------------------------------------------------------------------
 
@@ -49,16 +217,43 @@ class CapturedTable:
         moments = [f"{alias}.{column}" for column in self.table.timestamps]
         return moments[0] if len(moments) == 1 else f"least({', '.join(moments)})"
 
-    def users(self, *aliases: str) -> str:
-        """The users the rows count for, as one array: each users column, and the home user of
-        each row an owners column references."""
+    def users(self, *aliases: str) -> list[str]:
+        """The users the rows count for: each users column, and the home user of each row an
+        owners column references."""
         found = []
         for alias in aliases:
             found += [f"{alias}.{column}" for column in self.table.users]
             for column, owner in self.owners.items():
                 found.append(f"(select owning.{owner.home} from {self.source}.{owner.name} owning"
                              f" where owning.{owner.key} = {alias}.{column})")
-        return f"array[{', '.join(found)}]"
+        return found
+
+    def logged(self, update: bool) -> list[str]:
+        """Each user the changed rows count for, with the earliest moment before today one of its
+        rows can have moved a statistic at: an insert's or a delete's rows (`r`), or an
+        update's pairs. The moment, when it is more than a column, is named once (a lateral
+        select PostgreSQL flattens), so rows with none before today leave before their owners
+        are looked up."""
+        key = self.table.key
+        if update:
+            lines, users, moment = ["from old_rows o", f"full join changed_rows n on n.{key} = o.{key}"], \
+                self.users("o", "n"), self.update_moment()
+        else:
+            lines, users, moment = ["from changed_rows r"], self.users("r"), [self.first_moment("r")]
+        if len(moment) == 1 and re.fullmatch(r"\w+\.\w+", moment[0]):
+            named = moment[0]
+        elif len(moment) == 1:
+            named = "changed.moment"
+            lines.append(f"cross join lateral (select {moment[0]} as moment) as changed")
+        else:
+            named = "changed.moment"
+            lines += ["cross join lateral (", f"    select {moment[0]}", *(f"    {line}" for line in moment[1:-1]),
+                      f"    {moment[-1]} as moment", ") as changed"]
+        user = users[0] if len(users) == 1 else "affected.user_id"
+        if len(users) > 1:
+            lines.append(f"cross join lateral unnest(array[{', '.join(users)}]) as affected (user_id)")
+        user_id = user if user.endswith(".user_id") else f"{user} as user_id"
+        return [f"select {user_id}, min({named}) as moment", *lines, f"where {named} < v_today_start", "group by 1"]
 
     def update_moment(self) -> list[str]:
         """For an updated row (`o` as it was, `n` as it is; one of them missing when the key

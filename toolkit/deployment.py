@@ -6,10 +6,10 @@ from datetime import date
 
 import psycopg
 
-from . import compiler
+from . import compiler, dates
 from .catalog import Catalog
 from .errors import NotMigrated, StatskitError, UsageError
-from .render import FUNCTIONS, quote_ident, signature
+from .render import FUNCTIONS, quote_ident, signature, sums_digest
 from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 YOYO_MIGRATION_TABLE = "_yoyo_migration"
@@ -342,3 +342,55 @@ def capture_triggers(conn: psycopg.Connection, settings: Settings, catalog: Cata
         " where t.tgrelid in (select to_regclass(r) from unnest(%s::text[]) r)",
         [*map(list, zip(*compiler.TRIGGERS)),
          [f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]]).fetchone()[0]
+
+
+# The function that writes a rollup's day and keeps its sums, by rollup: called on a stored day,
+# it sums every key from history and leaves the sums of that day.
+ONE_DAY = {"user": "aggregate_user_statistics", "platform": "aggregate_daily_statistics"}
+
+
+@dataclass(frozen=True)
+class SumsRebuild:
+    rollup: str  # "user" or "platform"
+    table: str
+    day: date  # the last stored day before today: the sums are rebuilt as of it
+
+
+def sums_to_rebuild(conn: psycopg.Connection, settings: Settings, catalog: Catalog) -> list[SumsRebuild]:
+    """The rollups whose nightly sums the functions about to be applied re-create, because what
+    defines them changed (a metric added, a span or a sum renamed, another time zone), each with
+    the last day before today its table stores: migrate rebuilds them as of that day, so the next
+    night steps from them instead of summing every key from history."""
+    if not settings.capture:
+        return []
+    found = []
+    yesterday = dates.yesterday(conn, settings.time_zone)
+    for kind, rollup in (("user", catalog.user), ("platform", catalog.platform)):
+        sums = f"{STATSKIT_SCHEMA}.{rollup.table}_sums"
+        comment = conn.execute("select obj_description(to_regclass(%s), 'pg_class') from (select to_regclass(%s)) t (sums)"
+                               " where t.sums is not null", [sums, sums]).fetchone()
+        if comment is None or comment[0] == f"statskit sums {sums_digest(rollup, settings)}":
+            continue  # none yet (the first night sums from history), or still what they were
+        day = conn.execute(f"select max(date) from {quote_ident(settings.schema)}.{rollup.table} where date <= %s",
+                           [yesterday]).fetchone()[0]
+        if day is not None:
+            found.append(SumsRebuild(kind, rollup.table, day))
+    return found
+
+
+def rebuild_sums(conn: psycopg.Connection, settings: Settings, rebuild: SumsRebuild) -> None:
+    """Rebuild the sums as of the day, leaving its stored rows as they are: the day is written
+    again from history inside a savepoint (which leaves its sums), the sums are copied out, the
+    savepoint is rolled back (the rows the new definitions would change stay as stored; a
+    backfill rewrites them), and the copy goes back into the re-created table."""
+    sums = f"{STATSKIT_SCHEMA}.{quote_ident(rebuild.table + '_sums')}"
+    arguments = "null, %s" if rebuild.rollup == "user" else "%s"
+    conn.execute("savepoint statskit_sums")
+    conn.execute(f"select {quote_ident(settings.schema)}.{ONE_DAY[rebuild.rollup]}({arguments})", [rebuild.day])
+    with conn.cursor().copy(f"copy {sums} to stdout") as copy:
+        data = [bytes(block) for block in copy]
+    conn.execute("rollback to savepoint statskit_sums")
+    with conn.cursor().copy(f"copy {sums} from stdin") as copy:
+        for block in data:
+            copy.write(block)
+    conn.execute("release savepoint statskit_sums")

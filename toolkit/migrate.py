@@ -39,6 +39,7 @@ class MigratePlan:
     jobs: list[cron.Job] = field(default_factory=list)  # to (re)schedule
     cron_database: str | None = None  # None: --no-cron
     notes: list[str] = field(default_factory=list)  # things done on the way that the user should hear of
+    sums_rebuilt: list[deployment.SumsRebuild] = field(default_factory=list)  # re-created, then rebuilt as of a day
     unfilled: list[deployment.Unfilled] = field(default_factory=list)  # days where new metrics hold defaults
 
     @property
@@ -126,6 +127,9 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     ]
     # An older signature of a function of ours (an argument added since) would linger as an overload.
     result.drops = deployment.stale_overloads(conn, settings, target.catalog.users.key_type)
+    # the sums are re-created by their function's file: only when it is applied again
+    result.sums_rebuilt = [r for r in deployment.sums_to_rebuild(conn, settings, target.catalog)
+                           if deployment.ONE_DAY[r.rollup] in result.created_functions]
     applied_checksums = deployment.function_checksums(conn)
     access_sql = target.rendered[ACCESS_FILE]
     # After any re-created function too (CREATE OR REPLACE keeps the owner, but not when it
@@ -303,6 +307,10 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
         if target.stored and target.stored.cron and not target.settings.cron:
             advice.append("--no-cron: this deployment now has no pg_cron jobs for statskit to keep; jobs an "
                           "earlier migrate scheduled are left as they are (cron.unschedule removes them)")
+        advice += [f"the nightly step's sums of {r.table} are defined otherwise now: migrate re-creates them and "
+                   f"rebuilds them as of {r.day}, its last stored day (one day computed from history, in this "
+                   f"transaction; the stored rows stay as they are), so the next night steps from them"
+                   for r in checked.sums_rebuilt]
         checked.notes = advice
         if dry_run:
             return checked
@@ -330,6 +338,8 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
                         run(f"insert into {STATSKIT_SCHEMA}.function_checksums (function_name, sha256) values (%s, %s)"
                             " on conflict (function_name) do update set sha256 = excluded.sha256, applied_at = now()",
                             [name, deployment.checksum(text)])
+                    for rebuild in todo.sums_rebuilt:  # after every function they call is in place
+                        deployment.rebuild_sums(backend.connection, target.settings, rebuild)
                     deployment.save_settings(backend.connection, target.settings)
                     if todo.jobs:
                         deployment.record_jobs_scheduled(backend.connection)

@@ -72,6 +72,12 @@ def quote_literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def sums_digest(rollup: Rollup, settings: Settings) -> str:
+    """What the nightly step's sums of a rollup mean (its sources, its sums' spans, the days they
+    fall on): the sums table is kept across a re-applied function file while this holds."""
+    return digest(repr((settings.time_zone, settings.source_schema, rollup.sources, rollup.sums)))
+
+
 def writer_lock(settings: Settings) -> str:
     """Name of the one advisory lock every writer of the deployment's rollup takes first."""
     return f"{settings.schema}.rollup writers"
@@ -122,13 +128,14 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "user": user,
         "platform": platform,
         # what the nightly step's sums of each rollup mean: kept across a re-applied file while it holds
-        "sums_digests": {r.table: digest(repr((settings.time_zone, r.sources, r.sums))) for r in (user, platform)},
+        "sums_digests": {r.table: sums_digest(r, settings) for r in (catalog.user, catalog.platform)},
         "kpis": catalog.kpis,
         "roles": settings.roles,
         "reader_role": READER_ROLE,
         "writer_role": WRITER_ROLE,
         "row_security": settings.row_security,
         "source_tables": catalog.source_tables,
+        "sql": compiler,
         "captured": compiler.captured_tables(catalog.source_tables, source),
         "triggers": compiler.TRIGGERS,
         "referencing": compiler.referencing,

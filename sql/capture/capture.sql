@@ -66,8 +66,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -75,25 +73,25 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
                             then least(o.created_at, n.created_at)
                         else case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.id, n.id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.moment) as moment
+                select r.id as user_id, min(r.created_at) as moment
                 from changed_rows r
-                cross join lateral (select r.created_at as moment) as changed
-                cross join lateral unnest(array[r.id]) as affected (user_id)
-                where changed.moment < v_today_start
-                group by affected.user_id
+                where r.created_at < v_today_start
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -128,8 +126,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -137,7 +133,8 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
                             then least(o.created_at, o.published_at, o.archived_at, n.created_at, n.published_at, n.archived_at)
                         else least(
@@ -145,21 +142,21 @@ begin
                             case when o.published_at is distinct from n.published_at then least(o.published_at, n.published_at) end,
                             case when o.archived_at is distinct from n.archived_at then least(o.archived_at, n.archived_at) end
                         )
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.tutor_id, n.tutor_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.moment) as moment
+                select r.tutor_id as user_id, min(changed.moment) as moment
                 from changed_rows r
                 cross join lateral (select least(r.created_at, r.published_at, r.archived_at) as moment) as changed
-                cross join lateral unnest(array[r.tutor_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -194,8 +191,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -203,25 +198,25 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
                             then least(o.viewed_at, n.viewed_at)
                         else case when o.viewed_at is distinct from n.viewed_at then least(o.viewed_at, n.viewed_at) end
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[(select owning.tutor_id from "public".listings owning where owning.id = o.listing_id), (select owning.tutor_id from "public".listings owning where owning.id = n.listing_id)]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.moment) as moment
+                select (select owning.tutor_id from "public".listings owning where owning.id = r.listing_id) as user_id, min(r.viewed_at) as moment
                 from changed_rows r
-                cross join lateral (select r.viewed_at as moment) as changed
-                cross join lateral unnest(array[(select owning.tutor_id from "public".listings owning where owning.id = r.listing_id)]) as affected (user_id)
-                where changed.moment < v_today_start
-                group by affected.user_id
+                where r.viewed_at < v_today_start
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -256,8 +251,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -265,7 +258,8 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
                             then least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start, n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start)
                         else least(
@@ -275,10 +269,11 @@ begin
                             case when o.completed_at is distinct from n.completed_at then least(o.completed_at, n.completed_at) end,
                             case when o.session_start is distinct from n.session_start then least(o.session_start, n.session_start) end
                         )
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.tutor_id, o.client_id, (select owning.tutor_id from "public".listings owning where owning.id = o.listing_id), n.tutor_id, n.client_id, (select owning.tutor_id from "public".listings owning where owning.id = n.listing_id)]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
@@ -289,7 +284,7 @@ begin
                 cross join lateral (select least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) as moment) as changed
                 cross join lateral unnest(array[r.tutor_id, r.client_id, (select owning.tutor_id from "public".listings owning where owning.id = r.listing_id)]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -324,8 +319,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -333,28 +326,29 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
                             then least(o.created_at, o.available_at, n.created_at, n.available_at)
                         else least(
                             case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
                             case when o.available_at is distinct from n.available_at then least(o.available_at, n.available_at) end
                         )
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.user_id, n.user_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.moment) as moment
+                select r.user_id, min(changed.moment) as moment
                 from changed_rows r
                 cross join lateral (select least(r.created_at, r.available_at) as moment) as changed
-                cross join lateral unnest(array[r.user_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -389,8 +383,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -398,25 +390,25 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
                             then least(o.created_at, n.created_at)
                         else case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.reviewee_id, n.reviewee_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.moment) as moment
+                select r.reviewee_id as user_id, min(r.created_at) as moment
                 from changed_rows r
-                cross join lateral (select r.created_at as moment) as changed
-                cross join lateral unnest(array[r.reviewee_id]) as affected (user_id)
-                where changed.moment < v_today_start
-                group by affected.user_id
+                where r.created_at < v_today_start
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -451,8 +443,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -460,17 +450,19 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
                             then least(o.created_at, o.read_at, n.created_at, n.read_at)
                         else least(
                             case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
                             case when o.read_at is distinct from n.read_at then least(o.read_at, n.read_at) end
                         )
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.sender_id, o.recipient_id, n.sender_id, n.recipient_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
@@ -481,7 +473,7 @@ begin
                 cross join lateral (select least(r.created_at, r.read_at) as moment) as changed
                 cross join lateral unnest(array[r.sender_id, r.recipient_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -516,8 +508,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -525,28 +515,29 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
                             then least(o.created_at, o.converted_at, n.created_at, n.converted_at)
                         else least(
                             case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
                             case when o.converted_at is distinct from n.converted_at then least(o.converted_at, n.converted_at) end
                         )
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.referrer_id, n.referrer_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.moment) as moment
+                select r.referrer_id as user_id, min(changed.moment) as moment
                 from changed_rows r
                 cross join lateral (select least(r.created_at, r.converted_at) as moment) as changed
-                cross join lateral unnest(array[r.referrer_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;
@@ -581,8 +572,6 @@ begin
     end if;
 
     begin
-        -- Each row's moment is named once, and rows with none before today leave before their
-        -- owners are looked up.
         if tg_op = 'UPDATE' then
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
@@ -590,25 +579,25 @@ begin
                 select affected.user_id, min(changed.moment) as moment
                 from old_rows o
                 full join changed_rows n on n.id = o.id
-                cross join lateral (select case
+                cross join lateral (
+                    select case
                         when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
                             then least(o.computed_at, n.computed_at)
                         else case when o.computed_at is distinct from n.computed_at then least(o.computed_at, n.computed_at) end
-                    end as moment) as changed
+                    end as moment
+                ) as changed
                 cross join lateral unnest(array[o.user_id, n.user_id]) as affected (user_id)
                 where changed.moment < v_today_start
-                group by affected.user_id
+                group by 1
             ) as logged
             having count(*) > 0;
         else
             perform "statskit".log_changes(array_agg(logged.user_id), array_agg(logged.moment))
             from (
-                select affected.user_id, min(changed.moment) as moment
+                select r.user_id, min(r.computed_at) as moment
                 from changed_rows r
-                cross join lateral (select r.computed_at as moment) as changed
-                cross join lateral unnest(array[r.user_id]) as affected (user_id)
-                where changed.moment < v_today_start
-                group by affected.user_id
+                where r.computed_at < v_today_start
+                group by 1
             ) as logged
             having count(*) > 0;
         end if;

@@ -10,7 +10,7 @@
 -- starts from them); statskit's own, kept while its comment names the sums defined here.
 do $sums$
 begin
-    if obj_description(to_regclass('"statskit".platform_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums fed94947' then
+    if obj_description(to_regclass('"statskit".platform_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums bdb9afa5' then
         drop table if exists "statskit".platform_statistics_daily_sums;
         create table "statskit".platform_statistics_daily_sums (
             one_row boolean primary key default true check (one_row),
@@ -24,16 +24,16 @@ begin
             bookings_created integer not null,
             sessions_completed integer not null,
             sessions_cancelled integer not null,
-            hours_completed integer not null,
+            minutes_completed integer not null,
             gross_revenue numeric not null,
             tutor_earnings numeric not null,
             reviews_created integer not null,
-            average_rating integer not null,
+            sum_of_ratings integer not null,
             messages_sent integer not null,
             referrals_converted integer not null,
             ratings integer not null
         );
-        comment on table "statskit".platform_statistics_daily_sums is 'statskit sums fed94947';
+        comment on table "statskit".platform_statistics_daily_sums is 'statskit sums bdb9afa5';
     end if;
 end
 $sums$;
@@ -76,151 +76,144 @@ begin
     profile_days_on_d as (
         -- profiles: what changes on D
         select
-            sum(change.total_users)::integer as total_users,
-            sum(change.new_users)::integer as new_users,
-            sum(change.total_tutors)::integer as total_tutors,
-            sum(change.total_clients)::integer as total_clients,
-            sum(change.total_agents)::integer as total_agents
+            sum(case change.event when 'created_on' then 1 end)::integer as total_users,
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as new_users,
+            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'tutor')::integer as total_tutors,
+            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'client')::integer as total_clients,
+            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'agent')::integer as total_agents
         from (
-            select * from (
-                select p.role, p.created_at, (p.created_at at time zone v_time_zone)::date as created_on
-                from "public".profiles p
-            ) as p
-            where (p.created_at >= v_from_0 and p.created_at < v_to_0)
-              or (p.created_at >= v_from_1 and p.created_at < v_to_1)
-        ) as p
+                 select p.role, p.created_at, (p.created_at at time zone v_time_zone)::date as created_on
+                 from "public".profiles p
+             ) as p
         cross join lateral (values
-            (p.created_on, 1, 1, case when p.role = 'tutor' then 1 end, case when p.role = 'client' then 1 end, case when p.role = 'agent' then 1 end),
-            (p.created_on + 1, 0, -1, 0, 0, 0)
-        ) as change (day, total_users, new_users, total_tutors, total_clients, total_agents)
+            ('created_on', p.created_on),
+            ('day after created_on', p.created_on + 1)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((p.created_at >= v_from_0 and p.created_at < v_to_0)
+               or (p.created_at >= v_from_1 and p.created_at < v_to_1))
     ),
     listing_days_on_d as (
         -- listings: what changes on D
         select
-            sum(change.active_listings)::integer as active_listings
+            sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings
         from (
-            select * from (
-                select l.published_at, l.archived_at,
-                       (l.published_at at time zone v_time_zone)::date as published_on,
-                       (l.archived_at at time zone v_time_zone)::date as archived_on
-                from "public".listings l
-            ) as l
-            where (l.published_at >= v_from_0 and l.published_at < v_to_0)
-              or (l.archived_at >= v_from_0 and l.archived_at < v_to_0)
-        ) as l
+                 select l.published_at, l.archived_at,
+                        (l.published_at at time zone v_time_zone)::date as published_on,
+                        (l.archived_at at time zone v_time_zone)::date as archived_on
+                 from "public".listings l
+             ) as l
         cross join lateral (values
-            (l.published_on, 1),
-            (case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end, -1)
-        ) as change (day, active_listings)
+            ('published_on', l.published_on),
+            ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((l.published_at >= v_from_0 and l.published_at < v_to_0)
+               or (l.archived_at >= v_from_0 and l.archived_at < v_to_0))
     ),
     booking_days_on_d as (
         -- bookings: what changes on D
         select
-            sum(change.bookings_created)::integer as bookings_created,
-            sum(change.sessions_completed)::integer as sessions_completed,
-            sum(change.sessions_cancelled)::integer as sessions_cancelled,
-            sum(change.hours_completed)::integer as hours_completed
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as bookings_created,
+            sum(case change.event when 'completed_on' then 1 when 'day after completed_on' then -1 end)::integer as sessions_completed,
+            sum(case change.event when 'cancelled_on' then 1 when 'day after cancelled_on' then -1 end)::integer as sessions_cancelled,
+            sum(case change.event when 'completed_on' then b.duration_minutes when 'day after completed_on' then -b.duration_minutes end)::integer as minutes_completed
         from (
-            select * from (
-                select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
-                       (b.created_at at time zone v_time_zone)::date as created_on,
-                       (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (b.cancelled_at at time zone v_time_zone)::date as cancelled_on
-                from "public".bookings b
-            ) as b
-            where (b.created_at >= v_from_0 and b.created_at < v_to_0)
-              or (b.created_at >= v_from_1 and b.created_at < v_to_1)
-              or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
-              or (b.completed_at >= v_from_1 and b.completed_at < v_to_1)
-              or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
-              or (b.cancelled_at >= v_from_1 and b.cancelled_at < v_to_1)
-        ) as b
+                 select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
+                        (b.created_at at time zone v_time_zone)::date as created_on,
+                        (b.completed_at at time zone v_time_zone)::date as completed_on,
+                        (b.cancelled_at at time zone v_time_zone)::date as cancelled_on
+                 from "public".bookings b
+             ) as b
         cross join lateral (values
-            (b.created_on, 1, 0, 0, 0),
-            (b.created_on + 1, -1, 0, 0, 0),
-            (b.completed_on, 0, 1, 0, b.duration_minutes),
-            (b.completed_on + 1, 0, -1, 0, -(b.duration_minutes)),
-            (b.cancelled_on, 0, 0, 1, 0),
-            (b.cancelled_on + 1, 0, 0, -1, 0)
-        ) as change (day, bookings_created, sessions_completed, sessions_cancelled, hours_completed)
+            ('created_on', b.created_on),
+            ('day after created_on', b.created_on + 1),
+            ('completed_on', b.completed_on),
+            ('day after completed_on', b.completed_on + 1),
+            ('cancelled_on', b.cancelled_on),
+            ('day after cancelled_on', b.cancelled_on + 1)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((b.created_at >= v_from_0 and b.created_at < v_to_0)
+               or (b.created_at >= v_from_1 and b.created_at < v_to_1)
+               or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
+               or (b.completed_at >= v_from_1 and b.completed_at < v_to_1)
+               or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
+               or (b.cancelled_at >= v_from_1 and b.cancelled_at < v_to_1))
     ),
     transaction_days_on_d as (
         -- transactions: what changes on D
         select
-            sum(change.gross_revenue)::numeric as gross_revenue,
-            sum(change.tutor_earnings)::numeric as tutor_earnings
+            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end when 'day after created_on' then -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) end)::numeric as gross_revenue,
+            sum(case change.event when 'created_on' then t.amount when 'day after created_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as tutor_earnings
         from (
-            select * from (
-                select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
-                from "public".transactions t
-            ) as t
-            where (t.created_at >= v_from_0 and t.created_at < v_to_0)
-              or (t.created_at >= v_from_1 and t.created_at < v_to_1)
-        ) as t
+                 select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
+                 from "public".transactions t
+             ) as t
         cross join lateral (values
-            (t.created_on, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case when t.kind = 'earning' then t.amount end),
-            (t.created_on + 1, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end), -(case when t.kind = 'earning' then t.amount end))
-        ) as change (day, gross_revenue, tutor_earnings)
+            ('created_on', t.created_on),
+            ('day after created_on', t.created_on + 1)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((t.created_at >= v_from_0 and t.created_at < v_to_0)
+               or (t.created_at >= v_from_1 and t.created_at < v_to_1))
     ),
     review_days_on_d as (
         -- reviews: what changes on D
         select
-            sum(change.reviews_created)::integer as reviews_created,
-            sum(change.average_rating)::integer as average_rating,
-            sum(change.ratings)::integer as ratings
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as reviews_created,
+            sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
+            sum(case change.event when 'created_on' then 1 end)::integer as ratings
         from (
-            select * from (
-                select r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
-                from "public".reviews r
-            ) as r
-            where (r.created_at >= v_from_0 and r.created_at < v_to_0)
-              or (r.created_at >= v_from_1 and r.created_at < v_to_1)
-        ) as r
+                 select r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
+                 from "public".reviews r
+             ) as r
         cross join lateral (values
-            (r.created_on, 1, r.rating, 1),
-            (r.created_on + 1, -1, 0, 0)
-        ) as change (day, reviews_created, average_rating, ratings)
+            ('created_on', r.created_on),
+            ('day after created_on', r.created_on + 1)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((r.created_at >= v_from_0 and r.created_at < v_to_0)
+               or (r.created_at >= v_from_1 and r.created_at < v_to_1))
     ),
     message_days_on_d as (
         -- messages: what changes on D
         select
-            sum(change.messages_sent)::integer as messages_sent
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as messages_sent
         from (
-            select * from (
-                select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
-                from "public".messages m
-            ) as m
-            where (m.created_at >= v_from_0 and m.created_at < v_to_0)
-              or (m.created_at >= v_from_1 and m.created_at < v_to_1)
-        ) as m
+                 select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
+                 from "public".messages m
+             ) as m
         cross join lateral (values
-            (m.created_on, 1),
-            (m.created_on + 1, -1)
-        ) as change (day, messages_sent)
+            ('created_on', m.created_on),
+            ('day after created_on', m.created_on + 1)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((m.created_at >= v_from_0 and m.created_at < v_to_0)
+               or (m.created_at >= v_from_1 and m.created_at < v_to_1))
     ),
     referral_days_on_d as (
         -- referrals: what changes on D
         select
-            sum(change.referrals_converted)::integer as referrals_converted
+            sum(case change.event when 'converted_on' then 1 when 'day after converted_on' then -1 end)::integer as referrals_converted
         from (
-            select * from (
-                select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
-                from "public".referrals r
-            ) as r
-            where (r.converted_at >= v_from_0 and r.converted_at < v_to_0)
-              or (r.converted_at >= v_from_1 and r.converted_at < v_to_1)
-        ) as r
+                 select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
+                 from "public".referrals r
+             ) as r
         cross join lateral (values
-            (r.converted_on, 1),
-            (r.converted_on + 1, -1)
-        ) as change (day, referrals_converted)
+            ('converted_on', r.converted_on),
+            ('day after converted_on', r.converted_on + 1)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((r.converted_at >= v_from_0 and r.converted_at < v_to_0)
+               or (r.converted_at >= v_from_1 and r.converted_at < v_to_1))
     ),
 
     stepped as (
@@ -234,11 +227,11 @@ begin
             s.bookings_created + coalesce(booking_days_on_d.bookings_created, 0) as bookings_created,
             s.sessions_completed + coalesce(booking_days_on_d.sessions_completed, 0) as sessions_completed,
             s.sessions_cancelled + coalesce(booking_days_on_d.sessions_cancelled, 0) as sessions_cancelled,
-            s.hours_completed + coalesce(booking_days_on_d.hours_completed, 0) as hours_completed,
+            s.minutes_completed + coalesce(booking_days_on_d.minutes_completed, 0) as minutes_completed,
             s.gross_revenue + coalesce(transaction_days_on_d.gross_revenue, 0) as gross_revenue,
             s.tutor_earnings + coalesce(transaction_days_on_d.tutor_earnings, 0) as tutor_earnings,
             s.reviews_created + coalesce(review_days_on_d.reviews_created, 0) as reviews_created,
-            s.average_rating + coalesce(review_days_on_d.average_rating, 0) as average_rating,
+            s.sum_of_ratings + coalesce(review_days_on_d.sum_of_ratings, 0) as sum_of_ratings,
             s.messages_sent + coalesce(message_days_on_d.messages_sent, 0) as messages_sent,
             s.referrals_converted + coalesce(referral_days_on_d.referrals_converted, 0) as referrals_converted,
             s.ratings + coalesce(review_days_on_d.ratings, 0) as ratings
@@ -261,11 +254,11 @@ begin
                bookings_created,
                sessions_completed,
                sessions_cancelled,
-               hours_completed,
+               minutes_completed,
                gross_revenue,
                tutor_earnings,
                reviews_created,
-               average_rating,
+               sum_of_ratings,
                messages_sent,
                referrals_converted,
                ratings
@@ -310,7 +303,7 @@ begin
             count(*) filter (where b.created_on = p_date) as bookings_created,
             count(*) filter (where b.completed_on = p_date) as sessions_completed,
             count(*) filter (where b.cancelled_on = p_date) as sessions_cancelled,
-            sum(b.duration_minutes) filter (where b.completed_on = p_date) as hours_completed
+            sum(b.duration_minutes) filter (where b.completed_on = p_date) as minutes_completed
         from (
             select * from (
                 select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
@@ -347,7 +340,7 @@ begin
         -- reviews
         select
             count(*) filter (where r.created_on = p_date) as reviews_created,
-            sum(r.rating) filter (where r.created_on <= p_date) as average_rating,
+            sum(r.rating) filter (where r.created_on <= p_date) as sum_of_ratings,
             count(*) filter (where r.created_on <= p_date) as ratings
         from (
             select * from (
@@ -399,11 +392,11 @@ begin
             coalesce(booking_days.bookings_created, 0) as bookings_created,
             coalesce(booking_days.sessions_completed, 0) as sessions_completed,
             coalesce(booking_days.sessions_cancelled, 0) as sessions_cancelled,
-            coalesce(booking_days.hours_completed, 0) as hours_completed,
+            coalesce(booking_days.minutes_completed, 0) as minutes_completed,
             coalesce(transaction_days.gross_revenue, 0) as gross_revenue,
             coalesce(transaction_days.tutor_earnings, 0) as tutor_earnings,
             coalesce(review_days.reviews_created, 0) as reviews_created,
-            coalesce(review_days.average_rating, 0) as average_rating,
+            coalesce(review_days.sum_of_ratings, 0) as sum_of_ratings,
             coalesce(message_days.messages_sent, 0) as messages_sent,
             coalesce(referral_days.referrals_converted, 0) as referrals_converted,
             coalesce(review_days.ratings, 0) as ratings
@@ -433,11 +426,11 @@ begin
             bookings_created,
             sessions_completed,
             sessions_cancelled,
-            hours_completed,
+            minutes_completed,
             gross_revenue,
             tutor_earnings,
             reviews_created,
-            average_rating,
+            sum_of_ratings,
             messages_sent,
             referrals_converted,
             ratings
@@ -452,11 +445,11 @@ begin
                bookings_created,
                sessions_completed,
                sessions_cancelled,
-               hours_completed,
+               minutes_completed,
                gross_revenue,
                tutor_earnings,
                reviews_created,
-               average_rating,
+               sum_of_ratings,
                messages_sent,
                referrals_converted,
                ratings
@@ -473,11 +466,11 @@ begin
             bookings_created = excluded.bookings_created,
             sessions_completed = excluded.sessions_completed,
             sessions_cancelled = excluded.sessions_cancelled,
-            hours_completed = excluded.hours_completed,
+            minutes_completed = excluded.minutes_completed,
             gross_revenue = excluded.gross_revenue,
             tutor_earnings = excluded.tutor_earnings,
             reviews_created = excluded.reviews_created,
-            average_rating = excluded.average_rating,
+            sum_of_ratings = excluded.sum_of_ratings,
             messages_sent = excluded.messages_sent,
             referrals_converted = excluded.referrals_converted,
             ratings = excluded.ratings
@@ -514,11 +507,11 @@ begin
         coalesce(bookings_created, 0) as bookings_created,
         coalesce(sessions_completed, 0) as sessions_completed,
         coalesce(sessions_cancelled, 0) as sessions_cancelled,
-        coalesce(round(hours_completed / 60.0, 2), 0) as hours_completed,
+        coalesce(round(minutes_completed / 60.0, 2), 0) as hours_completed,
         coalesce(gross_revenue, 0) as gross_revenue,
         coalesce(tutor_earnings, 0) as tutor_earnings,
         coalesce(reviews_created, 0) as reviews_created,
-        round(average_rating::numeric / nullif(ratings, 0), 2) as average_rating,
+        round(sum_of_ratings::numeric / nullif(ratings, 0), 2) as average_rating,
         coalesce(messages_sent, 0) as messages_sent,
         coalesce(referrals_converted, 0) as referrals_converted,
         now() as updated_at

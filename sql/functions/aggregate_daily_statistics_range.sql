@@ -44,19 +44,19 @@ begin
         -- profiles: what changes on each day
         select
             greatest(change.day, p_first) as day,
-            sum(change.total_users)::integer as total_users,
-            sum(change.new_users)::integer as new_users,
-            sum(change.total_tutors)::integer as total_tutors,
-            sum(change.total_clients)::integer as total_clients,
-            sum(change.total_agents)::integer as total_agents
+            sum(case change.event when 'created_on' then 1 end)::integer as total_users,
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as new_users,
+            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'tutor')::integer as total_tutors,
+            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'client')::integer as total_clients,
+            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'agent')::integer as total_agents
         from (
                  select p.role, p.created_at, (p.created_at at time zone v_time_zone)::date as created_on
                  from "public".profiles p
              ) as p
         cross join lateral (values
-            (p.created_on, 1, 1, case when p.role = 'tutor' then 1 end, case when p.role = 'client' then 1 end, case when p.role = 'agent' then 1 end),
-            (p.created_on + 1, 0, -1, 0, 0, 0)
-        ) as change (day, total_users, new_users, total_tutors, total_clients, total_agents)
+            ('created_on', p.created_on),
+            ('day after created_on', p.created_on + 1)
+        ) as change (event, day)
         where change.day <= p_last
         group by 1
     ),
@@ -64,7 +64,7 @@ begin
         -- listings: what changes on each day
         select
             greatest(change.day, p_first) as day,
-            sum(change.active_listings)::integer as active_listings
+            sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings
         from (
                  select l.published_at, l.archived_at,
                         (l.published_at at time zone v_time_zone)::date as published_on,
@@ -72,9 +72,9 @@ begin
                  from "public".listings l
              ) as l
         cross join lateral (values
-            (l.published_on, 1),
-            (case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end, -1)
-        ) as change (day, active_listings)
+            ('published_on', l.published_on),
+            ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end)
+        ) as change (event, day)
         where change.day <= p_last
         group by 1
     ),
@@ -82,10 +82,10 @@ begin
         -- bookings: what changes on each day
         select
             greatest(change.day, p_first) as day,
-            sum(change.bookings_created)::integer as bookings_created,
-            sum(change.sessions_completed)::integer as sessions_completed,
-            sum(change.sessions_cancelled)::integer as sessions_cancelled,
-            sum(change.hours_completed)::integer as hours_completed
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as bookings_created,
+            sum(case change.event when 'completed_on' then 1 when 'day after completed_on' then -1 end)::integer as sessions_completed,
+            sum(case change.event when 'cancelled_on' then 1 when 'day after cancelled_on' then -1 end)::integer as sessions_cancelled,
+            sum(case change.event when 'completed_on' then b.duration_minutes when 'day after completed_on' then -b.duration_minutes end)::integer as minutes_completed
         from (
                  select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
                         (b.created_at at time zone v_time_zone)::date as created_on,
@@ -94,13 +94,13 @@ begin
                  from "public".bookings b
              ) as b
         cross join lateral (values
-            (b.created_on, 1, 0, 0, 0),
-            (b.created_on + 1, -1, 0, 0, 0),
-            (b.completed_on, 0, 1, 0, b.duration_minutes),
-            (b.completed_on + 1, 0, -1, 0, -(b.duration_minutes)),
-            (b.cancelled_on, 0, 0, 1, 0),
-            (b.cancelled_on + 1, 0, 0, -1, 0)
-        ) as change (day, bookings_created, sessions_completed, sessions_cancelled, hours_completed)
+            ('created_on', b.created_on),
+            ('day after created_on', b.created_on + 1),
+            ('completed_on', b.completed_on),
+            ('day after completed_on', b.completed_on + 1),
+            ('cancelled_on', b.cancelled_on),
+            ('day after cancelled_on', b.cancelled_on + 1)
+        ) as change (event, day)
         where change.day <= p_last
         group by 1
     ),
@@ -108,16 +108,16 @@ begin
         -- transactions: what changes on each day
         select
             greatest(change.day, p_first) as day,
-            sum(change.gross_revenue)::numeric as gross_revenue,
-            sum(change.tutor_earnings)::numeric as tutor_earnings
+            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end when 'day after created_on' then -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) end)::numeric as gross_revenue,
+            sum(case change.event when 'created_on' then t.amount when 'day after created_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as tutor_earnings
         from (
                  select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
                  from "public".transactions t
              ) as t
         cross join lateral (values
-            (t.created_on, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case when t.kind = 'earning' then t.amount end),
-            (t.created_on + 1, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end), -(case when t.kind = 'earning' then t.amount end))
-        ) as change (day, gross_revenue, tutor_earnings)
+            ('created_on', t.created_on),
+            ('day after created_on', t.created_on + 1)
+        ) as change (event, day)
         where change.day <= p_last
         group by 1
     ),
@@ -125,17 +125,17 @@ begin
         -- reviews: what changes on each day
         select
             greatest(change.day, p_first) as day,
-            sum(change.reviews_created)::integer as reviews_created,
-            sum(change.average_rating)::integer as average_rating,
-            sum(change.ratings)::integer as ratings
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as reviews_created,
+            sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
+            sum(case change.event when 'created_on' then 1 end)::integer as ratings
         from (
                  select r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
                  from "public".reviews r
              ) as r
         cross join lateral (values
-            (r.created_on, 1, r.rating, 1),
-            (r.created_on + 1, -1, 0, 0)
-        ) as change (day, reviews_created, average_rating, ratings)
+            ('created_on', r.created_on),
+            ('day after created_on', r.created_on + 1)
+        ) as change (event, day)
         where change.day <= p_last
         group by 1
     ),
@@ -143,15 +143,15 @@ begin
         -- messages: what changes on each day
         select
             greatest(change.day, p_first) as day,
-            sum(change.messages_sent)::integer as messages_sent
+            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as messages_sent
         from (
                  select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
                  from "public".messages m
              ) as m
         cross join lateral (values
-            (m.created_on, 1),
-            (m.created_on + 1, -1)
-        ) as change (day, messages_sent)
+            ('created_on', m.created_on),
+            ('day after created_on', m.created_on + 1)
+        ) as change (event, day)
         where change.day <= p_last
         group by 1
     ),
@@ -159,15 +159,15 @@ begin
         -- referrals: what changes on each day
         select
             greatest(change.day, p_first) as day,
-            sum(change.referrals_converted)::integer as referrals_converted
+            sum(case change.event when 'converted_on' then 1 when 'day after converted_on' then -1 end)::integer as referrals_converted
         from (
                  select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
                  from "public".referrals r
              ) as r
         cross join lateral (values
-            (r.converted_on, 1),
-            (r.converted_on + 1, -1)
-        ) as change (day, referrals_converted)
+            ('converted_on', r.converted_on),
+            ('day after converted_on', r.converted_on + 1)
+        ) as change (event, day)
         where change.day <= p_last
         group by 1
     ),
@@ -187,11 +187,11 @@ begin
                bookings_created,
                sessions_completed,
                sessions_cancelled,
-               hours_completed,
+               minutes_completed,
                gross_revenue,
                tutor_earnings,
                reviews_created,
-               average_rating,
+               sum_of_ratings,
                messages_sent,
                referrals_converted,
                ratings
@@ -218,11 +218,11 @@ begin
             sum(bookings_created) over by_day as bookings_created,
             sum(sessions_completed) over by_day as sessions_completed,
             sum(sessions_cancelled) over by_day as sessions_cancelled,
-            sum(hours_completed) over by_day as hours_completed,
+            sum(minutes_completed) over by_day as minutes_completed,
             sum(gross_revenue) over by_day as gross_revenue,
             sum(tutor_earnings) over by_day as tutor_earnings,
             sum(reviews_created) over by_day as reviews_created,
-            sum(average_rating) over by_day as average_rating,
+            sum(sum_of_ratings) over by_day as sum_of_ratings,
             sum(messages_sent) over by_day as messages_sent,
             sum(referrals_converted) over by_day as referrals_converted,
             sum(ratings) over by_day as ratings
@@ -260,11 +260,11 @@ begin
         coalesce(bookings_created, 0) as bookings_created,
         coalesce(sessions_completed, 0) as sessions_completed,
         coalesce(sessions_cancelled, 0) as sessions_cancelled,
-        coalesce(round(hours_completed / 60.0, 2), 0) as hours_completed,
+        coalesce(round(minutes_completed / 60.0, 2), 0) as hours_completed,
         coalesce(gross_revenue, 0) as gross_revenue,
         coalesce(tutor_earnings, 0) as tutor_earnings,
         coalesce(reviews_created, 0) as reviews_created,
-        round(average_rating::numeric / nullif(ratings, 0), 2) as average_rating,
+        round(sum_of_ratings::numeric / nullif(ratings, 0), 2) as average_rating,
         coalesce(messages_sent, 0) as messages_sent,
         coalesce(referrals_converted, 0) as referrals_converted,
         now() as updated_at

@@ -54,18 +54,21 @@ begin
             b.user_id as user_id,
             count(*) filter (where b.completed_on <= p_date) as completed_sessions,
             count(*) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_sessions,
-            count(*) filter (where b.confirmed_on <= p_date and (least(b.session_on, b.cancelled_on, b.completed_on) > p_date or least(b.session_on, b.cancelled_on, b.completed_on) is null)) as upcoming_sessions,
-            count(*) filter (where b.created_on <= p_date and (least(b.cancelled_on, b.completed_on) > p_date or least(b.cancelled_on, b.completed_on) is null)) as active_bookings,
+            count(*) filter (where b.confirmed_on <= p_date and (b.upcoming_ends_on > p_date or b.upcoming_ends_on is null)) as upcoming_sessions,
+            count(*) filter (where b.created_on <= p_date and (b.closed_on > p_date or b.closed_on is null)) as active_bookings,
             count(*) filter (where b.cancelled_on <= p_date) as cancelled_sessions,
-            sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_hours,
-            sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_hours
+            sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_minutes,
+            sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_minutes
         from (
                  select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
                         (b.created_at at time zone v_time_zone)::date as created_on,
                         (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (b.session_start at time zone v_time_zone)::date as session_on
+                        (b.session_start at time zone v_time_zone)::date as session_on,
+                        -- the day a booking stops being upcoming, and stops being active: its first end
+                        (least(b.session_start, b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as upcoming_ends_on,
+                        (least(b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as closed_on
                  from (
                      select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                      from "public".bookings b
@@ -84,14 +87,16 @@ begin
         select
             pair.tutor_id as user_id,
             count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date) as total_students,
-            count(*) filter (where pair.completed_on <= p_date and (least(pair.next_completed_on, pair.completed_on + 30) > p_date or least(pair.next_completed_on, pair.completed_on + 30) is null)) as active_students,
+            count(*) filter (where pair.completed_on <= p_date and (pair.active_until > p_date or pair.active_until is null)) as active_students,
             count(*) filter (where pair.nth = 1 and pair.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as new_students,
             count(*) filter (where pair.nth = 2 and pair.completed_on <= p_date) as returning_students
         from (
                  select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
                         row_number() over pair_order as nth,
-                        lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
+                        -- a pair's next completion, or the 30 days after this one, whichever ends first
+                        least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
+                              (b.completed_at at time zone v_time_zone)::date + 30) as active_until
                  from "public".bookings b
                  where b.completed_at is not null
                  window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
@@ -104,7 +109,7 @@ begin
         -- reviews received
         select
             r.reviewee_id as user_id,
-            sum(r.rating) filter (where r.created_on <= p_date) as average_rating,
+            sum(r.rating) filter (where r.created_on <= p_date) as sum_of_ratings,
             count(*) filter (where r.created_on <= p_date) as total_reviews,
             count(*) filter (where r.rating = 5 and r.created_on <= p_date) as five_star_reviews
         from (
@@ -277,13 +282,13 @@ begin
         coalesce(upcoming_sessions, 0) as upcoming_sessions,
         coalesce(active_bookings, 0) as active_bookings,
         coalesce(cancelled_sessions, 0) as cancelled_sessions,
-        coalesce(round(total_hours / 60.0, 2), 0) as total_hours,
-        coalesce(round(monthly_hours / 60.0, 2), 0) as monthly_hours,
+        coalesce(round(total_minutes / 60.0, 2), 0) as total_hours,
+        coalesce(round(monthly_minutes / 60.0, 2), 0) as monthly_hours,
         coalesce(total_students, 0) as total_students,
         coalesce(active_students, 0) as active_students,
         coalesce(new_students, 0) as new_students,
         coalesce(returning_students, 0) as returning_students,
-        round(average_rating::numeric / nullif(total_reviews, 0), 2) as average_rating,
+        round(sum_of_ratings::numeric / nullif(total_reviews, 0), 2) as average_rating,
         coalesce(total_reviews, 0) as total_reviews,
         coalesce(five_star_reviews, 0) as five_star_reviews,
         coalesce(active_listings, 0) as active_listings,

@@ -13,7 +13,7 @@
 -- starts from them); statskit's own, kept while its comment names the sums defined here.
 do $sums$
 begin
-    if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums f0c68963' then
+    if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums 2365b787' then
         drop table if exists "statskit".user_statistics_daily_sums;
         create table "statskit".user_statistics_daily_sums (
             user_id uuid primary key,
@@ -28,13 +28,13 @@ begin
             upcoming_sessions integer not null,
             active_bookings integer not null,
             cancelled_sessions integer not null,
-            total_hours integer not null,
-            monthly_hours integer not null,
+            total_minutes integer not null,
+            monthly_minutes integer not null,
             total_students integer not null,
             active_students integer not null,
             new_students integer not null,
             returning_students integer not null,
-            average_rating integer not null,
+            sum_of_ratings integer not null,
             total_reviews integer not null,
             five_star_reviews integer not null,
             active_listings integer not null,
@@ -50,7 +50,7 @@ begin
             profile_completeness numeric not null,
             caas_rows integer not null
         );
-        comment on table "statskit".user_statistics_daily_sums is 'statskit sums f0c68963';
+        comment on table "statskit".user_statistics_daily_sums is 'statskit sums 2365b787';
     end if;
 end
 $sums$;
@@ -138,94 +138,97 @@ begin
         -- the user's transactions: what changes on D
         select
             t.user_id as user_id,
-            sum(change.total_earnings)::numeric as total_earnings,
-            sum(change.monthly_earnings)::numeric as monthly_earnings,
-            sum(change.pending_earnings)::numeric as pending_earnings,
-            sum(change.total_spent)::numeric as total_spent,
-            sum(change.monthly_spent)::numeric as monthly_spent
+            sum(case change.event when 'created_on' then t.amount end) filter (where t.kind = 'earning')::numeric as total_earnings,
+            sum(case change.event when 'created_on' then t.amount end) filter (where t.kind = 'earning')::numeric as monthly_earnings,
+            sum(case change.event when 'created_on' then t.amount when 'available_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as pending_earnings,
+            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end end)::numeric as total_spent,
+            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end end)::numeric as monthly_spent
         from (
-            select * from (
-                select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
-                       (t.created_at at time zone v_time_zone)::date as created_on,
-                       (t.available_at at time zone v_time_zone)::date as available_on
-                from "public".transactions t
-            ) as t
-            where (t.created_at >= v_from_0 and t.created_at < v_to_0)
-              or (t.available_at >= v_from_0 and t.available_at < v_to_0)
-        ) as t
+                 select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
+                        (t.created_at at time zone v_time_zone)::date as created_on,
+                        (t.available_at at time zone v_time_zone)::date as available_on
+                 from "public".transactions t
+             ) as t
         cross join lateral (values
-            (t.created_on, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end),
-            (case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end, 0, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0)
-        ) as change (day, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent)
+            ('created_on', t.created_on),
+            ('available_on', case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((t.created_at >= v_from_0 and t.created_at < v_to_0)
+               or (t.available_at >= v_from_0 and t.available_at < v_to_0))
         group by t.user_id
     ),
     booking_days_on_d as (
         -- each booking once for each participant; a booking whose tutor is also its client counts once: what changes on D
         select
             b.user_id as user_id,
-            sum(change.completed_sessions)::integer as completed_sessions,
-            sum(change.monthly_sessions)::integer as monthly_sessions,
-            sum(change.upcoming_sessions)::integer as upcoming_sessions,
-            sum(change.active_bookings)::integer as active_bookings,
-            sum(change.cancelled_sessions)::integer as cancelled_sessions,
-            sum(change.total_hours)::integer as total_hours,
-            sum(change.monthly_hours)::integer as monthly_hours
+            sum(case change.event when 'completed_on' then 1 end)::integer as completed_sessions,
+            sum(case change.event when 'completed_on' then 1 end)::integer as monthly_sessions,
+            sum(case change.event when 'confirmed_on' then 1 when 'upcoming_ends_on' then -1 end)::integer as upcoming_sessions,
+            sum(case change.event when 'created_on' then 1 when 'closed_on' then -1 end)::integer as active_bookings,
+            sum(case change.event when 'cancelled_on' then 1 end)::integer as cancelled_sessions,
+            sum(case change.event when 'completed_on' then b.duration_minutes end)::integer as total_minutes,
+            sum(case change.event when 'completed_on' then b.duration_minutes end)::integer as monthly_minutes
         from (
-            select * from (
-                select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
-                       (b.created_at at time zone v_time_zone)::date as created_on,
-                       (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
-                       (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
-                       (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (b.session_start at time zone v_time_zone)::date as session_on
-                from (
-                    select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                    from "public".bookings b
-                    union all
-                    select b.client_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                    from "public".bookings b
-                    where b.client_id <> b.tutor_id
-                ) as b
-            ) as b
-            where (b.created_at >= v_from_0 and b.created_at < v_to_0)
-              or (b.confirmed_at >= v_from_0 and b.confirmed_at < v_to_0)
-              or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
-              or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
-              or (b.session_start >= v_from_0 and b.session_start < v_to_0)
-        ) as b
+                 select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
+                        (b.created_at at time zone v_time_zone)::date as created_on,
+                        (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
+                        (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
+                        (b.completed_at at time zone v_time_zone)::date as completed_on,
+                        (b.session_start at time zone v_time_zone)::date as session_on,
+                        -- the day a booking stops being upcoming, and stops being active: its first end
+                        (least(b.session_start, b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as upcoming_ends_on,
+                        (least(b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as closed_on
+                 from (
+                     select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
+                     from "public".bookings b
+                     union all
+                     select b.client_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
+                     from "public".bookings b
+                     where b.client_id <> b.tutor_id
+                 ) as b
+             ) as b
         cross join lateral (values
-            (b.completed_on, 1, 1, 0, 0, 0, b.duration_minutes, b.duration_minutes),
-            (b.confirmed_on, 0, 0, 1, 0, 0, 0, 0),
-            (case when least(b.session_on, b.cancelled_on, b.completed_on) > b.confirmed_on then least(b.session_on, b.cancelled_on, b.completed_on) when least(b.session_on, b.cancelled_on, b.completed_on) <= b.confirmed_on then b.confirmed_on end, 0, 0, -1, 0, 0, 0, 0),
-            (b.created_on, 0, 0, 0, 1, 0, 0, 0),
-            (case when least(b.cancelled_on, b.completed_on) > b.created_on then least(b.cancelled_on, b.completed_on) when least(b.cancelled_on, b.completed_on) <= b.created_on then b.created_on end, 0, 0, 0, -1, 0, 0, 0),
-            (b.cancelled_on, 0, 0, 0, 0, 1, 0, 0)
-        ) as change (day, completed_sessions, monthly_sessions, upcoming_sessions, active_bookings, cancelled_sessions, total_hours, monthly_hours)
+            ('completed_on', b.completed_on),
+            ('confirmed_on', b.confirmed_on),
+            ('upcoming_ends_on', case when b.upcoming_ends_on > b.confirmed_on then b.upcoming_ends_on when b.upcoming_ends_on <= b.confirmed_on then b.confirmed_on end),
+            ('created_on', b.created_on),
+            ('closed_on', case when b.closed_on > b.created_on then b.closed_on when b.closed_on <= b.created_on then b.created_on end),
+            ('cancelled_on', b.cancelled_on)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((b.created_at >= v_from_0 and b.created_at < v_to_0)
+               or (b.confirmed_at >= v_from_0 and b.confirmed_at < v_to_0)
+               or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
+               or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
+               or (b.session_start >= v_from_0 and b.session_start < v_to_0))
         group by b.user_id
     ),
     student_days_on_d as (
         -- completed bookings of each (tutor, client) pair, in completion order: what changes on D
         select
             pair.tutor_id as user_id,
-            sum(change.total_students)::integer as total_students,
-            sum(change.active_students)::integer as active_students,
-            sum(change.new_students)::integer as new_students,
-            sum(change.returning_students)::integer as returning_students
+            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 1)::integer as total_students,
+            sum(case change.event when 'completed_on' then 1 when 'active_until' then -1 end)::integer as active_students,
+            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 1)::integer as new_students,
+            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 2)::integer as returning_students
         from (
                  select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
                         row_number() over pair_order as nth,
-                        lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
+                        -- a pair's next completion, or the 30 days after this one, whichever ends first
+                        least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
+                              (b.completed_at at time zone v_time_zone)::date + 30) as active_until
                  from "public".bookings b
                  where b.completed_at is not null
                  window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
              ) as pair
         cross join lateral (values
-            (pair.completed_on, case when pair.nth = 1 then 1 end, 1, case when pair.nth = 1 then 1 end, case when pair.nth = 2 then 1 end),
-            (case when least(pair.next_completed_on, pair.completed_on + 30) > pair.completed_on then least(pair.next_completed_on, pair.completed_on + 30) when least(pair.next_completed_on, pair.completed_on + 30) <= pair.completed_on then pair.completed_on end, 0, -1, 0, 0)
-        ) as change (day, total_students, active_students, new_students, returning_students)
+            ('completed_on', pair.completed_on),
+            ('active_until', case when pair.active_until > pair.completed_on then pair.active_until when pair.active_until <= pair.completed_on then pair.completed_on end)
+        ) as change (event, day)
         where change.day = p_date
           -- whole partitions, so the window sees every row of each
           and pair.tutor_id = any (v_student_days_tutor_id)
@@ -237,115 +240,110 @@ begin
         -- reviews received: what changes on D
         select
             r.reviewee_id as user_id,
-            sum(change.average_rating)::integer as average_rating,
-            sum(change.total_reviews)::integer as total_reviews,
-            sum(change.five_star_reviews)::integer as five_star_reviews
+            sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
+            sum(case change.event when 'created_on' then 1 end)::integer as total_reviews,
+            sum(case change.event when 'created_on' then 1 end) filter (where r.rating = 5)::integer as five_star_reviews
         from (
-            select * from (
-                select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
-                from "public".reviews r
-            ) as r
-            where (r.created_at >= v_from_0 and r.created_at < v_to_0)
-        ) as r
+                 select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
+                 from "public".reviews r
+             ) as r
         cross join lateral (values
-            (r.created_on, r.rating, 1, case when r.rating = 5 then 1 end)
-        ) as change (day, average_rating, total_reviews, five_star_reviews)
+            ('created_on', r.created_on)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((r.created_at >= v_from_0 and r.created_at < v_to_0))
         group by r.reviewee_id
     ),
     listing_days_on_d as (
         -- listings owned: what changes on D
         select
             l.tutor_id as user_id,
-            sum(change.active_listings)::integer as active_listings,
-            sum(change.total_listings)::integer as total_listings
+            sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings,
+            sum(case change.event when 'created_on' then 1 end)::integer as total_listings
         from (
-            select * from (
-                select l.tutor_id, l.created_at, l.published_at, l.archived_at,
-                       (l.created_at at time zone v_time_zone)::date as created_on,
-                       (l.published_at at time zone v_time_zone)::date as published_on,
-                       (l.archived_at at time zone v_time_zone)::date as archived_on
-                from "public".listings l
-            ) as l
-            where (l.created_at >= v_from_0 and l.created_at < v_to_0)
-              or (l.published_at >= v_from_0 and l.published_at < v_to_0)
-              or (l.archived_at >= v_from_0 and l.archived_at < v_to_0)
-        ) as l
+                 select l.tutor_id, l.created_at, l.published_at, l.archived_at,
+                        (l.created_at at time zone v_time_zone)::date as created_on,
+                        (l.published_at at time zone v_time_zone)::date as published_on,
+                        (l.archived_at at time zone v_time_zone)::date as archived_on
+                 from "public".listings l
+             ) as l
         cross join lateral (values
-            (l.published_on, 1, 0),
-            (case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end, -1, 0),
-            (l.created_on, 0, 1)
-        ) as change (day, active_listings, total_listings)
+            ('published_on', l.published_on),
+            ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end),
+            ('created_on', l.created_on)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((l.created_at >= v_from_0 and l.created_at < v_to_0)
+               or (l.published_at >= v_from_0 and l.published_at < v_to_0)
+               or (l.archived_at >= v_from_0 and l.archived_at < v_to_0))
         group by l.tutor_id
     ),
     listing_view_days_on_d as (
         -- views of the user's listings: what changes on D
         select
             v.tutor_id as user_id,
-            sum(change.listing_views)::integer as listing_views
+            sum(case change.event when 'viewed_on' then 1 when '30 days after viewed_on' then -1 end)::integer as listing_views
         from (
-            select * from (
-                select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
-                from "public".listing_views v
-                join "public".listings l on l.id = v.listing_id
-            ) as v
-            where (v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)
-              or (v.viewed_at >= v_from_30 and v.viewed_at < v_to_30)
-        ) as v
+                 select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
+                 from "public".listing_views v
+                 join "public".listings l on l.id = v.listing_id
+             ) as v
         cross join lateral (values
-            (v.viewed_on, 1),
-            (v.viewed_on + 30, -1)
-        ) as change (day, listing_views)
+            ('viewed_on', v.viewed_on),
+            ('30 days after viewed_on', v.viewed_on + 30)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)
+               or (v.viewed_at >= v_from_30 and v.viewed_at < v_to_30))
         group by v.tutor_id
     ),
     listing_booking_days_on_d as (
         -- bookings made through the user's listings: what changes on D
         select
             b.tutor_id as user_id,
-            sum(change.listing_bookings)::integer as listing_bookings
+            sum(case change.event when 'created_on' then 1 end)::integer as listing_bookings
         from (
-            select * from (
-                select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
-                from "public".bookings b
-                join "public".listings l on l.id = b.listing_id
-            ) as b
-            where (b.created_at >= v_from_0 and b.created_at < v_to_0)
-        ) as b
+                 select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
+                 from "public".bookings b
+                 join "public".listings l on l.id = b.listing_id
+             ) as b
         cross join lateral (values
-            (b.created_on, 1)
-        ) as change (day, listing_bookings)
+            ('created_on', b.created_on)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((b.created_at >= v_from_0 and b.created_at < v_to_0))
         group by b.tutor_id
     ),
     received_message_days_on_d as (
         -- messages to the user: what changes on D
         select
             m.recipient_id as user_id,
-            sum(change.unread_messages)::integer as unread_messages
+            sum(case change.event when 'created_on' then 1 when 'read_on' then -1 end)::integer as unread_messages
         from (
-            select * from (
-                select m.recipient_id, m.created_at, m.read_at,
-                       (m.created_at at time zone v_time_zone)::date as created_on,
-                       (m.read_at at time zone v_time_zone)::date as read_on
-                from "public".messages m
-            ) as m
-            where (m.created_at >= v_from_0 and m.created_at < v_to_0)
-              or (m.read_at >= v_from_0 and m.read_at < v_to_0)
-        ) as m
+                 select m.recipient_id, m.created_at, m.read_at,
+                        (m.created_at at time zone v_time_zone)::date as created_on,
+                        (m.read_at at time zone v_time_zone)::date as read_on
+                 from "public".messages m
+             ) as m
         cross join lateral (values
-            (m.created_on, 1),
-            (case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end, -1)
-        ) as change (day, unread_messages)
+            ('created_on', m.created_on),
+            ('read_on', case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((m.created_at >= v_from_0 and m.created_at < v_to_0)
+               or (m.read_at >= v_from_0 and m.read_at < v_to_0))
         group by m.recipient_id
     ),
     conversation_days_on_d as (
         -- the first day of each (user, conversation) with a message sent or received: what changes on D
         select
             conversation.user_id as user_id,
-            sum(change.conversations)::integer as conversations
+            sum(case change.event when 'first_on' then 1 end)::integer as conversations
         from (
                  select side.user_id, side.conversation_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
                  from (
@@ -358,8 +356,8 @@ begin
                  group by side.user_id, side.conversation_id
              ) as conversation
         cross join lateral (values
-            (conversation.first_on, 1)
-        ) as change (day, conversations)
+            ('first_on', conversation.first_on)
+        ) as change (event, day)
         where change.day = p_date
           -- whole partitions, so the window sees every row of each
           and conversation.conversation_id = any (v_conversation_days_conversation_id)
@@ -369,34 +367,33 @@ begin
         -- referrals the user made: what changes on D
         select
             r.referrer_id as user_id,
-            sum(change.referrals_made)::integer as referrals_made,
-            sum(change.referrals_converted)::integer as referrals_converted,
-            sum(change.referral_earnings)::numeric as referral_earnings
+            sum(case change.event when 'created_on' then 1 end)::integer as referrals_made,
+            sum(case change.event when 'referrals_converted enters' then 1 end) filter (where r.converted_on is not null)::integer as referrals_converted,
+            sum(case change.event when 'converted_on' then r.commission end)::numeric as referral_earnings
         from (
-            select * from (
-                select r.referrer_id, r.commission, r.created_at, r.converted_at,
-                       (r.created_at at time zone v_time_zone)::date as created_on,
-                       (r.converted_at at time zone v_time_zone)::date as converted_on
-                from "public".referrals r
-            ) as r
-            where (r.created_at >= v_from_0 and r.created_at < v_to_0)
-              or (r.converted_at >= v_from_0 and r.converted_at < v_to_0)
-        ) as r
+                 select r.referrer_id, r.commission, r.created_at, r.converted_at,
+                        (r.created_at at time zone v_time_zone)::date as created_on,
+                        (r.converted_at at time zone v_time_zone)::date as converted_on
+                 from "public".referrals r
+             ) as r
         cross join lateral (values
-            (r.created_on, 1, 0, 0),
-            (greatest(r.created_on, r.converted_on), 0, case when r.converted_on is not null then 1 end, 0),
-            (r.converted_on, 0, 0, r.commission)
-        ) as change (day, referrals_made, referrals_converted, referral_earnings)
+            ('created_on', r.created_on),
+            ('referrals_converted enters', greatest(r.created_on, r.converted_on)),
+            ('converted_on', r.converted_on)
+        ) as change (event, day)
         where change.day = p_date
+          -- the rows with a timestamp on a day the step reads, found through its index
+          and ((r.created_at >= v_from_0 and r.created_at < v_to_0)
+               or (r.converted_at >= v_from_0 and r.converted_at < v_to_0))
         group by r.referrer_id
     ),
     caas_days_on_d as (
         -- each score from the day it was computed until the day the next one was (ties on computed_at: highest id last): what changes on D
         select
             c.user_id as user_id,
-            sum(change.caas_score)::numeric as caas_score,
-            sum(change.profile_completeness)::numeric as profile_completeness,
-            sum(change.caas_rows)::integer as caas_rows
+            sum(case change.event when 'computed_on' then c.score when 'next_on' then -c.score end)::numeric as caas_score,
+            sum(case change.event when 'computed_on' then c.profile_completeness when 'next_on' then -c.profile_completeness end)::numeric as profile_completeness,
+            sum(case change.event when 'computed_on' then 1 when 'next_on' then -1 end)::integer as caas_rows
         from (
                  select c.user_id, c.score, c.profile_completeness,
                         (c.computed_at at time zone v_time_zone)::date as computed_on,
@@ -404,9 +401,9 @@ begin
                  from "public".caas_scores c
              ) as c
         cross join lateral (values
-            (c.computed_on, c.score, c.profile_completeness, 1),
-            (case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end, -(c.score), -(c.profile_completeness), -1)
-        ) as change (day, caas_score, profile_completeness, caas_rows)
+            ('computed_on', c.computed_on),
+            ('next_on', case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end)
+        ) as change (event, day)
         where change.day = p_date
           -- whole partitions, so the window sees every row of each
           and c.user_id = any (v_caas_days_user_id)
@@ -434,13 +431,13 @@ begin
             s.upcoming_sessions + coalesce(booking_days_on_d.upcoming_sessions, 0) as upcoming_sessions,
             s.active_bookings + coalesce(booking_days_on_d.active_bookings, 0) as active_bookings,
             s.cancelled_sessions + coalesce(booking_days_on_d.cancelled_sessions, 0) as cancelled_sessions,
-            s.total_hours + coalesce(booking_days_on_d.total_hours, 0) as total_hours,
-            case when v_month_starts then 0 else s.monthly_hours end + coalesce(booking_days_on_d.monthly_hours, 0) as monthly_hours,
+            s.total_minutes + coalesce(booking_days_on_d.total_minutes, 0) as total_minutes,
+            case when v_month_starts then 0 else s.monthly_minutes end + coalesce(booking_days_on_d.monthly_minutes, 0) as monthly_minutes,
             s.total_students + coalesce(student_days_on_d.total_students, 0) as total_students,
             s.active_students + coalesce(student_days_on_d.active_students, 0) as active_students,
             case when v_month_starts then 0 else s.new_students end + coalesce(student_days_on_d.new_students, 0) as new_students,
             s.returning_students + coalesce(student_days_on_d.returning_students, 0) as returning_students,
-            s.average_rating + coalesce(review_days_on_d.average_rating, 0) as average_rating,
+            s.sum_of_ratings + coalesce(review_days_on_d.sum_of_ratings, 0) as sum_of_ratings,
             s.total_reviews + coalesce(review_days_on_d.total_reviews, 0) as total_reviews,
             s.five_star_reviews + coalesce(review_days_on_d.five_star_reviews, 0) as five_star_reviews,
             s.active_listings + coalesce(listing_days_on_d.active_listings, 0) as active_listings,
@@ -480,13 +477,13 @@ begin
                upcoming_sessions,
                active_bookings,
                cancelled_sessions,
-               total_hours,
-               monthly_hours,
+               total_minutes,
+               monthly_minutes,
                total_students,
                active_students,
                new_students,
                returning_students,
-               average_rating,
+               sum_of_ratings,
                total_reviews,
                five_star_reviews,
                active_listings,
@@ -532,11 +529,11 @@ begin
             b.user_id as user_id,
             count(*) filter (where b.completed_on <= p_date) as completed_sessions,
             count(*) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_sessions,
-            count(*) filter (where b.confirmed_on <= p_date and (least(b.session_on, b.cancelled_on, b.completed_on) > p_date or least(b.session_on, b.cancelled_on, b.completed_on) is null)) as upcoming_sessions,
-            count(*) filter (where b.created_on <= p_date and (least(b.cancelled_on, b.completed_on) > p_date or least(b.cancelled_on, b.completed_on) is null)) as active_bookings,
+            count(*) filter (where b.confirmed_on <= p_date and (b.upcoming_ends_on > p_date or b.upcoming_ends_on is null)) as upcoming_sessions,
+            count(*) filter (where b.created_on <= p_date and (b.closed_on > p_date or b.closed_on is null)) as active_bookings,
             count(*) filter (where b.cancelled_on <= p_date) as cancelled_sessions,
-            sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_hours,
-            sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_hours
+            sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_minutes,
+            sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_minutes
         from (
             select * from (
                 select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
@@ -544,7 +541,10 @@ begin
                        (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                        (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                        (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (b.session_start at time zone v_time_zone)::date as session_on
+                       (b.session_start at time zone v_time_zone)::date as session_on,
+                       -- the day a booking stops being upcoming, and stops being active: its first end
+                       (least(b.session_start, b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as upcoming_ends_on,
+                       (least(b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as closed_on
                 from (
                     select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                     from "public".bookings b
@@ -565,7 +565,7 @@ begin
         select
             pair.tutor_id as user_id,
             count(*) filter (where pair.nth = 1 and pair.completed_on <= p_date) as total_students,
-            count(*) filter (where pair.completed_on <= p_date and (least(pair.next_completed_on, pair.completed_on + 30) > p_date or least(pair.next_completed_on, pair.completed_on + 30) is null)) as active_students,
+            count(*) filter (where pair.completed_on <= p_date and (pair.active_until > p_date or pair.active_until is null)) as active_students,
             count(*) filter (where pair.nth = 1 and pair.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as new_students,
             count(*) filter (where pair.nth = 2 and pair.completed_on <= p_date) as returning_students
         from (
@@ -573,7 +573,9 @@ begin
                 select b.tutor_id, b.client_id,
                        (b.completed_at at time zone v_time_zone)::date as completed_on,
                        row_number() over pair_order as nth,
-                       lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
+                       -- a pair's next completion, or the 30 days after this one, whichever ends first
+                       least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
+                             (b.completed_at at time zone v_time_zone)::date + 30) as active_until
                 from "public".bookings b
                 where b.completed_at is not null
                 window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
@@ -588,7 +590,7 @@ begin
         -- reviews received
         select
             r.reviewee_id as user_id,
-            sum(r.rating) filter (where r.created_on <= p_date) as average_rating,
+            sum(r.rating) filter (where r.created_on <= p_date) as sum_of_ratings,
             count(*) filter (where r.created_on <= p_date) as total_reviews,
             count(*) filter (where r.rating = 5 and r.created_on <= p_date) as five_star_reviews
         from (
@@ -750,13 +752,13 @@ begin
             coalesce(booking_days.upcoming_sessions, 0) as upcoming_sessions,
             coalesce(booking_days.active_bookings, 0) as active_bookings,
             coalesce(booking_days.cancelled_sessions, 0) as cancelled_sessions,
-            coalesce(booking_days.total_hours, 0) as total_hours,
-            coalesce(booking_days.monthly_hours, 0) as monthly_hours,
+            coalesce(booking_days.total_minutes, 0) as total_minutes,
+            coalesce(booking_days.monthly_minutes, 0) as monthly_minutes,
             coalesce(student_days.total_students, 0) as total_students,
             coalesce(student_days.active_students, 0) as active_students,
             coalesce(student_days.new_students, 0) as new_students,
             coalesce(student_days.returning_students, 0) as returning_students,
-            coalesce(review_days.average_rating, 0) as average_rating,
+            coalesce(review_days.sum_of_ratings, 0) as sum_of_ratings,
             coalesce(review_days.total_reviews, 0) as total_reviews,
             coalesce(review_days.five_star_reviews, 0) as five_star_reviews,
             coalesce(listing_days.active_listings, 0) as active_listings,
@@ -805,13 +807,13 @@ begin
             upcoming_sessions,
             active_bookings,
             cancelled_sessions,
-            total_hours,
-            monthly_hours,
+            total_minutes,
+            monthly_minutes,
             total_students,
             active_students,
             new_students,
             returning_students,
-            average_rating,
+            sum_of_ratings,
             total_reviews,
             five_star_reviews,
             active_listings,
@@ -839,13 +841,13 @@ begin
                upcoming_sessions,
                active_bookings,
                cancelled_sessions,
-               total_hours,
-               monthly_hours,
+               total_minutes,
+               monthly_minutes,
                total_students,
                active_students,
                new_students,
                returning_students,
-               average_rating,
+               sum_of_ratings,
                total_reviews,
                five_star_reviews,
                active_listings,
@@ -874,13 +876,13 @@ begin
             upcoming_sessions = excluded.upcoming_sessions,
             active_bookings = excluded.active_bookings,
             cancelled_sessions = excluded.cancelled_sessions,
-            total_hours = excluded.total_hours,
-            monthly_hours = excluded.monthly_hours,
+            total_minutes = excluded.total_minutes,
+            monthly_minutes = excluded.monthly_minutes,
             total_students = excluded.total_students,
             active_students = excluded.active_students,
             new_students = excluded.new_students,
             returning_students = excluded.returning_students,
-            average_rating = excluded.average_rating,
+            sum_of_ratings = excluded.sum_of_ratings,
             total_reviews = excluded.total_reviews,
             five_star_reviews = excluded.five_star_reviews,
             active_listings = excluded.active_listings,
@@ -945,13 +947,13 @@ begin
         coalesce(upcoming_sessions, 0) as upcoming_sessions,
         coalesce(active_bookings, 0) as active_bookings,
         coalesce(cancelled_sessions, 0) as cancelled_sessions,
-        coalesce(round(total_hours / 60.0, 2), 0) as total_hours,
-        coalesce(round(monthly_hours / 60.0, 2), 0) as monthly_hours,
+        coalesce(round(total_minutes / 60.0, 2), 0) as total_hours,
+        coalesce(round(monthly_minutes / 60.0, 2), 0) as monthly_hours,
         coalesce(total_students, 0) as total_students,
         coalesce(active_students, 0) as active_students,
         coalesce(new_students, 0) as new_students,
         coalesce(returning_students, 0) as returning_students,
-        round(average_rating::numeric / nullif(total_reviews, 0), 2) as average_rating,
+        round(sum_of_ratings::numeric / nullif(total_reviews, 0), 2) as average_rating,
         coalesce(total_reviews, 0) as total_reviews,
         coalesce(five_star_reviews, 0) as five_star_reviews,
         coalesce(active_listings, 0) as active_listings,

@@ -59,11 +59,11 @@ begin
         select
             t.user_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.total_earnings)::numeric as total_earnings,
-            sum(change.monthly_earnings)::numeric as monthly_earnings,
-            sum(change.pending_earnings)::numeric as pending_earnings,
-            sum(change.total_spent)::numeric as total_spent,
-            sum(change.monthly_spent)::numeric as monthly_spent
+            sum(case change.event when 'created_on' then t.amount end) filter (where t.kind = 'earning')::numeric as total_earnings,
+            sum(case change.event when 'created_on' then t.amount when 'month after created_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as monthly_earnings,
+            sum(case change.event when 'created_on' then t.amount when 'available_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as pending_earnings,
+            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end end)::numeric as total_spent,
+            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end when 'month after created_on' then -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) end)::numeric as monthly_spent
         from (
                  select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
                         (t.created_at at time zone v_time_zone)::date as created_on,
@@ -71,10 +71,10 @@ begin
                  from "public".transactions t
              ) as t
         cross join lateral (values
-            (t.created_on, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case when t.kind = 'earning' then t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end, case t.kind when 'payment' then t.amount when 'refund' then -t.amount end),
-            ((date_trunc('month', t.created_on::timestamp) + interval '1 month')::date, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0, -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end)),
-            (case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end, 0, 0, -(case when t.kind = 'earning' then t.amount end), 0, 0)
-        ) as change (day, total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent)
+            ('created_on', t.created_on),
+            ('month after created_on', (date_trunc('month', t.created_on::timestamp) + interval '1 month')::date),
+            ('available_on', case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end)
+        ) as change (event, day)
         where change.day <= p_last
           and (t.user_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -84,20 +84,23 @@ begin
         select
             b.user_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.completed_sessions)::integer as completed_sessions,
-            sum(change.monthly_sessions)::integer as monthly_sessions,
-            sum(change.upcoming_sessions)::integer as upcoming_sessions,
-            sum(change.active_bookings)::integer as active_bookings,
-            sum(change.cancelled_sessions)::integer as cancelled_sessions,
-            sum(change.total_hours)::integer as total_hours,
-            sum(change.monthly_hours)::integer as monthly_hours
+            sum(case change.event when 'completed_on' then 1 end)::integer as completed_sessions,
+            sum(case change.event when 'completed_on' then 1 when 'month after completed_on' then -1 end)::integer as monthly_sessions,
+            sum(case change.event when 'confirmed_on' then 1 when 'upcoming_ends_on' then -1 end)::integer as upcoming_sessions,
+            sum(case change.event when 'created_on' then 1 when 'closed_on' then -1 end)::integer as active_bookings,
+            sum(case change.event when 'cancelled_on' then 1 end)::integer as cancelled_sessions,
+            sum(case change.event when 'completed_on' then b.duration_minutes end)::integer as total_minutes,
+            sum(case change.event when 'completed_on' then b.duration_minutes when 'month after completed_on' then -b.duration_minutes end)::integer as monthly_minutes
         from (
                  select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
                         (b.created_at at time zone v_time_zone)::date as created_on,
                         (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
                         (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (b.session_start at time zone v_time_zone)::date as session_on
+                        (b.session_start at time zone v_time_zone)::date as session_on,
+                        -- the day a booking stops being upcoming, and stops being active: its first end
+                        (least(b.session_start, b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as upcoming_ends_on,
+                        (least(b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as closed_on
                  from (
                      select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
                      from "public".bookings b
@@ -108,14 +111,14 @@ begin
                  ) as b
              ) as b
         cross join lateral (values
-            (b.completed_on, 1, 1, 0, 0, 0, b.duration_minutes, b.duration_minutes),
-            ((date_trunc('month', b.completed_on::timestamp) + interval '1 month')::date, 0, -1, 0, 0, 0, 0, -(b.duration_minutes)),
-            (b.confirmed_on, 0, 0, 1, 0, 0, 0, 0),
-            (case when least(b.session_on, b.cancelled_on, b.completed_on) > b.confirmed_on then least(b.session_on, b.cancelled_on, b.completed_on) when least(b.session_on, b.cancelled_on, b.completed_on) <= b.confirmed_on then b.confirmed_on end, 0, 0, -1, 0, 0, 0, 0),
-            (b.created_on, 0, 0, 0, 1, 0, 0, 0),
-            (case when least(b.cancelled_on, b.completed_on) > b.created_on then least(b.cancelled_on, b.completed_on) when least(b.cancelled_on, b.completed_on) <= b.created_on then b.created_on end, 0, 0, 0, -1, 0, 0, 0),
-            (b.cancelled_on, 0, 0, 0, 0, 1, 0, 0)
-        ) as change (day, completed_sessions, monthly_sessions, upcoming_sessions, active_bookings, cancelled_sessions, total_hours, monthly_hours)
+            ('completed_on', b.completed_on),
+            ('month after completed_on', (date_trunc('month', b.completed_on::timestamp) + interval '1 month')::date),
+            ('confirmed_on', b.confirmed_on),
+            ('upcoming_ends_on', case when b.upcoming_ends_on > b.confirmed_on then b.upcoming_ends_on when b.upcoming_ends_on <= b.confirmed_on then b.confirmed_on end),
+            ('created_on', b.created_on),
+            ('closed_on', case when b.closed_on > b.created_on then b.closed_on when b.closed_on <= b.created_on then b.created_on end),
+            ('cancelled_on', b.cancelled_on)
+        ) as change (event, day)
         where change.day <= p_last
           and (b.user_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -125,24 +128,26 @@ begin
         select
             pair.tutor_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.total_students)::integer as total_students,
-            sum(change.active_students)::integer as active_students,
-            sum(change.new_students)::integer as new_students,
-            sum(change.returning_students)::integer as returning_students
+            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 1)::integer as total_students,
+            sum(case change.event when 'completed_on' then 1 when 'active_until' then -1 end)::integer as active_students,
+            sum(case change.event when 'completed_on' then 1 when 'month after completed_on' then -1 end) filter (where pair.nth = 1)::integer as new_students,
+            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 2)::integer as returning_students
         from (
                  select b.tutor_id, b.client_id,
                         (b.completed_at at time zone v_time_zone)::date as completed_on,
                         row_number() over pair_order as nth,
-                        lead((b.completed_at at time zone v_time_zone)::date) over pair_order as next_completed_on
+                        -- a pair's next completion, or the 30 days after this one, whichever ends first
+                        least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
+                              (b.completed_at at time zone v_time_zone)::date + 30) as active_until
                  from "public".bookings b
                  where b.completed_at is not null
                  window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
              ) as pair
         cross join lateral (values
-            (pair.completed_on, case when pair.nth = 1 then 1 end, 1, case when pair.nth = 1 then 1 end, case when pair.nth = 2 then 1 end),
-            (case when least(pair.next_completed_on, pair.completed_on + 30) > pair.completed_on then least(pair.next_completed_on, pair.completed_on + 30) when least(pair.next_completed_on, pair.completed_on + 30) <= pair.completed_on then pair.completed_on end, 0, -1, 0, 0),
-            ((date_trunc('month', pair.completed_on::timestamp) + interval '1 month')::date, 0, 0, -(case when pair.nth = 1 then 1 end), 0)
-        ) as change (day, total_students, active_students, new_students, returning_students)
+            ('completed_on', pair.completed_on),
+            ('active_until', case when pair.active_until > pair.completed_on then pair.active_until when pair.active_until <= pair.completed_on then pair.completed_on end),
+            ('month after completed_on', (date_trunc('month', pair.completed_on::timestamp) + interval '1 month')::date)
+        ) as change (event, day)
         where change.day <= p_last
           and (pair.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -152,16 +157,16 @@ begin
         select
             r.reviewee_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.average_rating)::integer as average_rating,
-            sum(change.total_reviews)::integer as total_reviews,
-            sum(change.five_star_reviews)::integer as five_star_reviews
+            sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
+            sum(case change.event when 'created_on' then 1 end)::integer as total_reviews,
+            sum(case change.event when 'created_on' then 1 end) filter (where r.rating = 5)::integer as five_star_reviews
         from (
                  select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
                  from "public".reviews r
              ) as r
         cross join lateral (values
-            (r.created_on, r.rating, 1, case when r.rating = 5 then 1 end)
-        ) as change (day, average_rating, total_reviews, five_star_reviews)
+            ('created_on', r.created_on)
+        ) as change (event, day)
         where change.day <= p_last
           and (r.reviewee_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -171,8 +176,8 @@ begin
         select
             l.tutor_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.active_listings)::integer as active_listings,
-            sum(change.total_listings)::integer as total_listings
+            sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings,
+            sum(case change.event when 'created_on' then 1 end)::integer as total_listings
         from (
                  select l.tutor_id, l.created_at, l.published_at, l.archived_at,
                         (l.created_at at time zone v_time_zone)::date as created_on,
@@ -181,10 +186,10 @@ begin
                  from "public".listings l
              ) as l
         cross join lateral (values
-            (l.published_on, 1, 0),
-            (case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end, -1, 0),
-            (l.created_on, 0, 1)
-        ) as change (day, active_listings, total_listings)
+            ('published_on', l.published_on),
+            ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end),
+            ('created_on', l.created_on)
+        ) as change (event, day)
         where change.day <= p_last
           and (l.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -194,16 +199,16 @@ begin
         select
             v.tutor_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.listing_views)::integer as listing_views
+            sum(case change.event when 'viewed_on' then 1 when '30 days after viewed_on' then -1 end)::integer as listing_views
         from (
                  select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
                  from "public".listing_views v
                  join "public".listings l on l.id = v.listing_id
              ) as v
         cross join lateral (values
-            (v.viewed_on, 1),
-            (v.viewed_on + 30, -1)
-        ) as change (day, listing_views)
+            ('viewed_on', v.viewed_on),
+            ('30 days after viewed_on', v.viewed_on + 30)
+        ) as change (event, day)
         where change.day <= p_last
           and (v.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -213,15 +218,15 @@ begin
         select
             b.tutor_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.listing_bookings)::integer as listing_bookings
+            sum(case change.event when 'created_on' then 1 end)::integer as listing_bookings
         from (
                  select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
                  from "public".bookings b
                  join "public".listings l on l.id = b.listing_id
              ) as b
         cross join lateral (values
-            (b.created_on, 1)
-        ) as change (day, listing_bookings)
+            ('created_on', b.created_on)
+        ) as change (event, day)
         where change.day <= p_last
           and (b.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -231,7 +236,7 @@ begin
         select
             m.recipient_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.unread_messages)::integer as unread_messages
+            sum(case change.event when 'created_on' then 1 when 'read_on' then -1 end)::integer as unread_messages
         from (
                  select m.recipient_id, m.created_at, m.read_at,
                         (m.created_at at time zone v_time_zone)::date as created_on,
@@ -239,9 +244,9 @@ begin
                  from "public".messages m
              ) as m
         cross join lateral (values
-            (m.created_on, 1),
-            (case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end, -1)
-        ) as change (day, unread_messages)
+            ('created_on', m.created_on),
+            ('read_on', case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end)
+        ) as change (event, day)
         where change.day <= p_last
           and (m.recipient_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -251,7 +256,7 @@ begin
         select
             conversation.user_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.conversations)::integer as conversations
+            sum(case change.event when 'first_on' then 1 end)::integer as conversations
         from (
                  select side.user_id, side.conversation_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
                  from (
@@ -264,8 +269,8 @@ begin
                  group by side.user_id, side.conversation_id
              ) as conversation
         cross join lateral (values
-            (conversation.first_on, 1)
-        ) as change (day, conversations)
+            ('first_on', conversation.first_on)
+        ) as change (event, day)
         where change.day <= p_last
           and (conversation.user_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -275,9 +280,9 @@ begin
         select
             r.referrer_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.referrals_made)::integer as referrals_made,
-            sum(change.referrals_converted)::integer as referrals_converted,
-            sum(change.referral_earnings)::numeric as referral_earnings
+            sum(case change.event when 'created_on' then 1 end)::integer as referrals_made,
+            sum(case change.event when 'referrals_converted enters' then 1 end) filter (where r.converted_on is not null)::integer as referrals_converted,
+            sum(case change.event when 'converted_on' then r.commission end)::numeric as referral_earnings
         from (
                  select r.referrer_id, r.commission, r.created_at, r.converted_at,
                         (r.created_at at time zone v_time_zone)::date as created_on,
@@ -285,10 +290,10 @@ begin
                  from "public".referrals r
              ) as r
         cross join lateral (values
-            (r.created_on, 1, 0, 0),
-            (greatest(r.created_on, r.converted_on), 0, case when r.converted_on is not null then 1 end, 0),
-            (r.converted_on, 0, 0, r.commission)
-        ) as change (day, referrals_made, referrals_converted, referral_earnings)
+            ('created_on', r.created_on),
+            ('referrals_converted enters', greatest(r.created_on, r.converted_on)),
+            ('converted_on', r.converted_on)
+        ) as change (event, day)
         where change.day <= p_last
           and (r.referrer_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -298,9 +303,9 @@ begin
         select
             c.user_id as user_id,
             greatest(change.day, p_first) as day,
-            sum(change.caas_score)::numeric as caas_score,
-            sum(change.profile_completeness)::numeric as profile_completeness,
-            sum(change.caas_rows)::integer as caas_rows
+            sum(case change.event when 'computed_on' then c.score when 'next_on' then -c.score end)::numeric as caas_score,
+            sum(case change.event when 'computed_on' then c.profile_completeness when 'next_on' then -c.profile_completeness end)::numeric as profile_completeness,
+            sum(case change.event when 'computed_on' then 1 when 'next_on' then -1 end)::integer as caas_rows
         from (
                  select c.user_id, c.score, c.profile_completeness,
                         (c.computed_at at time zone v_time_zone)::date as computed_on,
@@ -308,9 +313,9 @@ begin
                  from "public".caas_scores c
              ) as c
         cross join lateral (values
-            (c.computed_on, c.score, c.profile_completeness, 1),
-            (case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end, -(c.score), -(c.profile_completeness), -1)
-        ) as change (day, caas_score, profile_completeness, caas_rows)
+            ('computed_on', c.computed_on),
+            ('next_on', case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end)
+        ) as change (event, day)
         where change.day <= p_last
           and (c.user_id = any (p_users) or p_users is null)
         group by 1, 2
@@ -338,13 +343,13 @@ begin
                upcoming_sessions,
                active_bookings,
                cancelled_sessions,
-               total_hours,
-               monthly_hours,
+               total_minutes,
+               monthly_minutes,
                total_students,
                active_students,
                new_students,
                returning_students,
-               average_rating,
+               sum_of_ratings,
                total_reviews,
                five_star_reviews,
                active_listings,
@@ -388,13 +393,13 @@ begin
             sum(upcoming_sessions) over by_day as upcoming_sessions,
             sum(active_bookings) over by_day as active_bookings,
             sum(cancelled_sessions) over by_day as cancelled_sessions,
-            sum(total_hours) over by_day as total_hours,
-            sum(monthly_hours) over by_day as monthly_hours,
+            sum(total_minutes) over by_day as total_minutes,
+            sum(monthly_minutes) over by_day as monthly_minutes,
             sum(total_students) over by_day as total_students,
             sum(active_students) over by_day as active_students,
             sum(new_students) over by_day as new_students,
             sum(returning_students) over by_day as returning_students,
-            sum(average_rating) over by_day as average_rating,
+            sum(sum_of_ratings) over by_day as sum_of_ratings,
             sum(total_reviews) over by_day as total_reviews,
             sum(five_star_reviews) over by_day as five_star_reviews,
             sum(active_listings) over by_day as active_listings,
@@ -460,13 +465,13 @@ begin
         coalesce(upcoming_sessions, 0) as upcoming_sessions,
         coalesce(active_bookings, 0) as active_bookings,
         coalesce(cancelled_sessions, 0) as cancelled_sessions,
-        coalesce(round(total_hours / 60.0, 2), 0) as total_hours,
-        coalesce(round(monthly_hours / 60.0, 2), 0) as monthly_hours,
+        coalesce(round(total_minutes / 60.0, 2), 0) as total_hours,
+        coalesce(round(monthly_minutes / 60.0, 2), 0) as monthly_hours,
         coalesce(total_students, 0) as total_students,
         coalesce(active_students, 0) as active_students,
         coalesce(new_students, 0) as new_students,
         coalesce(returning_students, 0) as returning_students,
-        round(average_rating::numeric / nullif(total_reviews, 0), 2) as average_rating,
+        round(sum_of_ratings::numeric / nullif(total_reviews, 0), 2) as average_rating,
         coalesce(total_reviews, 0) as total_reviews,
         coalesce(five_star_reviews, 0) as five_star_reviews,
         coalesce(active_listings, 0) as active_listings,

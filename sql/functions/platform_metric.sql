@@ -15,15 +15,7 @@ stable
 set search_path = pg_catalog, pg_temp
 as $function$
 declare
-    v_previous_date constant date := case p_compare
-        when 'day' then p_date - 1
-        when 'week' then p_date - 7
-        when 'month' then (p_date - interval '1 month')::date
-    end;
-    v_value numeric;
-    v_previous numeric;
-begin
-    if p_metric is null or not p_metric = any (array[
+    v_metrics constant text[] := array[
         'total_users',
         'new_users',
         'total_tutors',
@@ -40,9 +32,18 @@ begin
         'average_rating',
         'messages_sent',
         'referrals_converted'
-    ]) then
-        raise exception 'unknown metric %; use one of: total_users, new_users, total_tutors, total_clients, total_agents, active_listings, bookings_created, sessions_completed, sessions_cancelled, hours_completed, gross_revenue, tutor_earnings, reviews_created, average_rating, messages_sent, referrals_converted',
-            coalesce(quote_literal(p_metric), 'NULL')
+    ];
+    v_previous_date constant date := case p_compare
+        when 'day' then p_date - 1
+        when 'week' then p_date - 7
+        when 'month' then (p_date - interval '1 month')::date
+    end;
+    v_value numeric;
+    v_previous numeric;
+begin
+    if p_metric is null or not p_metric = any (v_metrics) then
+        raise exception 'unknown metric %; use one of: %', coalesce(quote_literal(p_metric), 'NULL'),
+            array_to_string(v_metrics, ', ')
             using errcode = '22023';
     end if;
     if v_previous_date is null then

@@ -16,15 +16,7 @@ stable
 set search_path = pg_catalog, pg_temp
 as $function$
 declare
-    v_previous_date constant date := case p_compare
-        when 'day' then p_date - 1
-        when 'week' then p_date - 7
-        when 'month' then (p_date - interval '1 month')::date
-    end;
-    v_value numeric;
-    v_previous numeric;
-begin
-    if p_metric is null or not p_metric = any (array[
+    v_metrics constant text[] := array[
         'total_earnings',
         'monthly_earnings',
         'pending_earnings',
@@ -55,9 +47,18 @@ begin
         'referral_earnings',
         'caas_score',
         'profile_completeness'
-    ]) then
-        raise exception 'unknown metric %; use one of: total_earnings, monthly_earnings, pending_earnings, total_spent, monthly_spent, completed_sessions, monthly_sessions, upcoming_sessions, active_bookings, cancelled_sessions, total_hours, monthly_hours, total_students, active_students, new_students, returning_students, average_rating, total_reviews, five_star_reviews, active_listings, total_listings, listing_views, listing_bookings, unread_messages, conversations, referrals_made, referrals_converted, referral_earnings, caas_score, profile_completeness',
-            coalesce(quote_literal(p_metric), 'NULL')
+    ];
+    v_previous_date constant date := case p_compare
+        when 'day' then p_date - 1
+        when 'week' then p_date - 7
+        when 'month' then (p_date - interval '1 month')::date
+    end;
+    v_value numeric;
+    v_previous numeric;
+begin
+    if p_metric is null or not p_metric = any (v_metrics) then
+        raise exception 'unknown metric %; use one of: %', coalesce(quote_literal(p_metric), 'NULL'),
+            array_to_string(v_metrics, ', ')
             using errcode = '22023';
     end if;
     if v_previous_date is null then
