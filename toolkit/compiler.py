@@ -7,6 +7,7 @@ pieces of strings.
 """
 
 import re
+import textwrap
 from dataclasses import dataclass
 
 from .catalog import Rollup, Source, SourceTable, Span, Sum
@@ -106,6 +107,24 @@ def partition_filters(source: Source) -> list[str]:
     if len(keys) > 1:
         tests.append(f"concat_ws(' ', {', '.join(source.alias + '.' + key for key in keys)}) = any (v_{source.name}_keys)")
     return tests
+
+
+def source_rows(source: Source) -> str:
+    """The query inside a source's `from` snippet (`(select …) as t`), for a CTE of its rows."""
+    text = source.from_sql
+    return textwrap.dedent(text[text.index("(") + 1:text.rindex(")")]).strip("\n")
+
+
+def rows_from(source: Source, named: bool) -> str:
+    """Where a function reads a source's rows: its snippet, or the CTE of its rows (`named`)
+    where the function reads them twice, so they are written once."""
+    return f"{source.name}_rows as {source.alias}" if named else source.from_sql
+
+
+def day_tests(source: Source, only: str | None) -> list[str]:
+    """What narrows a source's rows in the one-day sums: its `scan` test (raw timestamps, before
+    any day is computed) and `only` (a condition on its user, {key})."""
+    return ([source.scan] if source.scan else []) + ([only.replace("{key}", source.user_key)] if only else [])
 
 
 # -- change rows: what each source row adds on the day it enters, and takes back when it leaves

@@ -73,6 +73,40 @@ begin
 
     -- planned with this call's values (plan_cache_mode above): the branch not taken is planned away
     with
+    profile_days_rows as not materialized (
+        select p.role, p.created_at, (p.created_at at time zone v_time_zone)::date as created_on
+        from "public".profiles p
+    ),
+    listing_days_rows as not materialized (
+        select l.published_at, l.archived_at,
+               (l.published_at at time zone v_time_zone)::date as published_on,
+               (l.archived_at at time zone v_time_zone)::date as archived_on
+        from "public".listings l
+    ),
+    booking_days_rows as not materialized (
+        select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
+               (b.created_at at time zone v_time_zone)::date as created_on,
+               (b.completed_at at time zone v_time_zone)::date as completed_on,
+               (b.cancelled_at at time zone v_time_zone)::date as cancelled_on
+        from "public".bookings b
+    ),
+    transaction_days_rows as not materialized (
+        select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
+        from "public".transactions t
+    ),
+    review_days_rows as not materialized (
+        select r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
+        from "public".reviews r
+    ),
+    message_days_rows as not materialized (
+        select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
+        from "public".messages m
+    ),
+    referral_days_rows as not materialized (
+        select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
+        from "public".referrals r
+    ),
+
     profile_days_on_d as (
         -- profiles: what changes on D
         select
@@ -81,10 +115,7 @@ begin
             sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'tutor')::integer as total_tutors,
             sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'client')::integer as total_clients,
             sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'agent')::integer as total_agents
-        from (
-                 select p.role, p.created_at, (p.created_at at time zone v_time_zone)::date as created_on
-                 from "public".profiles p
-             ) as p
+        from profile_days_rows as p
         cross join lateral (values
             ('created_on', p.created_on),
             ('day after created_on', p.created_on + 1)
@@ -98,12 +129,7 @@ begin
         -- listings: what changes on D
         select
             sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings
-        from (
-                 select l.published_at, l.archived_at,
-                        (l.published_at at time zone v_time_zone)::date as published_on,
-                        (l.archived_at at time zone v_time_zone)::date as archived_on
-                 from "public".listings l
-             ) as l
+        from listing_days_rows as l
         cross join lateral (values
             ('published_on', l.published_on),
             ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end)
@@ -120,13 +146,7 @@ begin
             sum(case change.event when 'completed_on' then 1 when 'day after completed_on' then -1 end)::integer as sessions_completed,
             sum(case change.event when 'cancelled_on' then 1 when 'day after cancelled_on' then -1 end)::integer as sessions_cancelled,
             sum(case change.event when 'completed_on' then b.duration_minutes when 'day after completed_on' then -b.duration_minutes end)::integer as minutes_completed
-        from (
-                 select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
-                        (b.created_at at time zone v_time_zone)::date as created_on,
-                        (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (b.cancelled_at at time zone v_time_zone)::date as cancelled_on
-                 from "public".bookings b
-             ) as b
+        from booking_days_rows as b
         cross join lateral (values
             ('created_on', b.created_on),
             ('day after created_on', b.created_on + 1),
@@ -149,10 +169,7 @@ begin
         select
             sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end when 'day after created_on' then -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) end)::numeric as gross_revenue,
             sum(case change.event when 'created_on' then t.amount when 'day after created_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as tutor_earnings
-        from (
-                 select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
-                 from "public".transactions t
-             ) as t
+        from transaction_days_rows as t
         cross join lateral (values
             ('created_on', t.created_on),
             ('day after created_on', t.created_on + 1)
@@ -168,10 +185,7 @@ begin
             sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as reviews_created,
             sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
             sum(case change.event when 'created_on' then 1 end)::integer as ratings
-        from (
-                 select r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
-                 from "public".reviews r
-             ) as r
+        from review_days_rows as r
         cross join lateral (values
             ('created_on', r.created_on),
             ('day after created_on', r.created_on + 1)
@@ -185,10 +199,7 @@ begin
         -- messages: what changes on D
         select
             sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as messages_sent
-        from (
-                 select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
-                 from "public".messages m
-             ) as m
+        from message_days_rows as m
         cross join lateral (values
             ('created_on', m.created_on),
             ('day after created_on', m.created_on + 1)
@@ -202,10 +213,7 @@ begin
         -- referrals: what changes on D
         select
             sum(case change.event when 'converted_on' then 1 when 'day after converted_on' then -1 end)::integer as referrals_converted
-        from (
-                 select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
-                 from "public".referrals r
-             ) as r
+        from referral_days_rows as r
         cross join lateral (values
             ('converted_on', r.converted_on),
             ('day after converted_on', r.converted_on + 1)
@@ -274,10 +282,7 @@ begin
             count(*) filter (where p.role = 'client' and p.created_on <= p_date) as total_clients,
             count(*) filter (where p.role = 'agent' and p.created_on <= p_date) as total_agents
         from (
-            select * from (
-                select p.role, p.created_at, (p.created_at at time zone v_time_zone)::date as created_on
-                from "public".profiles p
-            ) as p
+            select * from profile_days_rows as p
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as p
         where p.created_on <= p_date -- rows that enter later count on no day up to D
@@ -287,12 +292,7 @@ begin
         select
             count(*) filter (where l.published_on <= p_date and (l.archived_on > p_date or l.archived_on is null)) as active_listings
         from (
-            select * from (
-                select l.published_at, l.archived_at,
-                       (l.published_at at time zone v_time_zone)::date as published_on,
-                       (l.archived_at at time zone v_time_zone)::date as archived_on
-                from "public".listings l
-            ) as l
+            select * from listing_days_rows as l
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as l
         where l.published_on <= p_date -- rows that enter later count on no day up to D
@@ -305,13 +305,7 @@ begin
             count(*) filter (where b.cancelled_on = p_date) as sessions_cancelled,
             sum(b.duration_minutes) filter (where b.completed_on = p_date) as minutes_completed
         from (
-            select * from (
-                select b.duration_minutes, b.created_at, b.completed_at, b.cancelled_at,
-                       (b.created_at at time zone v_time_zone)::date as created_on,
-                       (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (b.cancelled_at at time zone v_time_zone)::date as cancelled_on
-                from "public".bookings b
-            ) as b
+            select * from booking_days_rows as b
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
             where (b.created_at >= v_from_0 and b.created_at < v_to_0)
               or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
@@ -326,10 +320,7 @@ begin
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on = p_date) as gross_revenue,
             sum(t.amount) filter (where t.kind = 'earning' and t.created_on = p_date) as tutor_earnings
         from (
-            select * from (
-                select t.kind, t.amount, t.created_at, (t.created_at at time zone v_time_zone)::date as created_on
-                from "public".transactions t
-            ) as t
+            select * from transaction_days_rows as t
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
             where t.created_at >= v_from_0 and t.created_at < v_to_0
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
@@ -343,10 +334,7 @@ begin
             sum(r.rating) filter (where r.created_on <= p_date) as sum_of_ratings,
             count(*) filter (where r.created_on <= p_date) as ratings
         from (
-            select * from (
-                select r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
-                from "public".reviews r
-            ) as r
+            select * from review_days_rows as r
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
         where r.created_on <= p_date -- rows that enter later count on no day up to D
@@ -356,10 +344,7 @@ begin
         select
             count(*) filter (where m.created_on = p_date) as messages_sent
         from (
-            select * from (
-                select m.created_at, (m.created_at at time zone v_time_zone)::date as created_on
-                from "public".messages m
-            ) as m
+            select * from message_days_rows as m
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
             where m.created_at >= v_from_0 and m.created_at < v_to_0
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
@@ -371,10 +356,7 @@ begin
         select
             count(*) filter (where r.converted_on = p_date) as referrals_converted
         from (
-            select * from (
-                select r.converted_at, (r.converted_at at time zone v_time_zone)::date as converted_on
-                from "public".referrals r
-            ) as r
+            select * from referral_days_rows as r
             -- only the rows that can count on D: a test of their raw timestamps, before any day is computed
             where r.converted_at >= v_from_0 and r.converted_at < v_to_0
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it

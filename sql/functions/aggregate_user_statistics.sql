@@ -134,6 +134,93 @@ begin
     -- Each call is planned with its own values (plan_cache_mode above), so the branch not taken
     -- (v_from_history) is planned away and each user list narrows its index scans.
     with
+    transaction_days_rows as not materialized (
+        select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
+               (t.created_at at time zone v_time_zone)::date as created_on,
+               (t.available_at at time zone v_time_zone)::date as available_on
+        from "public".transactions t
+    ),
+    booking_days_rows as not materialized (
+        select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
+               (b.created_at at time zone v_time_zone)::date as created_on,
+               (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
+               (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
+               (b.completed_at at time zone v_time_zone)::date as completed_on,
+               (b.session_start at time zone v_time_zone)::date as session_on,
+               -- the day a booking stops being upcoming, and stops being active: its first end
+               (least(b.session_start, b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as upcoming_ends_on,
+               (least(b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as closed_on
+        from (
+            select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
+            from "public".bookings b
+            union all
+            select b.client_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
+            from "public".bookings b
+            where b.client_id <> b.tutor_id
+        ) as b
+    ),
+    student_days_rows as not materialized (
+        select b.tutor_id, b.client_id,
+               (b.completed_at at time zone v_time_zone)::date as completed_on,
+               row_number() over pair_order as nth,
+               -- a pair's next completion, or the 30 days after this one, whichever ends first
+               least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
+                     (b.completed_at at time zone v_time_zone)::date + 30) as active_until
+        from "public".bookings b
+        where b.completed_at is not null
+        window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
+    ),
+    review_days_rows as not materialized (
+        select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
+        from "public".reviews r
+    ),
+    listing_days_rows as not materialized (
+        select l.tutor_id, l.created_at, l.published_at, l.archived_at,
+               (l.created_at at time zone v_time_zone)::date as created_on,
+               (l.published_at at time zone v_time_zone)::date as published_on,
+               (l.archived_at at time zone v_time_zone)::date as archived_on
+        from "public".listings l
+    ),
+    listing_view_days_rows as not materialized (
+        select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
+        from "public".listing_views v
+        join "public".listings l on l.id = v.listing_id
+    ),
+    listing_booking_days_rows as not materialized (
+        select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
+        from "public".bookings b
+        join "public".listings l on l.id = b.listing_id
+    ),
+    received_message_days_rows as not materialized (
+        select m.recipient_id, m.created_at, m.read_at,
+               (m.created_at at time zone v_time_zone)::date as created_on,
+               (m.read_at at time zone v_time_zone)::date as read_on
+        from "public".messages m
+    ),
+    conversation_days_rows as not materialized (
+        select side.user_id, side.conversation_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
+        from (
+            select m.sender_id as user_id, m.conversation_id, m.created_at
+            from "public".messages m
+            union all
+            select m.recipient_id, m.conversation_id, m.created_at
+            from "public".messages m
+        ) as side
+        group by side.user_id, side.conversation_id
+    ),
+    referral_days_rows as not materialized (
+        select r.referrer_id, r.commission, r.created_at, r.converted_at,
+               (r.created_at at time zone v_time_zone)::date as created_on,
+               (r.converted_at at time zone v_time_zone)::date as converted_on
+        from "public".referrals r
+    ),
+    caas_days_rows as not materialized (
+        select c.user_id, c.score, c.profile_completeness,
+               (c.computed_at at time zone v_time_zone)::date as computed_on,
+               lead((c.computed_at at time zone v_time_zone)::date) over (partition by c.user_id order by c.computed_at, c.id) as next_on
+        from "public".caas_scores c
+    ),
+
     transaction_days_on_d as (
         -- the user's transactions: what changes on D
         select
@@ -143,12 +230,7 @@ begin
             sum(case change.event when 'created_on' then t.amount when 'available_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as pending_earnings,
             sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end end)::numeric as total_spent,
             sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end end)::numeric as monthly_spent
-        from (
-                 select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
-                        (t.created_at at time zone v_time_zone)::date as created_on,
-                        (t.available_at at time zone v_time_zone)::date as available_on
-                 from "public".transactions t
-             ) as t
+        from transaction_days_rows as t
         cross join lateral (values
             ('created_on', t.created_on),
             ('available_on', case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end)
@@ -170,25 +252,7 @@ begin
             sum(case change.event when 'cancelled_on' then 1 end)::integer as cancelled_sessions,
             sum(case change.event when 'completed_on' then b.duration_minutes end)::integer as total_minutes,
             sum(case change.event when 'completed_on' then b.duration_minutes end)::integer as monthly_minutes
-        from (
-                 select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
-                        (b.created_at at time zone v_time_zone)::date as created_on,
-                        (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
-                        (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
-                        (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        (b.session_start at time zone v_time_zone)::date as session_on,
-                        -- the day a booking stops being upcoming, and stops being active: its first end
-                        (least(b.session_start, b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as upcoming_ends_on,
-                        (least(b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as closed_on
-                 from (
-                     select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                     from "public".bookings b
-                     union all
-                     select b.client_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                     from "public".bookings b
-                     where b.client_id <> b.tutor_id
-                 ) as b
-             ) as b
+        from booking_days_rows as b
         cross join lateral (values
             ('completed_on', b.completed_on),
             ('confirmed_on', b.confirmed_on),
@@ -214,17 +278,7 @@ begin
             sum(case change.event when 'completed_on' then 1 when 'active_until' then -1 end)::integer as active_students,
             sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 1)::integer as new_students,
             sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 2)::integer as returning_students
-        from (
-                 select b.tutor_id, b.client_id,
-                        (b.completed_at at time zone v_time_zone)::date as completed_on,
-                        row_number() over pair_order as nth,
-                        -- a pair's next completion, or the 30 days after this one, whichever ends first
-                        least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
-                              (b.completed_at at time zone v_time_zone)::date + 30) as active_until
-                 from "public".bookings b
-                 where b.completed_at is not null
-                 window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
-             ) as pair
+        from student_days_rows as pair
         cross join lateral (values
             ('completed_on', pair.completed_on),
             ('active_until', case when pair.active_until > pair.completed_on then pair.active_until when pair.active_until <= pair.completed_on then pair.completed_on end)
@@ -243,10 +297,7 @@ begin
             sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
             sum(case change.event when 'created_on' then 1 end)::integer as total_reviews,
             sum(case change.event when 'created_on' then 1 end) filter (where r.rating = 5)::integer as five_star_reviews
-        from (
-                 select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
-                 from "public".reviews r
-             ) as r
+        from review_days_rows as r
         cross join lateral (values
             ('created_on', r.created_on)
         ) as change (event, day)
@@ -261,13 +312,7 @@ begin
             l.tutor_id as user_id,
             sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings,
             sum(case change.event when 'created_on' then 1 end)::integer as total_listings
-        from (
-                 select l.tutor_id, l.created_at, l.published_at, l.archived_at,
-                        (l.created_at at time zone v_time_zone)::date as created_on,
-                        (l.published_at at time zone v_time_zone)::date as published_on,
-                        (l.archived_at at time zone v_time_zone)::date as archived_on
-                 from "public".listings l
-             ) as l
+        from listing_days_rows as l
         cross join lateral (values
             ('published_on', l.published_on),
             ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end),
@@ -285,11 +330,7 @@ begin
         select
             v.tutor_id as user_id,
             sum(case change.event when 'viewed_on' then 1 when '30 days after viewed_on' then -1 end)::integer as listing_views
-        from (
-                 select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
-                 from "public".listing_views v
-                 join "public".listings l on l.id = v.listing_id
-             ) as v
+        from listing_view_days_rows as v
         cross join lateral (values
             ('viewed_on', v.viewed_on),
             ('30 days after viewed_on', v.viewed_on + 30)
@@ -305,11 +346,7 @@ begin
         select
             b.tutor_id as user_id,
             sum(case change.event when 'created_on' then 1 end)::integer as listing_bookings
-        from (
-                 select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
-                 from "public".bookings b
-                 join "public".listings l on l.id = b.listing_id
-             ) as b
+        from listing_booking_days_rows as b
         cross join lateral (values
             ('created_on', b.created_on)
         ) as change (event, day)
@@ -323,12 +360,7 @@ begin
         select
             m.recipient_id as user_id,
             sum(case change.event when 'created_on' then 1 when 'read_on' then -1 end)::integer as unread_messages
-        from (
-                 select m.recipient_id, m.created_at, m.read_at,
-                        (m.created_at at time zone v_time_zone)::date as created_on,
-                        (m.read_at at time zone v_time_zone)::date as read_on
-                 from "public".messages m
-             ) as m
+        from received_message_days_rows as m
         cross join lateral (values
             ('created_on', m.created_on),
             ('read_on', case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end)
@@ -344,17 +376,7 @@ begin
         select
             conversation.user_id as user_id,
             sum(case change.event when 'first_on' then 1 end)::integer as conversations
-        from (
-                 select side.user_id, side.conversation_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
-                 from (
-                     select m.sender_id as user_id, m.conversation_id, m.created_at
-                     from "public".messages m
-                     union all
-                     select m.recipient_id, m.conversation_id, m.created_at
-                     from "public".messages m
-                 ) as side
-                 group by side.user_id, side.conversation_id
-             ) as conversation
+        from conversation_days_rows as conversation
         cross join lateral (values
             ('first_on', conversation.first_on)
         ) as change (event, day)
@@ -370,12 +392,7 @@ begin
             sum(case change.event when 'created_on' then 1 end)::integer as referrals_made,
             sum(case change.event when 'referrals_converted enters' then 1 end) filter (where r.converted_on is not null)::integer as referrals_converted,
             sum(case change.event when 'converted_on' then r.commission end)::numeric as referral_earnings
-        from (
-                 select r.referrer_id, r.commission, r.created_at, r.converted_at,
-                        (r.created_at at time zone v_time_zone)::date as created_on,
-                        (r.converted_at at time zone v_time_zone)::date as converted_on
-                 from "public".referrals r
-             ) as r
+        from referral_days_rows as r
         cross join lateral (values
             ('created_on', r.created_on),
             ('referrals_converted enters', greatest(r.created_on, r.converted_on)),
@@ -394,12 +411,7 @@ begin
             sum(case change.event when 'computed_on' then c.score when 'next_on' then -c.score end)::numeric as caas_score,
             sum(case change.event when 'computed_on' then c.profile_completeness when 'next_on' then -c.profile_completeness end)::numeric as profile_completeness,
             sum(case change.event when 'computed_on' then 1 when 'next_on' then -1 end)::integer as caas_rows
-        from (
-                 select c.user_id, c.score, c.profile_completeness,
-                        (c.computed_at at time zone v_time_zone)::date as computed_on,
-                        lead((c.computed_at at time zone v_time_zone)::date) over (partition by c.user_id order by c.computed_at, c.id) as next_on
-                 from "public".caas_scores c
-             ) as c
+        from caas_days_rows as c
         cross join lateral (values
             ('computed_on', c.computed_on),
             ('next_on', case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end)
@@ -511,12 +523,7 @@ begin
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on <= p_date) as total_spent,
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_spent
         from (
-            select * from (
-                select t.user_id, t.kind, t.amount, t.created_at, t.available_at,
-                       (t.created_at at time zone v_time_zone)::date as created_on,
-                       (t.available_at at time zone v_time_zone)::date as available_on
-                from "public".transactions t
-            ) as t
+            select * from transaction_days_rows as t
             where v_from_history or t.user_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as t
@@ -535,25 +542,7 @@ begin
             sum(b.duration_minutes) filter (where b.completed_on <= p_date) as total_minutes,
             sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_minutes
         from (
-            select * from (
-                select b.user_id, b.duration_minutes, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start,
-                       (b.created_at at time zone v_time_zone)::date as created_on,
-                       (b.confirmed_at at time zone v_time_zone)::date as confirmed_on,
-                       (b.cancelled_at at time zone v_time_zone)::date as cancelled_on,
-                       (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       (b.session_start at time zone v_time_zone)::date as session_on,
-                       -- the day a booking stops being upcoming, and stops being active: its first end
-                       (least(b.session_start, b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as upcoming_ends_on,
-                       (least(b.cancelled_at, b.completed_at) at time zone v_time_zone)::date as closed_on
-                from (
-                    select b.tutor_id as user_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                    from "public".bookings b
-                    union all
-                    select b.client_id, b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start, b.duration_minutes
-                    from "public".bookings b
-                    where b.client_id <> b.tutor_id
-                ) as b
-            ) as b
+            select * from booking_days_rows as b
             where v_from_history or b.user_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
@@ -569,17 +558,7 @@ begin
             count(*) filter (where pair.nth = 1 and pair.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as new_students,
             count(*) filter (where pair.nth = 2 and pair.completed_on <= p_date) as returning_students
         from (
-            select * from (
-                select b.tutor_id, b.client_id,
-                       (b.completed_at at time zone v_time_zone)::date as completed_on,
-                       row_number() over pair_order as nth,
-                       -- a pair's next completion, or the 30 days after this one, whichever ends first
-                       least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
-                             (b.completed_at at time zone v_time_zone)::date + 30) as active_until
-                from "public".bookings b
-                where b.completed_at is not null
-                window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
-            ) as pair
+            select * from student_days_rows as pair
             where v_from_history or pair.tutor_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as pair
@@ -594,10 +573,7 @@ begin
             count(*) filter (where r.created_on <= p_date) as total_reviews,
             count(*) filter (where r.rating = 5 and r.created_on <= p_date) as five_star_reviews
         from (
-            select * from (
-                select r.reviewee_id, r.rating, r.created_at, (r.created_at at time zone v_time_zone)::date as created_on
-                from "public".reviews r
-            ) as r
+            select * from review_days_rows as r
             where v_from_history or r.reviewee_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
@@ -611,13 +587,7 @@ begin
             count(*) filter (where l.published_on <= p_date and (l.archived_on > p_date or l.archived_on is null)) as active_listings,
             count(*) filter (where l.created_on <= p_date) as total_listings
         from (
-            select * from (
-                select l.tutor_id, l.created_at, l.published_at, l.archived_at,
-                       (l.created_at at time zone v_time_zone)::date as created_on,
-                       (l.published_at at time zone v_time_zone)::date as published_on,
-                       (l.archived_at at time zone v_time_zone)::date as archived_on
-                from "public".listings l
-            ) as l
+            select * from listing_days_rows as l
             where v_from_history or l.tutor_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as l
@@ -630,11 +600,7 @@ begin
             v.tutor_id as user_id,
             count(*) filter (where v.viewed_on between p_date - 29 and p_date) as listing_views
         from (
-            select * from (
-                select l.tutor_id, v.viewed_at, (v.viewed_at at time zone v_time_zone)::date as viewed_on
-                from "public".listing_views v
-                join "public".listings l on l.id = v.listing_id
-            ) as v
+            select * from listing_view_days_rows as v
             where v_from_history or v.tutor_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as v
@@ -647,11 +613,7 @@ begin
             b.tutor_id as user_id,
             count(*) filter (where b.created_on <= p_date) as listing_bookings
         from (
-            select * from (
-                select l.tutor_id, b.created_at, (b.created_at at time zone v_time_zone)::date as created_on
-                from "public".bookings b
-                join "public".listings l on l.id = b.listing_id
-            ) as b
+            select * from listing_booking_days_rows as b
             where v_from_history or b.tutor_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
@@ -664,12 +626,7 @@ begin
             m.recipient_id as user_id,
             count(*) filter (where m.created_on <= p_date and (m.read_on > p_date or m.read_on is null)) as unread_messages
         from (
-            select * from (
-                select m.recipient_id, m.created_at, m.read_at,
-                       (m.created_at at time zone v_time_zone)::date as created_on,
-                       (m.read_at at time zone v_time_zone)::date as read_on
-                from "public".messages m
-            ) as m
+            select * from received_message_days_rows as m
             where v_from_history or m.recipient_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as m
@@ -682,17 +639,7 @@ begin
             conversation.user_id as user_id,
             count(*) filter (where conversation.first_on <= p_date) as conversations
         from (
-            select * from (
-                select side.user_id, side.conversation_id, (min(side.created_at) at time zone v_time_zone)::date as first_on
-                from (
-                    select m.sender_id as user_id, m.conversation_id, m.created_at
-                    from "public".messages m
-                    union all
-                    select m.recipient_id, m.conversation_id, m.created_at
-                    from "public".messages m
-                ) as side
-                group by side.user_id, side.conversation_id
-            ) as conversation
+            select * from conversation_days_rows as conversation
             where v_from_history or conversation.user_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as conversation
@@ -707,12 +654,7 @@ begin
             count(*) filter (where r.converted_on is not null and greatest(r.created_on, r.converted_on) <= p_date) as referrals_converted,
             sum(r.commission) filter (where r.converted_on <= p_date) as referral_earnings
         from (
-            select * from (
-                select r.referrer_id, r.commission, r.created_at, r.converted_at,
-                       (r.created_at at time zone v_time_zone)::date as created_on,
-                       (r.converted_at at time zone v_time_zone)::date as converted_on
-                from "public".referrals r
-            ) as r
+            select * from referral_days_rows as r
             where v_from_history or r.referrer_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
@@ -727,12 +669,7 @@ begin
             sum(c.profile_completeness) filter (where c.computed_on <= p_date and (c.next_on > p_date or c.next_on is null)) as profile_completeness,
             count(*) filter (where c.computed_on <= p_date and (c.next_on > p_date or c.next_on is null)) as caas_rows
         from (
-            select * from (
-                select c.user_id, c.score, c.profile_completeness,
-                       (c.computed_at at time zone v_time_zone)::date as computed_on,
-                       lead((c.computed_at at time zone v_time_zone)::date) over (partition by c.user_id order by c.computed_at, c.id) as next_on
-                from "public".caas_scores c
-            ) as c
+            select * from caas_days_rows as c
             where v_from_history or c.user_id = any (v_fresh)
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as c
