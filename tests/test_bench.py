@@ -39,3 +39,24 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         import psycopg
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute("drop database if exists bench_300 with (force)")
+
+
+def test_compare_finds_the_same_rows_and_plans_and_names_a_changed_number(monkeypatch):
+    """bench.compare, which judges a change of the generated SQL: the committed functions against
+    themselves are identical in rows and plan shapes; a range function that counts a cancelled
+    session twice is named."""
+    from datetime import date
+
+    from bench import compare
+    from bench.__main__ import generated_database
+    dsn, _, _ = generated_database(cluster, "compare_test", 300, 15, 20, 0.5, date(2026, 1, 1))
+    tree = compare.function_files(None)
+    monkeypatch.setattr(compare, "function_files", lambda revision: tree)  # the working tree's, both sides
+    same = compare.compare(dsn, date(2026, 1, 15), "base", rounds=1)
+    assert [(r["call"], r["rows"], r["plans"].split(" (")[0]) for r in same] == [
+        (call, "identical", "same") for call in compare.CALLS]
+    doubled = [text.replace("then 1 end)::integer as cancelled_sessions", "then 2 end)::integer as cancelled_sessions")
+               for text in tree]
+    monkeypatch.setattr(compare, "function_files", lambda revision: tree if revision else doubled)
+    changed = {r["call"]: r["rows"] for r in compare.compare(dsn, date(2026, 1, 15), "base", rounds=1)}
+    assert changed["user range"] == "DIFFER" and changed["user one-day"] == "identical"

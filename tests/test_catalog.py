@@ -118,3 +118,12 @@ def test_changes_on_names_the_rows_of_d_and_the_indexes_that_find_them():
     # a partitioned source is found by its key; a join's timestamp only in the table that has it
     assert ("messages", "conversation_id") in lookups and ("listing_views", "viewed_at") in lookups
     assert ("listings", "viewed_at") not in lookups and len(lookups) == len(set(lookups))
+
+
+def test_two_sums_of_one_name_are_refused(tmp_path):
+    """A metric's `sum` names what it holds; it may not take another sum's name."""
+    text = (SQL_DIR / "catalog.toml").read_text()
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(text.replace('sum = "sum_of_ratings"', 'sum = "total_reviews"', 1))
+    with pytest.raises(UsageError, match="user_statistics_daily has two sums named total_reviews"):
+        load_catalog(catalog)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from .catalog import Rollup, Source, SourceTable, Span, Sum
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+def quote_literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _negated(value: str) -> str:
@@ -82,7 +82,7 @@ def day_bounds(offsets: list[int], time_zone: str) -> list[str]:
     """The start (v_from_N) and end (v_to_N) of each day D - N that `offsets` names, as the
     declarations of a function of p_date: D itself (0) for the sources' `scan` tests, and the
     days the nightly step reads (the sources' `changes_on`)."""
-    zone = _literal(time_zone)
+    zone = quote_literal(time_zone)
     lines = []
     for n in offsets:
         start = "p_date" if n == 0 else f"(p_date - {n})"
@@ -175,9 +175,9 @@ def changes(rollup: Rollup, source: Source, step: bool = False) -> Changes:
                 events[day] = name if name and name not in events.values() else f"{item.name} {kind}"
     sums = []
     for item in found:
-        whens = [f"when {_literal(events[item.span.enters])} then {item.span.value}"]
+        whens = [f"when {quote_literal(events[item.span.enters])} then {item.span.value}"]
         if gone.get(item.name):
-            whens.append(f"when {_literal(events[gone[item.name]])} then {_negated(item.span.value)}")
+            whens.append(f"when {quote_literal(events[gone[item.name]])} then {_negated(item.span.value)}")
         aggregate = f"sum(case change.event {' '.join(whens)} end)"
         if item.span.where:
             aggregate += f" filter (where {item.span.where})"

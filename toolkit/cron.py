@@ -14,7 +14,8 @@ from psycopg import sql
 
 from . import db
 from .errors import StatskitError
-from .render import quote_ident, quote_literal
+from .compiler import quote_literal
+from .render import quote_ident
 from .settings import WRITER_ROLE, Settings
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import jinja2
 
 from . import compiler, project
+from .compiler import quote_literal
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
 from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
@@ -66,10 +67,6 @@ def signature(schema: str, name: str, key_type: str) -> str:
 def digest(text: str) -> str:
     """A short stable name part for a text (the row security policy's expression)."""
     return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def quote_literal(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def sums_digest(rollup: Rollup, settings: Settings) -> str:
