@@ -15,23 +15,29 @@ import pytest
 from conftest import REPO
 from spec_oracle import differences, expected_user_rows, stored_user_rows
 
-# The last release that landed before the writer lock and whole-day backfills (issue 21); it
-# stores 90 days of history.
-PREVIOUS = "788e7e9"
+# Releases a deployment is upgraded from, each with the older signatures migrate drops there:
+# the last that landed before the writer lock and whole-day backfills (issue 21), and the last
+# that landed before this one's capture and sums (issue 23). Each stores 90 days of history.
+RELEASES = {
+    "788e7e9": ["aggregate_user_statistics_range(date, date, uuid, uuid, uuid[])",
+                "aggregate_daily_statistics_range(date, date)"],
+    "3f35e92": [],
+}
 FIRST, LAST, NEXT = date(2026, 1, 1), date(2026, 3, 31), date(2026, 4, 1)
 
 
-@pytest.fixture(scope="module")
-def previous_release(tmp_path_factory):
-    """The previous release's toolkit/ and sql/, from git, runnable beside this one."""
-    if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{PREVIOUS}^{{commit}}"], capture_output=True).returncode:
-        pytest.skip(f"this clone lacks commit {PREVIOUS} (a shallow clone): no previous release to upgrade from")
-    folder = tmp_path_factory.mktemp("previous-release")
+@pytest.fixture(scope="module", params=list(RELEASES))
+def previous_release(request, tmp_path_factory):
+    """A previous release's toolkit/ and sql/, from git, runnable beside this one: (revision, folder)."""
+    revision = request.param
+    if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{revision}^{{commit}}"], capture_output=True).returncode:
+        pytest.skip(f"this clone lacks commit {revision} (a shallow clone): no previous release to upgrade from")
+    folder = tmp_path_factory.mktemp(f"release-{revision}")
     archive = folder / "release.tar"
-    subprocess.run(["git", "-C", REPO, "archive", "-o", archive, PREVIOUS, "toolkit", "sql"], check=True)
+    subprocess.run(["git", "-C", REPO, "archive", "-o", archive, revision, "toolkit", "sql"], check=True)
     with tarfile.open(archive) as tar:
         tar.extractall(folder)
-    return folder
+    return revision, folder
 
 
 def run_previous(release, *args):
@@ -48,9 +54,10 @@ def stored(dsn):
 
 
 def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(loaded_dsn, previous_release, run_cli):
-    deployed = run_previous(previous_release, "migrate", "--dsn", loaded_dsn)
+    revision, release = previous_release
+    deployed = run_previous(release, "migrate", "--dsn", loaded_dsn)
     assert deployed.returncode == 0, deployed.stderr
-    filled = run_previous(previous_release, "backfill", "--from", FIRST, "--to", LAST, "--jobs", 2, "--quiet",
+    filled = run_previous(release, "backfill", "--from", FIRST, "--to", LAST, "--jobs", 2, "--quiet",
                           "--dsn", loaded_dsn)
     assert filled.returncode == 0, filled.stderr
     before = stored(loaded_dsn)
@@ -63,8 +70,8 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
     reader.join()
     assert upgraded.exit_code == 0, upgraded.output
     assert reader.calls > 0 and reader.errors == [] and reader.slowest < 2.0  # migrate's --lock-timeout
-    assert "aggregate_user_statistics_range(date, date, uuid, uuid, uuid[]) (an older signature)" in upgraded.output
-    assert "aggregate_daily_statistics_range(date, date) (an older signature)" in upgraded.output
+    assert sorted(line for line in upgraded.output.splitlines() if "(an older signature)" in line) == sorted(
+        f'dropped function "public".{signature} (an older signature)' for signature in RELEASES[revision])
     assert "created function public.aggregate_user_statistics\n" in upgraded.output
     assert stored(loaded_dsn) == before
     # the sums the previous release kept are defined otherwise now: migrate says so and rebuilds
