@@ -127,3 +127,15 @@ def test_two_sums_of_one_name_are_refused(tmp_path):
     catalog.write_text(text.replace('sum = "sum_of_ratings"', 'sum = "total_reviews"', 1))
     with pytest.raises(UsageError, match="user_statistics_daily has two sums named total_reviews"):
         load_catalog(catalog)
+
+
+def test_a_source_that_is_not_a_query_with_its_alias_is_refused(tmp_path):
+    """Functions read a source as `(select …) as t`, or its query alone as a CTE: the shape is checked."""
+    text = (SQL_DIR / "catalog.toml").read_text()
+    catalog = tmp_path / "catalog.toml"
+    start = text.index('from = """', text.index('name = "review_days"'))
+    end = text.index('"""', start + 10) + 3
+    catalog.write_text(text[:start] + 'from = "{{ source }}.reviews r"' + text[end:])
+    with pytest.raises(UsageError, match="catalog: source review_days of user_statistics_daily has from = .*"
+                                         "write it as a query in parentheses with its alias"):
+        load_catalog(catalog)

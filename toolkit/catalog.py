@@ -359,6 +359,9 @@ def _read_source(raw: dict, table: str, per_user: bool) -> Source:
         if not offsets or not all(isinstance(o, int) and o >= 0 for o in offsets):
             raise UsageError(f"catalog: source {name} of {table} has changes_on.{column} = {offsets!r}: "
                              f"use days before D (0 = D)")
+    if not re.fullmatch(r"\(.*\)\s+as\s+\w+", raw["from"].strip(), re.DOTALL):
+        raise UsageError(f"catalog: source {name} of {table} has from = {raw['from'].strip()[:40]!r}…: write it as "
+                         f"a query in parentheses with its alias, (select … from {{{{ source }}}}.table t) as t")
     partition = raw.get("partition")
     if partition is not None:
         if set(partition) != {"table", "keys"} or not partition["keys"]:

@@ -349,6 +349,10 @@ def capture_triggers(conn: psycopg.Connection, settings: Settings, catalog: Cata
 ONE_DAY = {"user": "aggregate_user_statistics", "platform": "aggregate_daily_statistics"}
 
 
+def _sums_table(table: str) -> str:
+    return f"{STATSKIT_SCHEMA}.{quote_ident(table + '_sums')}"
+
+
 @dataclass(frozen=True)
 class SumsRebuild:
     rollup: str  # "user" or "platform"
@@ -366,9 +370,8 @@ def sums_to_rebuild(conn: psycopg.Connection, settings: Settings, catalog: Catal
     found = []
     yesterday = dates.yesterday(conn, settings.time_zone)
     for kind, rollup in (("user", catalog.user), ("platform", catalog.platform)):
-        sums = f"{STATSKIT_SCHEMA}.{rollup.table}_sums"
-        comment = conn.execute("select obj_description(to_regclass(%s), 'pg_class') from (select to_regclass(%s)) t (sums)"
-                               " where t.sums is not null", [sums, sums]).fetchone()
+        comment = conn.execute("select obj_description(c.oid, 'pg_class') from pg_class c where c.oid = to_regclass(%s)",
+                               [_sums_table(rollup.table)]).fetchone()
         if comment is None or comment[0] == f"statskit sums {sums_digest(rollup, settings)}":
             continue  # none yet (the first night sums from history), or still what they were
         day = conn.execute(f"select max(date) from {quote_ident(settings.schema)}.{rollup.table} where date <= %s",
@@ -383,7 +386,7 @@ def rebuild_sums(conn: psycopg.Connection, settings: Settings, rebuild: SumsRebu
     again from history inside a savepoint (which leaves its sums), the sums are copied out, the
     savepoint is rolled back (the rows the new definitions would change stay as stored; a
     backfill rewrites them), and the copy goes back into the re-created table."""
-    sums = f"{STATSKIT_SCHEMA}.{quote_ident(rebuild.table + '_sums')}"
+    sums = _sums_table(rebuild.table)
     arguments = "null, %s" if rebuild.rollup == "user" else "%s"
     conn.execute("savepoint statskit_sums")
     conn.execute(f"select {quote_ident(settings.schema)}.{ONE_DAY[rebuild.rollup]}({arguments})", [rebuild.day])
