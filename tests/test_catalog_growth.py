@@ -161,7 +161,7 @@ def test_a_source_no_metric_uses_is_refused_by_name(tmp_path, run_cli):
     sql_copy = tmp_path / "sql"
     shutil.copytree(SQL_DIR, sql_copy)
     catalog = sql_copy / "catalog.toml"
-    unused = '\n[[user.sources]]\nname = "orphan_days"\nfrom = "{{ source }}.reviews r"\nuser_key = "r.reviewee_id"\nchanges_on = { created_at = [0] }\n'
+    unused = '\n[[user.sources]]\nname = "orphan_days"\nfrom = "(select r.reviewee_id, r.created_at from {{ source }}.reviews r) as r"\nuser_key = "r.reviewee_id"\nchanges_on = { created_at = [0] }\n'
     catalog.write_text(catalog.read_text().replace("\n[platform]\n", unused + "\n[platform]\n", 1))
     result = run_cli("render", "--sql-dir", sql_copy)
     assert result.exit_code == 2
