@@ -17,6 +17,11 @@ def quote_literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def _least(expressions: list[str]) -> str:
+    """The earliest of the expressions: the one itself when alone (no one-argument least())."""
+    return expressions[0] if len(expressions) == 1 else f"least({', '.join(expressions)})"
+
+
 def _negated(value: str) -> str:
     return f"-{value}" if re.fullmatch(r"[\w.]+", value) else f"-({value})"
 
@@ -65,9 +70,7 @@ def day_sum(span: Span) -> str:
 
 def entered_by(rollup: Rollup, source: Source, day: str) -> str:
     """Whether a row of the source counts for any sum by `day`: none counts before it enters."""
-    enters = list(dict.fromkeys(s.span.enters for s in rollup.sums_of(source)))
-    first = enters[0] if len(enters) == 1 else f"least({', '.join(enters)})"
-    return f"{first} <= {day}"
+    return f"{_least(list(dict.fromkeys(s.span.enters for s in rollup.sums_of(source))))} <= {day}"
 
 
 def changed(source: Source, alias: str) -> str:
@@ -209,11 +212,6 @@ TRIGGERS = (
 )
 
 
-def referencing(old: str | None, new: str | None) -> str:
-    """A trigger's REFERENCING clause."""
-    return " ".join(f"{image} table as {name}" for image, name in (("old", old), ("new", new)) if name)
-
-
 @dataclass(frozen=True)
 class CapturedTable:
     """A source table as its capture function reads it: the users a row counts for, and the
@@ -227,14 +225,9 @@ class CapturedTable:
     def name(self) -> str:
         return self.table.name
 
-    @property
-    def relation(self) -> str:
-        return f"{self.source}.{self.table.name}"
-
     def first_moment(self, alias: str) -> str:
         """A row's earliest read timestamp: a row counts on no day before it."""
-        moments = [f"{alias}.{column}" for column in self.table.timestamps]
-        return moments[0] if len(moments) == 1 else f"least({', '.join(moments)})"
+        return _least([f"{alias}.{column}" for column in self.table.timestamps])
 
     def users(self, *aliases: str) -> list[str]:
         """The users the rows count for: each users column, and the home user of each row an

@@ -135,7 +135,6 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "sql": compiler,
         "captured": compiler.captured_tables(catalog.source_tables, source),
         "triggers": compiler.TRIGGERS,
-        "referencing": compiler.referencing,
         "functions": FUNCTIONS,
         "user_table": catalog.users,
         "key_type": catalog.users.key_type,
