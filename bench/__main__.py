@@ -35,11 +35,13 @@ def timed(conn, query, params=()):
 
 
 def table_writes(conn, table):
-    """(rows updated, dead tuples, WAL position) with this backend's statistics flushed."""
+    """(rows updated, dead tuples, WAL position) of a table and its partitions, with this backend's
+    statistics flushed."""
     conn.execute("select pg_stat_force_next_flush()")
     conn.execute("select pg_stat_clear_snapshot()")
     updated, dead = conn.execute(
-        "select n_tup_upd, n_dead_tup from pg_stat_user_tables where relname = %s", [table]).fetchone()
+        "select coalesce(sum(n_tup_upd), 0), coalesce(sum(n_dead_tup), 0) from pg_stat_user_tables"
+        " where relid in (select relid from pg_partition_tree(%s::regclass))", [table]).fetchone()
     return updated, dead, conn.execute("select pg_current_wal_lsn()").fetchone()[0]
 
 

@@ -82,11 +82,12 @@ def test_the_writer_runs_the_nightly_jobs_under_pg_cron(secured):
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     with cron_connection() as conn:
         users = conn.execute("select jobname, username from cron.job where database = %s order by 1", [dbname]).fetchall()
-    assert users == [("aggregate-platform-statistics", "statskit_writer"), ("aggregate-user-statistics", "statskit_writer")]
+    assert users == [("aggregate-platform-statistics", "statskit_writer"), ("aggregate-user-statistics", "statskit_writer"),
+                     ("statistics-partitions", "statskit_writer")]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("truncate user_statistics_daily, platform_statistics_daily")
     done = run_once_under_pg_cron(dbname, "statskit_writer")
-    assert [status for status, _ in done] == ["succeeded", "succeeded"], done
+    assert [status for status, _ in done] == ["succeeded"] * 3, done
     with psycopg.connect(dsn) as conn:  # as the owner, row security does not hide rows from the job
         assert conn.execute("select count(distinct date) from user_statistics_daily").fetchone()[0] == 1
 

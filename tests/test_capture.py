@@ -27,7 +27,7 @@ def run_registered_jobs(dsn):
     with cron_connection() as conn:
         jobs = conn.execute("select command, username from cron.job where database = %s order by schedule",
                             [dbname]).fetchall()
-    assert len(jobs) == 2  # platform at 00:00, then users at 01:00
+    assert len(jobs) == 3  # platform at 00:00, users at 01:00, partitions at 23:30 (a CALL: its own transaction)
     for command, username in jobs:
         with psycopg.connect(dsn.replace("user=postgres", f"user={username}"), autocommit=True) as conn:
             conn.execute(command)

@@ -31,7 +31,7 @@ def test_two_migrates_at_once_both_succeed_and_apply_once(loaded_dsn):
     assert names.count("user_statistics_daily") == 1
     with cron_connection() as conn:
         jobs = conn.execute("select jobname from cron.job where database = 'statskit_test' order by 1").fetchall()
-    assert jobs == [("aggregate-platform-statistics",), ("aggregate-user-statistics",)]
+    assert jobs == [("aggregate-platform-statistics",), ("aggregate-user-statistics",), ("statistics-partitions",)]
 
 
 def test_a_lock_left_by_a_killed_migrate_is_cleared_with_a_message(loaded_dsn):

@@ -10,7 +10,7 @@ def test_demo_runs_end_to_end_and_tells_the_story(empty_dsn, run_cli):
     result = run_cli("demo", "--dsn", empty_dsn, "--users", 80, "--days", 20, "--seed", 3)
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "migrate: 1 migrations, 10 functions, 2 pg_cron jobs, change capture on the source tables" in out
+    assert "migrate: 1 migrations, 11 functions, 3 pg_cron jobs, change capture on the source tables" in out
     assert "backfill: 20 days," in out
     # the demo's tables are its own: it creates the indexes statskit advises, and the jobs of a
     # deployment made just now have not had their first night yet

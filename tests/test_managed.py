@@ -128,7 +128,8 @@ def test_the_whole_life_cycle_as_a_database_owner(server, app_db, run_cli):
     assert "scheduled pg_cron job aggregate-user-statistics" in deployed.output
     # not a superuser: the jobs are the owner's own (pg_cron 1.4 refuses any other username)
     assert jobs(server, app_db) == [("aggregate-platform-statistics", OWNER, "0 0 * * *"),
-                                    ("aggregate-user-statistics", OWNER, "0 1 * * *")]
+                                    ("aggregate-user-statistics", OWNER, "0 1 * * *"),
+                                    ("statistics-partitions", OWNER, "30 23 * * *")]
     again = run_cli("migrate", "--dsn", dsn)
     assert again.exit_code == 0 and "up to date, nothing to do" in again.output, again.output
     status = run_cli("migrate", "--status", "--dsn", dsn)
@@ -142,7 +143,7 @@ def test_the_whole_life_cycle_as_a_database_owner(server, app_db, run_cli):
 
     if app_db == CRON_DB:  # once: pg_cron starts jobs on the minute
         runs = run_registered_jobs_under_pg_cron(server, app_db)
-        assert [(user, status) for user, status, _ in runs] == [(OWNER, "succeeded")] * 2, runs
+        assert [(user, status) for user, status, _ in runs] == [(OWNER, "succeeded")] * 3, runs
 
     rolled = run_cli("rollback", "--dsn", dsn)
     assert rolled.exit_code == 0, rolled.output
@@ -156,7 +157,7 @@ def test_plain_verify_fails_a_job_that_is_really_missing_or_disabled(server, app
     assert run_cli("migrate", "--dsn", dsn, "--cron-dsn", f"dbname={CRON_DB}").exit_code == 0
     assert run_cli("verify", "--dsn", dsn, "--only", "cron").exit_code == 0
     with psycopg.connect(as_owner(server, CRON_DB), autocommit=True) as conn:
-        platform, user = [row[0] for row in conn.execute(
+        platform, user, _ = [row[0] for row in conn.execute(
             "select jobid from cron.job where database = %s order by jobname", [app_db])]
         conn.execute("select cron.alter_job(%s, active => false)", [user])
         conn.execute("select cron.unschedule(%s)", [platform])

@@ -38,9 +38,9 @@ def test_migrate_creates_everything_and_a_second_run_changes_nothing(dsn, run_cl
     assert first.exit_code == 0, first.output
     assert "applied migration 0001_statistics_tables" in first.output
     picture = objects(dsn)
-    assert ("public", "user_statistics_daily", "r") in picture
-    assert ("public", "user_statistics_daily_date_idx", "i") in picture
-    assert ("public", "user_statistics_daily_user_id_date_key", "i") in picture
+    assert ("public", "user_statistics_daily", "p") in picture  # partitioned, by month of date
+    assert ("public", "user_statistics_daily_date_idx", "I") in picture
+    assert ("public", "user_statistics_daily_pkey", "I") in picture  # (user_id, date)
     assert ("public", "aggregate_user_statistics(p_user_id uuid, p_date date)", "f") in picture
     second = run_cli("migrate", "--dsn", dsn)
     assert second.exit_code == 0 and "up to date, nothing to do" in second.output
@@ -97,7 +97,8 @@ def test_a_job_name_of_another_database_is_refused_and_nothing_changes(dsn, run_
         assert run_cli("migrate", "--dsn", dsn, "--job-suffix", "shop2").exit_code == 0
         with cron_connection() as conn:
             names = {r[0] for r in conn.execute("select jobname from cron.job where database <> 'postgres'")}
-        assert names == {"aggregate-platform-statistics-shop2", "aggregate-user-statistics-shop2"}
+        assert names == {"aggregate-platform-statistics-shop2", "aggregate-user-statistics-shop2",
+                         "statistics-partitions-shop2"}
     finally:
         with cron_connection() as conn:
             conn.execute("select cron.unschedule(jobid) from cron.job where database = 'postgres'")
@@ -132,7 +133,8 @@ def test_status_lists_applied_pending_and_jobs(dsn, run_cli):
     assert after.migrations == [("0001_statistics_tables", "applied")]
     assert {f.name: f.state for f in after.functions} == dict.fromkeys(FUNCTIONS, "current")
     assert {j.jobname: (j.schedule, j.active) for j in after.jobs} == {
-        "aggregate-platform-statistics": ("0 0 * * *", True), "aggregate-user-statistics": ("0 1 * * *", True)}
+        "aggregate-platform-statistics": ("0 0 * * *", True), "aggregate-user-statistics": ("0 1 * * *", True),
+        "statistics-partitions": ("30 23 * * *", True)}
     printed = run_cli("migrate", "--status", "--dsn", dsn).output  # the same, as a table
     assert "0001_statistics_tables                   applied" in printed
     assert "aggregate-user-statistics                0 1 * * * active" in printed
@@ -219,6 +221,10 @@ def test_rollup_and_sources_in_their_own_schemas(dsn, run_cli):
     assert result.exit_code == 0, result.output
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("insert into app.profiles values (gen_random_uuid(), 'client', '2026-01-01')")
+        # migrate made partitions from the first signup on, and there was none: a day by hand needs its own
+        with pytest.raises(psycopg.errors.CheckViolation, match="no partition"):
+            conn.execute("select stats.aggregate_user_statistics(null, '2026-01-02')")
+        conn.execute("call stats.maintain_statistics_partitions('2026-01-02')")
         assert conn.execute("select stats.aggregate_user_statistics(null, '2026-01-02')").fetchone()[0] == 1
     moved = run_cli("migrate", "--dsn", dsn, "--schema", "public")
     assert moved.exit_code == 2 and "cannot move" in moved.output

@@ -203,12 +203,12 @@ def test_a_re_applied_function_file_keeps_the_sums_unless_what_defines_them_chan
     head, tail = text.split(marker, 1)
     catalog.write_text(head + marker + tail.replace('value = "1"', 'value = "2"', 1))
     with psycopg.connect(loaded_dsn) as conn:
-        stored = conn.execute("select to_jsonb(s) from user_statistics_daily s order by 1::text").fetchall()
+        stored = conn.execute("select to_jsonb(s) from user_statistics_daily s order by 1").fetchall()
     assert any("sums of user_statistics_daily are defined otherwise now" in note and "as of 2026-03-01" in note
                for note in deploy(loaded_dsn, sql).notes)
     with psycopg.connect(loaded_dsn, autocommit=True) as conn:
         assert sums_days(conn) == kept
-        assert conn.execute("select to_jsonb(s) from user_statistics_daily s order by 1::text").fetchall() == stored
+        assert conn.execute("select to_jsonb(s) from user_statistics_daily s order by 1").fetchall() == stored
         run_night(conn, date(2026, 3, 2))
         doubled = conn.execute("select sum(cancelled_sessions) from user_statistics_daily where date = '2026-03-02'").fetchone()[0]
         conn.execute("truncate statskit.user_statistics_daily_sums")  # the same day, summed from history

@@ -52,10 +52,12 @@ def test_a_clean_deployment_passes(deployed, run_cli):
     names = [line.split("  ")[0].strip() for line in result.output.splitlines()[:-1]]
     assert names == [
         "schema user_statistics_daily", "keys user_statistics_daily", "schema platform_statistics_daily",
-        "keys platform_statistics_daily", "keys source tables",
+        "keys platform_statistics_daily", "partitions user_statistics_daily", "partitions platform_statistics_daily",
+        "keys source tables",
         *[f"function {name}" for name in FUNCTIONS],
         "access roles", "migrations",
-        *[f"cron {kind} aggregate-{table}-statistics" for table in ("platform", "user") for kind in ("job", "runs-as", "health")],
+        *[f"cron {kind} {job}" for job in ("aggregate-platform-statistics", "aggregate-user-statistics", "statistics-partitions")
+          for kind in ("job", "runs-as", "health")],
         "capture triggers", "capture backlog user", "capture backlog platform",
         "data user rows", "data platform rows", "data duplicates", "data new metrics", "data freshness", "sample"]
     assert f"verify: PASS — {len(names)} passed, 0 warnings, 0 failed" in result.output
@@ -81,8 +83,17 @@ FAULTS = [
      "schema user_statistics_daily", "column five_star_reviews is missing"),
     ("retyped column", in_target("alter table user_statistics_daily alter column total_hours type numeric(12,4)"),
      "schema user_statistics_daily", "column total_hours is numeric(12,4), expected numeric(10,2)"),
-    ("missing unique key", in_target("alter table platform_statistics_daily drop constraint platform_statistics_daily_date_key"),
+    ("missing unique key", in_target("alter table platform_statistics_daily drop constraint platform_statistics_daily_pkey"),
      "keys platform_statistics_daily", "no unique key on (date)"),
+    ("missing partition ahead", in_target(
+        "do $$ begin execute format('drop table %s', 'user_statistics_daily_' ||"
+        " to_char(date_trunc('month', now() at time zone 'UTC') + interval '2 months', 'YYYYMMDD')); end $$"),
+     "partitions user_statistics_daily", "no partition for the month from"),
+    ("partition without the table's grants", in_target("grant select on platform_statistics_daily to public"),
+     "partitions platform_statistics_daily", "grant SELECT on "),
+    ("partitions job unscheduled", in_cron(
+        "select cron.unschedule(jobid) from cron.job where database = %s and jobname = 'statistics-partitions'"),
+     "cron job statistics-partitions", "not registered"),
     ("dropped function", in_target("drop function aggregate_daily_statistics(date)"),
      "function aggregate_daily_statistics", "does not exist"),
     ("function edited by hand", in_target(
@@ -174,7 +185,7 @@ def test_no_run_yet_passes_before_the_first_night_and_fails_after_it(migrated_ds
 def test_only_runs_the_named_groups(deployed, run_cli):
     result = verify(run_cli, deployed, "--only", "schema,migrations")
     assert result.exit_code == 0
-    assert {line.split()[0] for line in result.output.splitlines()[:-1]} == {"schema", "keys", "migrations"}
+    assert {line.split()[0] for line in result.output.splitlines()[:-1]} == {"schema", "keys", "partitions", "migrations"}
     bad = verify(run_cli, deployed, "--only", "schema,vibes")
     assert bad.exit_code == 2 and "unknown check group" in bad.output
 

@@ -49,11 +49,13 @@ def _usage_need(role: str, schema: str, why: str) -> Need:
 
 def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job: str) -> list[Need]:
     """What `role` needs to run one nightly job: the functions are SECURITY INVOKER, so all of it."""
-    table = catalog.user if rollup == "user" else catalog.platform
     why = f"runs {job}"
-    schemas = dict.fromkeys((settings.schema, settings.source_schema))
     needs = [Need(role, "LOGIN (pg_cron's background workers refuse NOLOGIN roles)",
                   "(select rolcanlogin from pg_roles where rolname = %(role)s)", why)]
+    if rollup == "partitions":
+        return needs + _partition_needs(settings, catalog, role, why)
+    table = catalog.user if rollup == "user" else catalog.platform
+    schemas = dict.fromkeys((settings.schema, settings.source_schema))
     needs += [_usage_need(role, s, why) for s in schemas]
     needs.append(_execute_need(role, settings, catalog, JOB_FUNCTIONS[rollup], why))
     needs += _table_needs(role, f"{quote_ident(settings.schema)}.{table.table}", "SELECT,INSERT,UPDATE", why)
@@ -64,6 +66,22 @@ def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job:
     reads = ([catalog.users.name] if rollup == "user" else []) + table.tables_read
     for source in dict.fromkeys(reads):
         needs += _table_needs(role, f"{quote_ident(settings.source_schema)}.{source}", "SELECT", why)
+    return needs
+
+
+def _partition_needs(settings: Settings, catalog: Catalog, role: str, why: str) -> list[Need]:
+    """Making a partition is creating a table in the rollup's schema and attaching it to a table
+    the role owns (or is a member of the owner of)."""
+    schema = quote_ident(settings.schema)
+    needs = [_usage_need(role, settings.schema, why),
+             Need(role, f"CREATE on schema {settings.schema}",
+                  f"has_schema_privilege(%(role)s, to_regnamespace({_lit(schema)}), 'create')", why),
+             _execute_need(role, settings, catalog, "maintain_statistics_partitions", why)]
+    for rollup in (catalog.user, catalog.platform):
+        table = f"{schema}.{rollup.table}"
+        needs.append(Need(role, f"ownership of {table} (or membership in its owner)",
+                          f"(select pg_has_role(%(role)s, relowner, 'usage') from pg_class where oid = to_regclass({_lit(table)}))",
+                          why))
     return needs
 
 
@@ -82,10 +100,12 @@ def role_needs(settings: Settings, catalog: Catalog) -> list[Need]:
         function = signature(settings.schema, name, catalog.users.key_type)
         needs.append(Need(WRITER_ROLE, f"ownership of {function}",
                           f"(select proowner::regrole::text = %(role)s from pg_proc where oid = to_regprocedure({_lit(function)}))"))
-        if spec.returns != "integer":  # the dashboard's functions
+        if spec.returns == "record":  # the dashboard's functions
             needs.append(_execute_need(READER_ROLE, settings, catalog, name, "serves the dashboard"))
     needs += job_needs(settings, catalog, WRITER_ROLE, "user", "the nightly user job")
     needs += job_needs(settings, catalog, WRITER_ROLE, "platform", "the nightly platform job")
+    if settings.partitioned:
+        needs += job_needs(settings, catalog, WRITER_ROLE, "partitions", "the partitions job")
     if settings.row_security:
         table = f"{schema}.{catalog.user.table}"
         policy = f"statskit_own_rows_{digest(settings.row_security)}"

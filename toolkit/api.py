@@ -95,8 +95,10 @@ class Project:
         return Rendered(touched, sum(len(files) for _, files, _ in outputs), warnings)
 
     def deployment(self, dsn: str, **settings) -> "Deployment":
-        """Open the database at dsn (settings: schema, time_zone, capture, cron, ... as migrate takes them)."""
-        return Deployment(migrate_core.Target.open(dsn, self.sql_dir, settings))
+        """Open the database at dsn (settings: schema, time_zone, capture, cron, ... as migrate takes
+        them; those not given, or None, come from the project's [deployment] in statskit.toml)."""
+        given = {name: value for name, value in settings.items() if value is not None}
+        return Deployment(migrate_core.Target.open(dsn, self.sql_dir, {**project_files.deployment_settings(self.sql_dir), **given}))
 
 
 def init(folder: Path | str) -> list[Path]:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import psycopg
 
-from . import db
+from . import db, partitions
 from .catalog import Catalog, UserKey
 from .dates import check_range, yesterday
 from .deployment import mark_filled, require_deployment
@@ -200,6 +200,10 @@ def check_request(target: Target, request: Request) -> tuple[Request, str | None
         ).fetchone()
         if not known:
             raise UsageError(f"{request.user_id}: unknown user, not in {users.name}", field="user_id")
+    kept_from = partitions.retention_edge(conn, settings)
+    if kept_from and request.first < kept_from:
+        raise UsageError(f"{request.first} is past retention ({settings.retention}): days before {kept_from} are not kept; "
+                         f"start at {kept_from} or later", field="first")
     last_complete = yesterday(conn, settings.time_zone)
     if request.last <= last_complete:
         return request, None
@@ -231,6 +235,12 @@ def backfill(target: Target, request: Request,
         run_conn.execute(ledger_sql(target.catalog.users.key_type))
     _take_run_lock(run_conn, settings, notify)
     try:
+        if settings.partitioned:  # each partition the days need, made before any writer's transaction
+            try:
+                partitions.maintain(run_conn, settings, request.first, request.last)
+            except psycopg.Error as exc:
+                raise StatskitError(f"could not make the partitions of {request.first}..{request.last} "
+                                    f"({db.describe_error(exc)}); nothing written") from None
         progress = Progress(request)
         if request.resume:
             progress.committed = _finished_days(run_conn, request)

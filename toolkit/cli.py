@@ -21,7 +21,8 @@ from .render import PACKAGED_SQL_DIR, default_sql_dir
 FLAGS = {"first": "--from", "scope": "--only", "user_id": "--user", "lookback_days": "--lookback-days",
          "row_security": "--row-security", "cron_dsn": "--cron-dsn", "no_cron": "--no-cron",
          "no_capture": "--no-capture", "roles": "--roles", "job_suffix": "--job-suffix", "break_lock": "--break-lock",
-         "lock_timeout": "--lock-timeout", "retries": "--retries", "sql_dir": "--sql-dir"}
+         "lock_timeout": "--lock-timeout", "retries": "--retries", "sql_dir": "--sql-dir",
+         "partition_period": "--partition-period", "retention": "--retention"}
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""
@@ -203,9 +204,16 @@ def render(sql_dir, check):
               help="Triggers on the source tables log late and corrected rows, and the nightly jobs rewrite "
                    "exactly the users and days they touched (default). --no-capture: the lookback days only; "
                    "older corrections need statskit backfill.")
+@click.option("--partition-period", type=click.Choice(["month", "quarter", "year", "none"]),
+              help="One partition of the rollup tables per period of days (default: month; or [deployment] "
+                   "partition_period in statskit.toml). none: one plain table. A deployment made unpartitioned "
+                   "is converted in place, without rewriting its rows.")
+@click.option("--retention", metavar="'N months'",
+              help="Days older than this (e.g. '25 months', '400 days') are dropped with their partitions by the "
+                   "partitions job, and never written again. Default: kept forever (or [deployment] retention).")
 @click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
 def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
-            lookback_days, roles, row_security, capture, policy, break_lock):
+            lookback_days, roles, row_security, capture, partition_period, retention, policy, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
     Checks first (server version, source tables, columns and types, this login's privileges,
@@ -220,7 +228,8 @@ def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_s
       statskit migrate --status --dsn ...      # what is applied, what is pending
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
-                     lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture, cron=cron)
+                     lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture, cron=cron,
+                     partition_period=partition_period, retention=retention)
     with api.Project.open(sql_dir).deployment(dsn, **overrides) as app:
         if show_status:
             _print_status(app.status(cron_dsn))
@@ -237,6 +246,12 @@ def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_s
         return
     for mid, _ in done.migrations:
         click.echo(f"applied migration {mid}")
+    for table, change in done.conversions:
+        click.echo(f"{'partitioned' if change == 'partition' else 'unpartitioned'} {done.settings.schema}.{table} in place")
+    for due in done.partitions_due:
+        click.echo(f"created the partition of {due}")
+    if done.partition_fixes:
+        click.echo(f"gave partitions their table's owner, grants and policies ({len(done.partition_fixes)} changes)")
     for name, _ in done.functions:
         click.echo({"access": "applied roles and grants (access.sql)",
                     "capture": f"{'installed' if done.settings.capture else 'removed'} change capture (capture.sql)"}

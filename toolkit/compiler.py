@@ -290,3 +290,90 @@ class CapturedTable:
 def captured_tables(source_tables: dict[str, SourceTable], source: str) -> list[CapturedTable]:
     return [CapturedTable(table, {column: source_tables[owned] for column, owned in table.owners.items()}, source)
             for table in source_tables.values()]
+
+
+# -- the rollup's own partitions ----------------------------------------------------------------
+
+def retention_edge(retention: str, time_zone: str = "v_time_zone") -> str:
+    """The first day kept under retention ("25 months"): days before it are past retention. It
+    reads the transaction's now(), so every writer of one transaction agrees."""
+    return f"((pg_catalog.now() at time zone {time_zone})::date - interval {quote_literal(retention)})::date"
+
+
+def rollup_partition_bounds(table: str) -> str:
+    """A query of the partitions of `table` (a regclass expression): each partition's name, its
+    first day and the day after its last (NULL: unbounded), read from its bound as PostgreSQL
+    prints it: FOR VALUES FROM ('2026-04-01') TO ('2026-05-01'), or MINVALUE."""
+    return textwrap.dedent(f"""\
+        select c.oid::pg_catalog.regclass::text as partition,
+               nullif(pg_catalog.btrim(bound.edges[1], ''''), 'MINVALUE')::date as first_day,
+               nullif(pg_catalog.btrim(bound.edges[2], ''''), 'MAXVALUE')::date as after_day
+        from pg_catalog.pg_inherits i
+        join pg_catalog.pg_class c on c.oid = i.inhrelid
+        cross join lateral pg_catalog.regexp_match(pg_catalog.pg_get_expr(c.relpartbound, c.oid),
+                                                   'FROM \\((.+)\\) TO \\((.+)\\)') as bound (edges)
+        where i.inhparent = {table}""")
+
+
+def rollup_partition_differences(table: str) -> str:
+    """A query of the statements that make every partition of `table` (a regclass expression)
+    like the table: see relation_differences."""
+    return relation_differences(table, f"select i.inhrelid from pg_catalog.pg_inherits i where i.inhparent = {table}")
+
+
+def relation_differences(model: str, copies: str) -> str:
+    """A query of the statements that make each table whose oid the query `copies` returns like
+    the table `model` (a regclass expression): its owner, its grants (and no others), its row
+    security and its policies, each row (step, change) to be run in the order of step (the owner
+    first: it is who grants, revokes and creates policies). Empty when they all are."""
+    return textwrap.dedent(f"""\
+        with parent as (
+            select c.oid, c.relowner, c.relacl, c.relrowsecurity from pg_catalog.pg_class c where c.oid = {model}
+        ),
+        part as (
+            select c.oid, c.oid::pg_catalog.regclass::text as name, c.relowner, c.relacl, c.relrowsecurity
+            from pg_catalog.pg_class c
+            where c.oid in ({copies})
+        ),
+        parent_grant as (
+            select g.grantee, g.privilege_type from parent cross join lateral pg_catalog.aclexplode(parent.relacl) as g
+            where g.grantee <> parent.relowner
+        ),
+        part_grant as (
+            select part.oid, g.grantee, g.privilege_type from part cross join lateral pg_catalog.aclexplode(part.relacl) as g
+            where g.grantee <> part.relowner
+        )
+        select 1 as step, pg_catalog.format('alter table %s owner to %s', part.name, parent.relowner::pg_catalog.regrole) as change
+        from part cross join parent
+        where part.relowner <> parent.relowner
+        union all
+        select 2 as step, pg_catalog.format('grant %s on %s to %s', g.privilege_type, part.name,
+                                 case g.grantee when 0 then 'public' else g.grantee::pg_catalog.regrole::text end)
+        from part cross join parent_grant as g
+        where not exists (select from part_grant h where h.oid = part.oid and (h.grantee, h.privilege_type) = (g.grantee, g.privilege_type))
+        union all
+        select 3 as step, pg_catalog.format('revoke %s on %s from %s', h.privilege_type, part.name,
+                                 case h.grantee when 0 then 'public' else h.grantee::pg_catalog.regrole::text end)
+        from part join part_grant as h on h.oid = part.oid
+        where not exists (select from parent_grant g where (g.grantee, g.privilege_type) = (h.grantee, h.privilege_type))
+        union all
+        select 4 as step, pg_catalog.format('alter table %s %s row level security', part.name,
+                                 case when parent.relrowsecurity then 'enable' else 'disable' end)
+        from part cross join parent
+        where part.relrowsecurity <> parent.relrowsecurity
+        union all
+        select 5 as step, pg_catalog.format('create policy %I on %s as %s for %s to %s%s%s', q.polname, part.name,
+                                 case when q.polpermissive then 'permissive' else 'restrictive' end,
+                                 case q.polcmd when 'r' then 'select' when 'a' then 'insert' when 'w' then 'update'
+                                               when 'd' then 'delete' else 'all' end,
+                                 (select pg_catalog.string_agg(case r when 0 then 'public' else r::pg_catalog.regrole::text end, ', ')
+                                  from pg_catalog.unnest(q.polroles) as r),
+                                 ' using (' || pg_catalog.pg_get_expr(q.polqual, q.polrelid) || ')',
+                                 ' with check (' || pg_catalog.pg_get_expr(q.polwithcheck, q.polrelid) || ')')
+        from part cross join parent
+        join pg_catalog.pg_policy q on q.polrelid = parent.oid
+        where not exists (select from pg_catalog.pg_policy p where p.polrelid = part.oid and p.polname = q.polname)
+        union all
+        select 6 as step, pg_catalog.format('drop policy %I on %s', p.polname, part.name)
+        from part join pg_catalog.pg_policy p on p.polrelid = part.oid
+        where not exists (select from parent join pg_catalog.pg_policy q on q.polrelid = parent.oid where q.polname = p.polname)""")

@@ -22,6 +22,8 @@ from .settings import WRITER_ROLE, Settings
 # The spec's schedule. pg_cron 1.4 reads cron times in UTC (GMT), whatever the server's time zone.
 PLATFORM_SCHEDULE = "0 0 * * *"
 USER_SCHEDULE = "0 1 * * *"
+# Partitions are made three periods ahead, so the day it runs matters little: before the nights.
+PARTITIONS_SCHEDULE = "30 23 * * *"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Job:
     name: str
     schedule: str
     command: str
-    rollup: str  # "platform" or "user": the table the job writes
+    rollup: str  # "platform" or "user": the table the job writes; "partitions": both tables' partitions
     username: str | None = None  # None: the user of the cron connection
     replaces: int | None = None  # jobid of this database's job under another user, removed first
 
@@ -61,11 +63,15 @@ def wanted_jobs(settings: Settings) -> list[Job]:
         today = f"(now() at time zone {quote_literal(settings.time_zone)})::date"
         user_command += (f"; select {schema}.aggregate_user_statistics(null, {today} - n)"
                          f" from generate_series(2, {settings.lookback_days}) as n")
-    return [
+    jobs = [
         Job(settings.platform_job, PLATFORM_SCHEDULE, f"{catch_up['platform']}select {schema}.aggregate_daily_statistics()",
             "platform"),
         Job(settings.user_job, USER_SCHEDULE, user_command, "user"),
     ]
+    if settings.partitioned:  # a CALL alone in its command, so the procedure may commit
+        jobs.append(Job(settings.partitions_job, PARTITIONS_SCHEDULE,
+                        f"call {schema}.maintain_statistics_partitions()", "partitions"))
+    return jobs
 
 
 CRON_DSN_VARIABLE = "STATSKIT_CRON_DSN"

@@ -19,11 +19,11 @@ from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import parse_uri
 from yoyo.exceptions import LockTimeout
 
-from . import access, cron, db, deployment
+from . import access, cron, db, deployment, partitions
 from .catalog import Catalog, load_catalog
 from .deployment import YOYO_MIGRATION_TABLE
 from .errors import StatskitError, UsageError
-from .render import ACCESS_FILE, CAPTURE_FILE, FUNCTIONS, quote_ident, render_all, signature
+from .render import ACCESS_FILE, CAPTURE_FILE, FUNCTIONS, quote_ident, render_all, signature, writer_lock
 from .settings import STATSKIT_SCHEMA, Settings
 
 
@@ -41,10 +41,15 @@ class MigratePlan:
     notes: list[str] = field(default_factory=list)  # things done on the way that the user should hear of
     sums_rebuilt: list[deployment.SumsRebuild] = field(default_factory=list)  # re-created, then rebuilt as of a day
     unfilled: list[deployment.Unfilled] = field(default_factory=list)  # days where new metrics hold defaults
+    conversions: list[tuple[str, str]] = field(default_factory=list)  # (table, "partition" | "unpartition")
+    preparations: list[str] = field(default_factory=list)  # committed one by one before the conversions
+    partitions_due: list[str] = field(default_factory=list)  # "table from day": periods ahead not made yet
+    partition_fixes: list[str] = field(default_factory=list)  # owners, grants, policies a partition lacks
 
     @property
     def empty(self) -> bool:
-        return not (self.migrations or self.functions or self.jobs or self.drops)
+        return not (self.migrations or self.functions or self.jobs or self.drops or self.conversions
+                    or self.partitions_due or self.partition_fixes)
 
     @property
     def created_functions(self) -> list[str]:
@@ -52,15 +57,30 @@ class MigratePlan:
         return [name for name, _ in self.functions if name in FUNCTIONS]
 
     def script(self) -> str:
-        parts = [f"-- migration {mid}\n{text}" for mid, text in self.migrations]
-        parts += [f"drop function {signature};\n" for signature in self.drops]
+        parts = [f"-- converting to partitioned tables (docs/operations.md), first each alone:\n{statement};\n"
+                 for statement in self.preparations]
+        parts += [f"-- migration {mid}\n{text}" for mid, text in self.migrations]
+        parts += [f"-- {table}: {_CONVERSIONS[change]}\n" for table, change in self.conversions]
+        parts += [f"drop routine {signature};\n" for signature in self.drops]
         parts += [f"-- function {name}\n{text}" for name, text in self.functions]
         parts += [
             f"-- pg_cron job {job.name}, run in database {self.cron_database}\n"
             f"{cron.schedule_statement(job, self.database).as_string(None)};\n"
             for job in self.jobs
         ]
+        if self.settings.partitioned and not self.empty:
+            parts.append(f"-- after it commits, each change alone:\ncall {quote_ident(self.settings.schema)}"
+                         f".maintain_statistics_partitions();\n")
         return "\n".join(parts) if parts else "-- nothing to do: the deployment is up to date\n"
+
+
+_CONVERSIONS = {
+    "partition": "renamed, with its indexes; a table partitioned by date made in its place, with the same columns, "
+                 "comment, owner, grants and policies; the old table attached as the partition of every day before its "
+                 "bound check's (an empty one dropped instead)",
+    "unpartition": "its largest partition detached and given the table's name; the other partitions' rows copied into "
+                   "it and the partitions dropped",
+}
 
 
 @dataclass
@@ -93,6 +113,12 @@ class Target:
                     f"this database's rollup lives in schema {stored.schema!r}; it cannot move to {settings.schema!r}"
                 )
             catalog = load_catalog(sql_dir / "catalog.toml")
+            if (stored and settings.partitioned and settings.partition_period != stored.partition_period
+                    and partitions.is_partitioned(conn, settings, catalog.user.table)):
+                raise UsageError(
+                    f"{settings.partition_period!r}: this deployment's rollup is partitioned by {stored.partition_period}; "
+                    f"to change the period, migrate with partition_period 'none' first (its partitions become one table)",
+                    field="partition_period")
             if stored:
                 deployment.check_catalog_fits(conn, settings, catalog)
             rendered = render_all(sql_dir, settings, catalog)
@@ -147,6 +173,15 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     if cron_conn is not None:
         result.cron_database = cron_conn.info.dbname
         result.jobs = cron.plan_jobs(cron_conn, settings, conn.info.dbname)
+    result.conversions = [(rollup.table, change) for rollup, change in partitions.conversions(conn, settings, target.catalog)]
+    result.preparations = partitions.preparations(conn, settings, target.catalog)
+    if settings.partitioned:
+        first = partitions.first_day(conn, settings, target.catalog)
+        for rollup in partitions.rollups(target.catalog):
+            if partitions.is_partitioned(conn, settings, rollup.table):
+                result.partitions_due += [f"{rollup.table} from {day}"
+                                          for day in partitions.missing_periods(conn, settings, rollup.table, first)]
+                result.partition_fixes += partitions.differences(conn, settings, rollup.table)
     return result
 
 
@@ -320,16 +355,23 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
             notes = clear_stale_lock(conn, break_lock)
             with _locked(target, policy.wait) as backend, _migration_files(target) as migrations:
                 backend.ensure_internal_schema_updated()  # outside the transaction, as yoyo needs
+                # the one step PostgreSQL wants apart: validating a converted table's bound check is a scan
+                for statement in partitions.preparations(backend.connection, target.settings, target.catalog):
+                    _in_one_transaction(backend, policy, lambda s=statement: backend.connection.execute(s),
+                                        f"migrate {conn.info.dbname} ({statement})")
                 # pg_cron's own tables are transactional: in the same database, the jobs commit with the rest.
                 jobs_inside = cron_conn is not None and _same_session(cron_conn, conn)
 
                 def deploy() -> MigratePlan:
                     todo = plan(target, cron_conn)  # again under the lock: another migrate may have finished
                     run = backend.connection.execute
+                    # first, as every writer of the rollup takes it first (docs/operations.md, "Writers"):
+                    # a night or a backfill chunk running now finishes before any table changes under it
+                    run("select pg_advisory_xact_lock(hashtext(%s), 0)", [writer_lock(target.settings)])
                     run(f"create schema if not exists {quote_ident(target.settings.schema)}")
                     backend.apply_migrations(backend.to_apply(migrations))
                     for signature in todo.drops:
-                        run(f"drop function {signature}")
+                        run(f"drop routine {signature}")
                     if todo.migrations:
                         todo.unfilled = deployment.record_unfilled(
                             backend.connection, target.settings, target.catalog, [mid for mid, _ in todo.migrations])
@@ -340,6 +382,12 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
                             [name, deployment.checksum(text)])
                     for rebuild in todo.sums_rebuilt:  # after every function they call is in place
                         deployment.rebuild_sums(backend.connection, target.settings, rebuild)
+                    # Last, as the dashboard takes its locks: the source tables (the capture triggers
+                    # above lock them), then the rollup. Taken the other way, a dashboard call that read
+                    # a user's profile and waits for the rollup would deadlock with this transaction.
+                    for rollup, change in partitions.conversions(backend.connection, target.settings, target.catalog):
+                        (partitions.swap if change == "partition" else partitions.unswap)(
+                            backend.connection, target.settings, target.catalog, rollup)
                     deployment.save_settings(backend.connection, target.settings)
                     if todo.jobs:
                         deployment.record_jobs_scheduled(backend.connection)
@@ -354,6 +402,16 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
             if first_deployment:
                 deployment.drop_bookkeeping(conn)  # nothing was committed: leave no trace either
             raise
+        if target.settings.partitioned:
+            try:
+                # every day a row can have gets its partition, so that a day re-run by hand finds one
+                partitions.maintain(conn, target.settings, partitions.first_day(conn, target.settings, target.catalog),
+                                    lock_timeout=policy.lock_timeout)
+            except psycopg.Error as exc:
+                raise StatskitError(
+                    f"the deployment is committed but its partitions ahead are not ({db.describe_error(exc)}): "
+                    f"run statskit migrate again"
+                ) from None
         if cron_conn is not None and not jobs_inside and todo.jobs:
             try:
                 cron.schedule(cron_conn, todo.jobs, conn.info.dbname)
@@ -407,7 +465,7 @@ def rollback(target: Target, cron_dsn: str | None = None, policy: LockPolicy = L
                 key_type = target.catalog.users.key_type
                 result.dropped_functions = []
                 for name in reversed(FUNCTIONS):
-                    backend.connection.execute(f"drop function if exists {signature(target.settings.schema, name, key_type)}")
+                    backend.connection.execute(f"drop routine if exists {signature(target.settings.schema, name, key_type)}")
                     result.dropped_functions.append(name)
                 # the triggers live on the application's tables: they go before statskit's schema
                 without_capture = dataclasses.replace(target.settings, capture=False)

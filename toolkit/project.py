@@ -10,7 +10,10 @@ import shutil
 import tomllib
 from pathlib import Path
 
+from dataclasses import fields
+
 from .errors import UsageError
+from .settings import Settings
 
 CONFIG = "statskit.toml"
 CONFIG_TEXT = """\
@@ -19,6 +22,12 @@ CONFIG_TEXT = """\
 [project]
 # catalog.toml and templates/; statskit render writes migrations/, functions/ and access/ here
 sql_dir = "sql"
+
+# Settings every deployment of this project gets (migrate's options of the same name override
+# them); the first migrate stores them in the database. For example:
+# [deployment]
+# partition_period = "month"   # one partition per month of days (quarter, year; none: one table)
+# retention = "25 months"      # older days are dropped with their partitions; default: kept
 """
 
 
@@ -35,16 +44,33 @@ def find(start: Path | None = None) -> Path | None:
     return next((folder for folder in (here, *here.parents) if (folder / CONFIG).is_file()), None)
 
 
-def sql_dir(folder: Path) -> Path:
-    """The project's sql folder, as its statskit.toml names it."""
+def _config(folder: Path) -> dict:
     try:
-        config = tomllib.loads((folder / CONFIG).read_text())
+        return tomllib.loads((folder / CONFIG).read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{folder / CONFIG} is not valid TOML: {exc}") from None
-    path = folder / config.get("project", {}).get("sql_dir", "sql")
+
+
+def sql_dir(folder: Path) -> Path:
+    """The project's sql folder, as its statskit.toml names it."""
+    path = folder / _config(folder).get("project", {}).get("sql_dir", "sql")
     if not (path / "catalog.toml").is_file():
         raise UsageError(f"{folder / CONFIG}: {path} has no catalog.toml")
     return path
+
+
+def deployment_settings(sql: Path) -> dict:
+    """The [deployment] settings of the project whose sql folder is `sql` (none outside a project)."""
+    folder = sql.resolve().parent
+    if not (folder / CONFIG).is_file() or sql_dir(folder).resolve() != sql.resolve():
+        return {}
+    settings = _config(folder).get("deployment", {})
+    known = {f.name for f in fields(Settings)} - {"cron_database", "cron_user"}  # those migrate finds itself
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UsageError(f"{folder / CONFIG}: [deployment] has no setting {unknown[0]!r} "
+                         f"(known: {', '.join(sorted(known))})")
+    return settings
 
 
 def init(folder: Path, packaged_sql: Path) -> list[Path]:

@@ -12,7 +12,7 @@ from . import compiler, project
 from .compiler import quote_literal
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
-from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
+from .settings import PERIOD_MONTHS, READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 # An installed package carries sql/ as toolkit/sql; a checkout (or editable install) has it beside toolkit/.
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -46,6 +46,7 @@ FUNCTIONS = {
     "user_metric": FunctionSpec("{key}, text, date, text", "record"),
     "platform_metric": FunctionSpec("text, date, text", "record"),
     "user_kpis": FunctionSpec("{key}, date, text", "record"),
+    "maintain_statistics_partitions": FunctionSpec("date, date, interval", "void"),  # a procedure
 }
 
 
@@ -122,6 +123,10 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "capture": settings.capture,
         "source": source,
         "time_zone": settings.time_zone,
+        "partition_period": settings.partition_period,
+        # one period, as an interval ('3 months' for a quarter: date_trunc knows quarters, intervals do not)
+        "period": f"{PERIOD_MONTHS.get(settings.partition_period, 0)} months",
+        "retention": settings.retention,
         "user": user,
         "platform": platform,
         # what the nightly step's sums of each rollup mean: kept across a re-applied file while it holds

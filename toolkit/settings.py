@@ -13,6 +13,10 @@ TIME_ZONE = re.compile(r"^[A-Za-z0-9_+\-/]{1,64}$")
 # The DBA's expression for "the current user's id" goes into a policy as it is; a single
 # expression only: no statement separator, no comment that could hide the rest of the policy.
 ROW_SECURITY = re.compile(r"^(?!.*(;|--|/\*))[\w\s.'():,=<>+\-]{1,200}$")
+# The rollup's partitions each hold one period of days (date_trunc's unit); "none": one plain table.
+PARTITION_PERIODS = ("month", "quarter", "year", "none")
+PERIOD_MONTHS = {"month": 1, "quarter": 3, "year": 12}
+RETENTION = re.compile(r"^([1-9][0-9]{0,3}) (day|month|year)s?$")
 
 # statskit's own bookkeeping (yoyo's tables, function checksums, settings, backfill ledger)
 # lives here, apart from the rollup and the application's tables.
@@ -54,6 +58,12 @@ class Settings:
     # connect there with the target's login instead of asking again. "" = not known yet.
     cron_database: str = ""
     cron_user: str = ""  # the role the jobs run as (pg_cron shows a role only its own jobs)
+    # Each rollup table is partitioned by range of date, one partition per period ("none": not
+    # partitioned); a deployment made before partitioning is converted in place by its next migrate.
+    partition_period: str = "month"
+    # Days older than this ("25 months") are past retention: never written again, and their
+    # partitions are dropped whole. "" = kept forever.
+    retention: str = ""
 
     def __post_init__(self):
         check_identifier(self.schema, "schema")
@@ -73,10 +83,23 @@ class Settings:
                              field="row_security")
         if self.cron_database:
             check_identifier(self.cron_database, "pg_cron database")
+        if self.partition_period not in PARTITION_PERIODS:
+            raise UsageError(f"{self.partition_period!r}: use {', '.join(PARTITION_PERIODS)}", field="partition_period")
+        if self.retention:
+            if not RETENTION.match(self.retention):
+                raise UsageError(f"{self.retention!r}: use a number of days, months or years, e.g. '25 months'",
+                                 field="retention")
+            if not self.partitioned:
+                raise UsageError(f"{self.retention!r} needs a partitioned rollup (partition_period is 'none'): old "
+                                 f"days go with their partitions, never by DELETE", field="retention")
         if not JOB_SUFFIX.match(self.job_suffix):
             raise UsageError(
                 f"invalid job suffix {self.job_suffix!r}: use lowercase letters, digits, - and _, starting with a letter or digit"
             )
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partition_period != "none"
 
     def _job_name(self, base: str) -> str:
         return f"{base}-{self.job_suffix}" if self.job_suffix else base
@@ -88,6 +111,10 @@ class Settings:
     @property
     def user_job(self) -> str:
         return self._job_name("aggregate-user-statistics")
+
+    @property
+    def partitions_job(self) -> str:
+        return self._job_name("statistics-partitions")
 
     def as_dict(self) -> dict:
         return {k: str(v) for k, v in asdict(self).items()}

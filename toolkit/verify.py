@@ -12,7 +12,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import psycopg
 
-from . import access, cron, deployment
+from . import access, cron, deployment, partitions
 from .catalog import Rollup
 from .db import first_line
 from .errors import StatskitError
@@ -109,6 +109,36 @@ def _check_table(conn, settings: Settings, rollup: Rollup, key_type: str | None)
     checks.append(_result(f"keys {rollup.table}", key_problems, ok=f"unique ({', '.join(key)})"
                           + (" and index on (date)" if per_user else "")))
     return checks
+
+
+def _check_partitions(conn, settings: Settings, table: str) -> Check:
+    name = f"partitions {table}"
+    partitioned = partitions.is_partitioned(conn, settings, table)
+    if not settings.partitioned:
+        return _result(name, ["partitioned, but partition_period is 'none': run statskit migrate"] if partitioned else [],
+                       ok="not partitioned (partition_period 'none')")
+    if not partitioned:
+        return Check(name, "warn", f"not partitioned yet (partition_period {settings.partition_period!r}): "
+                                   f"statskit migrate converts it in place")
+    problems = []
+    missing = partitions.missing_periods(conn, settings, table)
+    if missing:
+        problems.append(f"no partition for the {settings.partition_period} from {', '.join(map(str, missing))}: "
+                        f"the partitions job (or statskit migrate) makes them")
+    have = partitions.partitions(conn, settings, table)
+    kept_from = partitions.retention_edge(conn, settings)
+    past = [p.name for p in have if kept_from and p.after_day and p.after_day <= kept_from]
+    if past:
+        problems.append(f"{len(past)} partitions past retention ({settings.retention}, days before {kept_from}), "
+                        f"e.g. {past[0]}: the partitions job drops them")
+    unlike = partitions.differences(conn, settings, table)
+    if unlike:
+        problems.append(f"{len(unlike)} partition owners, grants or policies differ from the table's (e.g. {unlike[0]}): "
+                        f"run statskit migrate")
+    last = max((p.after_day for p in have if p.after_day), default=None)
+    return _result(name, problems, ok=f"{len(have)} partitions by {settings.partition_period}, ahead to {last}, "
+                                      f"each with the table's owner, grants and policies"
+                                      + (f"; none past retention ({settings.retention})" if settings.retention else ""))
 
 
 def _check_source_indexes(conn, target: Target) -> Check:
@@ -261,6 +291,9 @@ def _check_capture(conn, target: Target) -> list[Check]:
             checks.append(Check(name, "pass", "empty: every logged change is in the rollup"))
             continue
         detail = f"{entries} entries, the oldest from {oldest_logged:%Y-%m-%d %H:%M} UTC touching {oldest_day}"
+        kept_from = partitions.retention_edge(conn, s)
+        if kept_from and oldest_day < kept_from:
+            detail += f" (past retention: days before {kept_from} are not kept, so those changes touch only {kept_from} on)"
         behind = datetime.now(timezone.utc) - oldest_logged > CRON_STALE_AFTER
         checks.append(Check(name, "fail" if behind else "pass",
                             f"{detail}: the nightly job has fallen behind (more than 26 h)" if behind
@@ -380,6 +413,7 @@ def run_checks(target: Target, cron_dsn: str | None, groups: tuple[str, ...],
     runners = {
         "schema": lambda: _check_table(conn, target.settings, target.catalog.user, target.catalog.users.key_type)
         + _check_table(conn, target.settings, target.catalog.platform, None)
+        + [_check_partitions(conn, target.settings, rollup.table) for rollup in partitions.rollups(target.catalog)]
         + [_check_source_indexes(conn, target)],
         "functions": lambda: _check_functions(conn, target),
         "access": lambda: _check_access(conn, target),
