@@ -41,7 +41,7 @@ def table_writes(conn, table):
     conn.execute("select pg_stat_clear_snapshot()")
     updated, dead = conn.execute(
         "select coalesce(sum(n_tup_upd), 0), coalesce(sum(n_dead_tup), 0) from pg_stat_user_tables"
-        " where relid in (select relid from pg_partition_tree(%s::regclass))", [table]).fetchone()
+        " where relid = %s::regclass or relid in (select relid from pg_partition_tree(%s::regclass))", [table, table]).fetchone()
     return updated, dead, conn.execute("select pg_current_wal_lsn()").fetchone()[0]
 
 

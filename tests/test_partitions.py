@@ -80,7 +80,7 @@ def test_a_new_deployment_is_partitioned_and_both_layouts_store_the_spec(loaded_
 
     plain = run_cli("migrate", "--dsn", loaded_dsn, "--partition-period", "none")
     assert plain.exit_code == 0, plain.output
-    assert "unpartitioned public.user_statistics_daily in place" in plain.output
+    assert "made public.user_statistics_daily one table again" in plain.output
     with psycopg.connect(loaded_dsn) as conn:
         assert not partitions.is_partitioned(conn, settings, "user_statistics_daily")
     assert stored(loaded_dsn) == before and dashboard(loaded_dsn, date(2026, 3, 1)) == reads
@@ -88,9 +88,13 @@ def test_a_new_deployment_is_partitioned_and_both_layouts_store_the_spec(loaded_
     backfill(loaded_dsn, date(2026, 2, 20), date(2026, 3, 10))  # the range function on one table
     assert oracle_problems(loaded_dsn, TIME_ZONE) == [] and stored(loaded_dsn) == before
 
+    planned = run_cli("migrate", "--dsn", loaded_dsn, "--partition-period", "month", "--dry-run")
+    assert planned.exit_code == 0 and stored(loaded_dsn) == before
+    assert "check (date < '" in planned.output and "validate constraint user_statistics_daily_partition_bound" in planned.output
+    assert "-- user_statistics_daily: renamed, with its indexes; a table partitioned by date made in its place" in planned.output
     again = run_cli("migrate", "--dsn", loaded_dsn, "--partition-period", "month")
     assert again.exit_code == 0, again.output
-    assert "partitioned public.user_statistics_daily in place" in again.output
+    assert "partitioned public.user_statistics_daily by month (its rows stay where they are)" in again.output
     assert stored(loaded_dsn) == before and dashboard(loaded_dsn, date(2026, 3, 1)) == reads
     with psycopg.connect(loaded_dsn) as conn:
         held = conn.execute("select tableoid::regclass::text, count(*) from user_statistics_daily group by 1").fetchall()

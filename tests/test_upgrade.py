@@ -79,7 +79,7 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
     # calls after it run the new function. Nothing else may fail: no deadlock, no lock timeout.
     assert nightly.calls > 1 and nightly.last_ok, nightly.errors
     assert all("column s.total_hours does not exist" in error for error in nightly.errors) and len(nightly.errors) <= 1
-    assert "partitioned public.user_statistics_daily in place" in upgraded.output
+    assert "partitioned public.user_statistics_daily by month (its rows stay where they are)" in upgraded.output
     with psycopg.connect(loaded_dsn) as conn:  # the old table, attached whole: no row written again
         homes = conn.execute("select tableoid::regclass::text, count(*) from user_statistics_daily group by 1").fetchall()
         assert homes == [(f"user_statistics_daily_before_{conversion_bound(conn):%Y%m%d}", len(before[0]))]

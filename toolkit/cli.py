@@ -247,7 +247,9 @@ def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_s
     for mid, _ in done.migrations:
         click.echo(f"applied migration {mid}")
     for table, change in done.conversions:
-        click.echo(f"{'partitioned' if change == 'partition' else 'unpartitioned'} {done.settings.schema}.{table} in place")
+        click.echo(f"partitioned {done.settings.schema}.{table} by {done.settings.partition_period} (its rows stay where they are)"
+                   if change == "partition" else
+                   f"made {done.settings.schema}.{table} one table again (its largest partition; the others' rows copied in)")
     for due in done.partitions_due:
         click.echo(f"created the partition of {due}")
     if done.partition_fixes:

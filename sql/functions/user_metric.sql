@@ -14,6 +14,9 @@ returns table (value numeric, previous_value numeric, change numeric, change_pct
 language plpgsql
 stable
 set search_path = pg_catalog, pg_temp
+-- One plan for every call, pruned to the dates' partitions as it starts: planning the lookup
+-- for each call's date costs three times the lookup itself (docs/performance.md, "Partitions").
+set plan_cache_mode = force_generic_plan
 as $function$
 declare
     v_metrics constant text[] := array[
