@@ -119,15 +119,15 @@ def test_retention_drops_whole_partitions_and_no_writer_goes_past_its_edge(migra
         assert conn.execute("select to_regclass('user_statistics_daily_20260101')").fetchone()[0] is None
         assert conn.execute("select min(date) from platform_statistics_daily").fetchone()[0] == date(2026, 2, 1)
         frozen = conn.execute("select to_jsonb(s) from user_statistics_daily s where date = '2026-02-10' order by 1").fetchall()
+        # a late edit older than the edge: no writer changes a day before it, verify says so
+        changed = conn.execute("update bookings set duration_minutes = duration_minutes + 60 where id = (select min(id)"
+                               " from bookings where completed_at between '2026-02-05' and '2026-02-06') returning tutor_id").fetchone()
+        assert changed
         # a range that starts past retention writes only the days from the edge
         conn.execute("select aggregate_user_statistics_range('2026-02-01', '2026-02-20')")
         assert conn.execute("select to_jsonb(s) from user_statistics_daily s where date = '2026-02-10' order by 1").fetchall() == frozen
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="past retention"):
             conn.execute("select aggregate_user_statistics(null, '2026-02-10')")
-        # a late edit older than the edge: the catch-up changes nothing before it, verify says so
-        changed = conn.execute("update bookings set duration_minutes = duration_minutes + 60 where id = (select min(id)"
-                               " from bookings where completed_at between '2026-02-05' and '2026-02-06') returning tutor_id").fetchone()
-        assert changed
     report = run_cli("verify", "--dsn", migrated_dsn, "--only", "capture")
     assert "past retention: days before 2026-02-15 are not kept" in report.output, report.output
     with psycopg.connect(migrated_dsn, autocommit=True) as conn:
