@@ -9,7 +9,7 @@ the same generated marketplace is deployed twice, partitioned by month and not, 
 - retention: one month dropped as the partitions job drops it (DETACH, DROP) against a DELETE of
   the same rows and the VACUUM after it: time, WAL, and how long the table is locked;
 - a night at size (--night-users): one stepped night (users and platform) against a COPY of the
-  rows it writes.
+  rows it writes; the dashboard at size (--kpis-users, alone): user_kpis on 30 days of rows.
 Every ratio compares numbers measured in the same run on the same machine.
 """
 
@@ -61,14 +61,14 @@ def storage(dsn, table="user_statistics_daily"):
             f" where c.oid = '{table}'::regclass or c.oid in (select relid from pg_partition_tree('{table}'))").fetchone()
 
 
-def pgbench_kpis(dsn, users, clients, seconds, plan_cache_mode):
+def pgbench_kpis(dsn, users, clients, seconds, plan_cache_mode, day=date(2026, 10, 15)):
     """p50 and p99 latency (ms) and calls/s of user_kpis for random users, from pgbench's log,
     with user_metric (which it calls once per KPI) set to plan_cache_mode for the run."""
     parts = dict(item.split("=", 1) for item in dsn.split())
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "kpis.sql"
         script.write_text(f"\\set n random(1, {users})\n"
-                          "select * from user_kpis(md5('user' || :n)::uuid, '2026-10-15', 'week');\n")
+                          f"select * from user_kpis(md5('user' || :n)::uuid, '{day}', 'week');\n")
         with psycopg.connect(dsn, autocommit=True) as conn:  # the setting the function carries
             conn.execute(f"alter function user_metric(uuid, text, date, text) set plan_cache_mode = {plan_cache_mode}")
         done = subprocess.run(
@@ -131,18 +131,48 @@ def night(cluster, users, days, seed):
     return {"users": users, "days": days, "backfill_s": backfill_s, "step_s": step_s, "copy_s": copy_s, "rows": rows}
 
 
+def kpis_at_size(cluster, users, seed, seconds):
+    """user_kpis under pgbench at size: 30 days partitioned by month (the partitions migrate makes
+    from the first signup to two months after today's: 31 on 2026-12-01, as many as 26 months of
+    history would have), then the same rows as one table (migrate --partition-period none: the
+    partition with the rows becomes the table)."""
+    dsn, _ = deployed(cluster, f"bench_kpis_{users}", users, 30, seed, "month")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        parts = conn.execute("select count(*) from pg_partition_tree('user_statistics_daily') where isleaf").fetchone()[0]
+    results = {}
+    for period in ("month", "none"):
+        if period == "none":
+            with api.Project.open(REPO / "sql").deployment(dsn, cron=False, partition_period="none") as app:
+                app.migrate()
+        for mode in ("force_generic_plan", "auto", "force_custom_plan"):
+            results[period, mode] = pgbench_kpis(dsn, users, 16, seconds, mode, day=FIRST_DAY + timedelta(days=20))
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute(f"drop database bench_kpis_{users} with (force)")
+    return parts, results
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m bench.partitions", description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=20000)
     parser.add_argument("--days", type=int, default=790, help="of history: 790 days fill 26 monthly partitions")
     parser.add_argument("--seconds", type=int, default=30, help="of pgbench per variant")
     parser.add_argument("--night-users", type=int, nargs="*", default=[], help="sizes of the night at size (30 days)")
+    parser.add_argument("--kpis-users", type=int, nargs="*", default=[],
+                        help="sizes of the dashboard at size (30 days, 31 partitions); skips the other measurements")
     parser.add_argument("--seed", type=float, default=0.42)
     parser.add_argument("--port", type=int, default=54917)
     args = parser.parse_args()
     cluster = LocalCluster("bench-durable", args.port, durable=True)
     cluster.start()
     print(f"machine: {machine()}", flush=True)
+    for users in args.kpis_users:
+        parts, results = kpis_at_size(cluster, users, args.seed, args.seconds)
+        for (period, mode), result in results.items():
+            print(f"user_kpis at {users:,} users, {period if period == 'none' else f'{parts} partitions'}, user_metric's "
+                  f"plan_cache_mode {mode}: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+                  f"{result['tps']:.0f} calls/s", flush=True)
+    if args.kpis_users:
+        return
     layouts = {}
     for period in ("month", "none"):
         dsn, seconds = deployed(cluster, f"bench_layout_{period}", args.users, args.days, args.seed, period)

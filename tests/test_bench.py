@@ -60,3 +60,36 @@ def test_compare_finds_the_same_rows_and_plans_and_names_a_changed_number(monkey
     monkeypatch.setattr(compare, "function_files", lambda revision: tree if revision else doubled)
     changed = {r["call"]: r["rows"] for r in compare.compare(dsn, date(2026, 1, 15), "base", rounds=1)}
     assert changed["user range"] == "DIFFER" and changed["user one-day"] == "identical"
+
+
+def test_partitions_bench_measures_both_layouts():
+    """bench.partitions on a tiny marketplace: both layouts hold the same rows, the partitioned
+    one in monthly partitions; pgbench's log gives latencies; a dropped month and a DELETE take
+    the same rows away."""
+    from datetime import timedelta
+
+    import psycopg
+
+    from bench import partitions as bench
+
+    layouts = {}
+    try:
+        for period in ("month", "none"):
+            layouts[period] = bench.deployed(cluster, f"bench_layout_{period}", 200, 70, 0.5, period)[0]
+        (rows, heap, indexes, tables), (plain_rows, _, _, plain_tables) = map(bench.storage, layouts.values())
+        assert rows == plain_rows > 0 and heap > 0 and indexes > 0 and tables > 3 and plain_tables == 1
+        result = bench.pgbench_kpis(layouts["month"], 200, 2, 1, "auto", day=bench.FIRST_DAY + timedelta(days=40))
+        assert 0 < result["p50_ms"] <= result["p99_ms"] and result["tps"] > 0
+        with psycopg.connect(layouts["month"]) as conn:  # the function's own setting is back after the run
+            assert conn.execute("select proconfig from pg_proc where proname = 'user_metric'").fetchone()[0][-1] \
+                == "plan_cache_mode=force_generic_plan"
+        dropped = bench.drop_a_month(layouts["month"], layouts["none"], bench.FIRST_DAY)
+        assert dropped["rows"] > 0 and dropped["drop_wal"] > 0 and dropped["delete_wal"] > dropped["drop_wal"]
+        for dsn in layouts.values():
+            with psycopg.connect(dsn) as conn:
+                assert conn.execute("select count(*) from user_statistics_daily where date < %s",
+                                    [bench.FIRST_DAY + timedelta(days=30)]).fetchone()[0] == 0
+    finally:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            for period in layouts:
+                admin.execute(f"drop database if exists bench_layout_{period} with (force)")
