@@ -173,8 +173,9 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     if cron_conn is not None:
         result.cron_database = cron_conn.info.dbname
         result.jobs = cron.plan_jobs(cron_conn, settings, conn.info.dbname)
-    result.conversions = [(rollup.table, change) for rollup, change in partitions.conversions(conn, settings, target.catalog)]
-    result.preparations = partitions.preparations(conn, settings, target.catalog)
+    converting = partitions.conversions(conn, settings, target.catalog)
+    result.conversions = [(rollup.table, change) for rollup, change in converting]
+    result.preparations = partitions.preparations(conn, settings, converting)
     if settings.partitioned:
         first = partitions.first_day(conn, settings, target.catalog)
         for rollup in partitions.rollups(target.catalog):
@@ -356,7 +357,8 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
             with _locked(target, policy.wait) as backend, _migration_files(target) as migrations:
                 backend.ensure_internal_schema_updated()  # outside the transaction, as yoyo needs
                 # the one step PostgreSQL wants apart: validating a converted table's bound check is a scan
-                for statement in partitions.preparations(backend.connection, target.settings, target.catalog):
+                converting = partitions.conversions(backend.connection, target.settings, target.catalog)
+                for statement in partitions.preparations(backend.connection, target.settings, converting):
                     _in_one_transaction(backend, policy, lambda s=statement: backend.connection.execute(s),
                                         f"migrate {conn.info.dbname} ({statement})")
                 # pg_cron's own tables are transactional: in the same database, the jobs commit with the rest.

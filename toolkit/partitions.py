@@ -25,6 +25,7 @@ import psycopg
 
 from . import compiler
 from .catalog import Catalog, Rollup
+from .deployment import table_exists
 from .errors import StatskitError
 from .render import quote_ident
 from .settings import PERIOD_MONTHS, Settings
@@ -162,10 +163,11 @@ def conversions(conn: psycopg.Connection, settings: Settings, catalog: Catalog) 
     return wanted
 
 
-def preparations(conn: psycopg.Connection, settings: Settings, catalog: Catalog) -> list[str]:
-    """Every statement to commit alone before the swaps (see `preparation`)."""
-    return [statement for rollup, change in conversions(conn, settings, catalog) if change == "partition"
-            and conn.execute("select to_regclass(%s) is not null", [_qualified(settings, rollup.table)]).fetchone()[0]
+def preparations(conn: psycopg.Connection, settings: Settings, converting: list[tuple[Rollup, str]]) -> list[str]:
+    """Every statement to commit alone before the swaps of `converting` (see `conversions`,
+    `preparation`): a table migrate has yet to create needs none."""
+    return [statement for rollup, change in converting
+            if change == "partition" and table_exists(conn, _qualified(settings, rollup.table))
             for statement in preparation(conn, settings, rollup.table)]
 
 
@@ -176,11 +178,25 @@ def _indexes(conn: psycopg.Connection, qualified: str) -> list[tuple[str, bool, 
 
 
 def _make_like(conn: psycopg.Connection, model: str, copy: str) -> None:
-    """Give the table `copy` the owner, grants and policies of the table `model`."""
+    """Give the table `copy` the comment, owner, grants and policies of the table `model`."""
+    comment = conn.execute("select obj_description(to_regclass(%s), 'pg_class')", [model]).fetchone()[0]
+    if comment is not None:
+        conn.execute(f"comment on table {copy} is {compiler.quote_literal(comment)}")
     like = compiler.relation_differences(f"to_regclass({compiler.quote_literal(model)})",
                                          f"select to_regclass({compiler.quote_literal(copy)})")
     for change, in conn.execute(f"select d.change from ({like}) as d order by d.step").fetchall():
         conn.execute(change)
+
+
+def _next_id(conn: psycopg.Connection, qualified: str) -> int:
+    """The id the table's next row is to get: past its identity sequence's (if it has one) and
+    past every id it holds."""
+    start = conn.execute(f"select coalesce(max(id), 0) + 1 from {qualified}").fetchone()[0]
+    sequence = conn.execute("select pg_get_serial_sequence(%s, 'id')", [qualified]).fetchone()[0]
+    if sequence:
+        start = max(start, conn.execute(
+            f"select case when is_called then last_value + 1 else last_value end from {sequence}").fetchone()[0])
+    return start
 
 
 def swap(conn: psycopg.Connection, settings: Settings, catalog: Catalog, rollup: Rollup) -> None:
@@ -198,10 +214,7 @@ def swap(conn: psycopg.Connection, settings: Settings, catalog: Catalog, rollup:
                          " where conrelid = to_regclass(%s) and conname = %s",
                          [qualified, BOUND_CHECK.format(table=table)]).fetchone()[0] if populated else None
     old = f"{table}_before_{bound:%Y%m%d}" if populated else f"{table}_unpartitioned"
-    sequence, next_id = conn.execute(
-        f"select pg_get_serial_sequence(%s, 'id'), (select max(id) from {qualified})", [qualified]).fetchone()
-    start = conn.execute(f"select case when is_called then last_value + 1 else last_value end from {sequence}").fetchone()[0]
-    start = max(start, (next_id or 0) + 1)
+    start = _next_id(conn, qualified)
     execute(f"alter table {qualified} rename to {old}")
     for name, primary, _ in _indexes(conn, f"{schema}.{old}"):
         if primary:  # the surrogate key: a partitioned table's key must hold date
@@ -215,9 +228,6 @@ def swap(conn: psycopg.Connection, settings: Settings, catalog: Catalog, rollup:
     execute(f"alter table {qualified} add constraint {table}_pkey primary key ({key_columns(catalog, rollup)})")
     if rollup is catalog.user:
         execute(f"create index {table}_date_idx on {qualified} (date)")
-    comment = conn.execute("select obj_description(to_regclass(%s), 'pg_class')", [f"{schema}.{old}"]).fetchone()[0]
-    if comment is not None:
-        execute(f"comment on table {qualified} is {compiler.quote_literal(comment)}")
     _make_like(conn, f"{schema}.{old}", qualified)
     if populated:
         execute(f"alter table {qualified} attach partition {schema}.{old} for values from (minvalue) to ('{bound.isoformat()}')")
@@ -237,13 +247,10 @@ def unswap(conn: psycopg.Connection, settings: Settings, catalog: Catalog, rollu
     parts = conn.execute(
         "select c.oid::regclass::text from pg_inherits i join pg_class c on c.oid = i.inhrelid"
         " where i.inhparent = to_regclass(%s) order by c.relpages desc, c.relname", [qualified]).fetchall()
-    start = conn.execute(f"select coalesce(max(id), 0) + 1 from {qualified}").fetchone()[0]
+    start = _next_id(conn, qualified)
     columns = ", ".join(quote_ident(name) for name, in conn.execute(
         "select attname from pg_attribute where attrelid = to_regclass(%s) and attnum > 0 and not attisdropped order by attnum",
         [qualified]))
-    sequence = conn.execute("select pg_get_serial_sequence(%s, 'id')", [qualified]).fetchone()[0]
-    if sequence:
-        start = max(start, conn.execute(f"select case when is_called then last_value + 1 else last_value end from {sequence}").fetchone()[0])
     for part, in parts:
         execute(f"alter table {qualified} detach partition {part}")
     if parts:
@@ -255,8 +262,7 @@ def unswap(conn: psycopg.Connection, settings: Settings, catalog: Catalog, rollu
         base = f"{schema}.{table}_unpartitioned"
         execute(f"create table {base} (like {qualified} including defaults including comments including storage including statistics)")
         execute(f"alter table {base} add constraint {table}_unpartitioned_key unique ({key_columns(catalog, rollup)})")
-        _make_like(conn, qualified, base)
-    comment = conn.execute("select obj_description(to_regclass(%s), 'pg_class')", [qualified]).fetchone()[0]
+    _make_like(conn, qualified, base)
     execute(f"drop table {qualified}")
     base_name = base.rsplit(".", 1)[1]
     execute(f"alter table {base} rename to {table}")
@@ -266,5 +272,3 @@ def unswap(conn: psycopg.Connection, settings: Settings, catalog: Catalog, rollu
         if name != wanted and name.startswith(base_name) and (unique or name.endswith("date_idx")):
             execute(f"alter index {schema}.{name} rename to {wanted}")
     execute(f"alter table {qualified} alter column id add generated always as identity (start with {start})")
-    if comment is not None:
-        execute(f"comment on table {qualified} is {compiler.quote_literal(comment)}")
