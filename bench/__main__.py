@@ -78,21 +78,42 @@ def step_indexes(conn, tables=None):
     return names
 
 
-def copy_floor(dsn, day=None):
-    """(seconds, rows) to COPY the stored user rows, of `day` or of all days, into an identical
-    empty table with its indexes: the physical cost of writing them at all."""
+def copy_floor(dsn, day=None, rounds=1):
+    """(seconds, user rows) to COPY the stored rows of both rollups, of `day` or of all days, into
+    identical empty tables with their indexes: the physical cost of writing them at all (the
+    median of `rounds`, each into tables made afresh)."""
+    tables = ("user_statistics_daily", "platform_statistics_daily")
     with psycopg.connect(dsn) as conn:
-        conn.execute("create temporary table copy_floor (like user_statistics_daily including all)")
-        with conn.cursor().copy("copy (select * from user_statistics_daily where %s::date is null or date = %s)"
-                                " to stdout", [day, day]) as copy:
-            data = [bytes(block) for block in copy]
-        started = time.perf_counter()
-        with conn.cursor().copy("copy copy_floor from stdin") as copy:
-            for block in data:
-                copy.write(block)
-        conn.commit()
-        seconds = time.perf_counter() - started
-        return seconds, conn.execute("select count(*) from copy_floor").fetchone()[0]
+        data = {}
+        for table in tables:
+            with conn.cursor().copy(f"copy (select * from {table} where %s::date is null or date = %s)"
+                                    " to stdout", [day, day]) as copy:
+                data[table] = [bytes(block) for block in copy]
+        times = []
+        for _ in range(rounds):
+            for table in tables:
+                conn.execute(f"drop table if exists {table}_floor")
+                conn.execute(f"create temporary table {table}_floor (like {table} including all)")
+            conn.commit()
+            started = time.perf_counter()
+            for table in tables:
+                with conn.cursor().copy(f"copy {table}_floor from stdin") as copy:
+                    for block in data[table]:
+                        copy.write(block)
+            conn.commit()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times), conn.execute("select count(*) from user_statistics_daily_floor").fetchone()[0]
+
+
+def night(conn, day):
+    """One night as the two jobs run it, platform then users, after a checkpoint (on a server the
+    nights are a day apart, so checkpoints have come between them and each night's first write of
+    a page writes the whole page to the WAL): (platform seconds, user seconds, WAL bytes)."""
+    conn.execute("checkpoint")
+    start = conn.execute("select pg_current_wal_lsn()").fetchone()[0]
+    platform_s = timed(conn, "select aggregate_daily_statistics(%s)", [day])[0]
+    user_s = timed(conn, "select aggregate_user_statistics(null, %s)", [day])[0]
+    return platform_s, user_s, wal_bytes(conn, start, conn.execute("select pg_current_wal_lsn()").fetchone()[0])
 
 
 def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
@@ -140,15 +161,12 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
         conn.execute("delete from statskit.platform_statistics_daily_sums")
         nights = [last_day - timedelta(days=n) for n in range(4, -1, -1)]
         conn.execute("select aggregate_daily_statistics(%s), aggregate_user_statistics(null, %s)", [nights[0]] * 2)
-        steps = [(timed(conn, "select aggregate_daily_statistics(%s)", [day])[0],
-                  timed(conn, "select aggregate_user_statistics(null, %s)", [day])[0]) for day in nights[1:]]
-        row["step_platform_s"] = statistics.median(platform for platform, _ in steps)
-        row["step_s"] = statistics.median(user for _, user in steps)
+        steps = [night(conn, day) for day in nights[1:]]
+        row["step_platform_s"] = statistics.median(platform for platform, _, _ in steps)
+        row["step_s"] = statistics.median(user for _, user, _ in steps)
+        row["step_wal"] = statistics.median(wal for _, _, wal in steps)
         unwritten_day = last_day + timedelta(days=1)  # May 1st at 120 days; also for the WAL of a first write
-        row["month_step_platform_s"] = timed(conn, "select aggregate_daily_statistics(%s)", [unwritten_day])[0]
-        start = table_writes(conn, "user_statistics_daily")
-        row["month_step_s"] = timed(conn, "select aggregate_user_statistics(null, %s)", [unwritten_day])[0]
-        row["first_write_wal"] = wal_bytes(conn, start[2], table_writes(conn, "user_statistics_daily")[2])
+        row["month_step_platform_s"], row["month_step_s"], row["first_write_wal"] = night(conn, unwritten_day)
 
         # Late data for 1% of users: a re-run rewrites about that many rows, not the whole day.
         late = max(1, users // 100)
@@ -166,7 +184,7 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
         row["late_wal"] = wal_bytes(conn, before[2], after[2])
         for name in created:
             conn.execute(f"drop index {name}")
-    row["step_copy_s"], _ = copy_floor(dsn, unwritten_day)
+    row["step_copy_s"], _ = copy_floor(dsn, unwritten_day, rounds=3)
     return row
 
 
@@ -290,6 +308,87 @@ def bench_capture(cluster, users, rounds=3):
     return row
 
 
+# The application's UPDATEs of rows created before today, as a marketplace makes them: (table,
+# the change, which rows can take it, how it is undone between rounds).
+UPDATE_SHAPES = {
+    "read receipt": ("messages", "read_at = now()", "read_at is null", "read_at = null"),
+    "completion": ("bookings", "completed_at = now(), status = 'completed'",
+                   "status = 'pending' and completed_at is null and cancelled_at is null",
+                   "completed_at = null, status = 'pending'"),
+    "cancellation": ("bookings", "cancelled_at = now(), status = 'cancelled'",
+                     "status = 'pending' and completed_at is null and cancelled_at is null",
+                     "cancelled_at = null, status = 'pending'"),
+    "status only": ("bookings", "status = 'confirmed'", "status = 'pending' and completed_at is null and cancelled_at is null",
+                    "status = 'pending'"),
+}
+
+
+def bench_updates(cluster, users, count=2000, rounds=3):
+    """What the application's updates of old rows (created over 30 days before today) cost with
+    statskit's footprint: capture off and no step indexes, capture on, capture on with the step
+    indexes of the table; each shape as `count` single-row statements and as one statement of
+    `count` rows; the medians of `rounds`, and the share of the table's updates that were HOT."""
+    dsn = cluster.dsn(f"bench_{users}")
+    rows = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for shape, (table, change, free, undo) in UPDATE_SHAPES.items():
+            ids = [r[0] for r in conn.execute(
+                f"select id from {table} where {free} and created_at < now() - interval '30 days'"
+                f" order by md5(id::text) limit %s", [count])]
+
+            def run(single):
+                conn.execute("select pg_stat_force_next_flush()")
+                conn.execute("select pg_stat_clear_snapshot()")
+                before = conn.execute("select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relid = %s::regclass",
+                                      [table]).fetchone()
+                started = time.perf_counter()
+                if single:
+                    for key in ids:
+                        conn.execute(f"update {table} set {change} where id = %s", [key])
+                else:
+                    conn.execute(f"update {table} set {change} where id = any (%s)", [ids])
+                seconds = time.perf_counter() - started
+                conn.execute("select pg_stat_force_next_flush()")
+                conn.execute("select pg_stat_clear_snapshot()")
+                after = conn.execute("select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relid = %s::regclass",
+                                     [table]).fetchone()
+                conn.execute("set session_replication_role = replica")  # undone without logging it
+                conn.execute(f"update {table} set {undo} where id = any (%s)", [ids])
+                conn.execute("reset session_replication_role")
+                conn.execute(f"vacuum {table}")
+                conn.execute("truncate statskit.user_changes, statskit.platform_changes")
+                return seconds, (after[1] - before[1]) / max(1, after[0] - before[0])
+
+            for single in (True, False):
+                row = {"users": users, "shape": shape, "table": table, "single": single, "count": len(ids)}
+                for state in ("off", "on", "indexed"):
+                    conn.execute(f"alter table {table} {'disable' if state == 'off' else 'enable'} trigger user")
+                    created = step_indexes(conn, [table]) if state == "indexed" else []
+                    run(single)  # a first round leaves free space on the pages, as a table in use has
+                    timings = [run(single) for _ in range(rounds)]
+                    row[f"{state}_s"] = statistics.median(t for t, _ in timings)
+                    row[f"{state}_hot"] = statistics.median(h for _, h in timings)
+                    for name in created:
+                        conn.execute(f"drop index {name}")
+                conn.execute(f"alter table {table} enable trigger user")
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def updates_markdown(rows) -> str:
+    out = ["| users | update of rows created over 30 days ago | statements | capture off, no step indexes | capture on | ÷ off "
+           "| capture on, step indexes | ÷ off | HOT: off / on / step indexes |",
+           "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        statements = f"{r['count']:,} single-row" if r["single"] else f"one of {r['count']:,} rows"
+        out.append(f"| {r['users']:,} | {r['shape']} ({r['table']}) | {statements} | {r['off_s']:.3f} s "
+                   f"| {r['on_s']:.3f} s | {r['on_s'] / r['off_s']:.2f}× | {r['indexed_s']:.3f} s "
+                   f"| {r['indexed_s'] / r['off_s']:.2f}× "
+                   f"| {r['off_hot']:.0%} / {r['on_hot']:.0%} / {r['indexed_hot']:.0%} |")
+    return "\n".join(out) + "\n"
+
+
 def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720), last_day=date(2026, 10, 31)):
     """The nightly day (aggregate_daily_statistics and aggregate_user_statistics of one day, both
     jobs' work) on the same users with the same daily activity and a longer history, all ending
@@ -306,16 +405,14 @@ def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720), 
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("vacuum analyze")
 
-            def night(day):
-                return sum(timed(conn, query, [day])[0] for query in (
-                    "select aggregate_daily_statistics(%s)", "select aggregate_user_statistics(null, %s)"))
-
             # the generated activity runs on past last_day (sessions, reviews): the nights are its last days
             nights = [last_day - timedelta(days=n) for n in range(6, -1, -1)]
-            row["history_s"] = night(nights[0])
-            row["step_s"] = statistics.median(night(day) for day in nights[1:4])
+            row["history_s"] = sum(night(conn, nights[0])[:2])
+            row["step_s"] = statistics.median(sum(night(conn, day)[:2]) for day in nights[1:4])
             step_indexes(conn)
-            row["indexed_s"] = statistics.median(night(day) for day in nights[4:])
+            indexed = [night(conn, day) for day in nights[4:]]
+            row["indexed_s"] = statistics.median(platform + user for platform, user, _ in indexed)
+            row["indexed_wal"] = statistics.median(wal for _, _, wal in indexed)
             # the activity of those nights (rows created, completed or viewed on them), which the
             # generator keeps only roughly equal between histories
             row["day_rows"] = conn.execute(
@@ -328,8 +425,9 @@ def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720), 
                 {"f": nights[4], "t": last_day + timedelta(days=1)}).fetchone()[0] / 3
             # the nights stepped: every user's sums are of the last one
             row["stepped_users"] = conn.execute("select count(*) from statskit.user_statistics_daily_sums"
-                                                " where date = %s", [last_day]).fetchone()[0]
-        row["copy_s"], row["rows"] = copy_floor(dsn, last_day)
+                                                " cross join statskit.user_statistics_daily_sums_day d"
+                                                " where d.date = %s", [last_day]).fetchone()[0]
+        row["copy_s"], row["rows"] = copy_floor(dsn, last_day, rounds=3)
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute(f"drop database {dbname} with (force)")
         rows.append(row)
@@ -340,13 +438,14 @@ def bench_history(cluster, users, bookings_per_day, seed, histories=(120, 720), 
 def history_markdown(rows) -> str:
     base = rows[0]
     out = ["| users | days of history | source rows | a day's new rows | first night (from history) | step "
-           "| step, advised indexes | ÷ shortest history | rows written | COPY of those rows | step ÷ COPY |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| step, advised indexes | ÷ shortest history | WAL | user rows written | COPY of the day's rows "
+           "| step ÷ COPY |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['users']:,} | {r['days']} | {r['source_rows']:,} | {r['day_rows']:,.0f} "
                    f"| {r['history_s']:.2f} s | {r['step_s']:.2f} s | {r['indexed_s']:.2f} s "
-                   f"| {r['indexed_s'] / base['indexed_s']:.2f}× | {r['rows']:,} | {r['copy_s']:.3f} s "
-                   f"| {r['indexed_s'] / r['copy_s']:.1f}× |")
+                   f"| {r['indexed_s'] / base['indexed_s']:.2f}× | {r['indexed_wal'] / 2**20:.1f} MiB "
+                   f"| {r['rows']:,} | {r['copy_s']:.3f} s | {r['indexed_s'] / r['copy_s']:.1f}× |")
     return "\n".join(out) + "\n"
 
 
@@ -393,6 +492,8 @@ def machine() -> str:
 
 def markdown(rows, args, server_version, seconds) -> str:
     mib = 1024 * 1024
+    durability = (" but fsync, synchronous_commit and full_page_writes off (--fsync-off)" if args.fsync_off else
+                  " (fsync, synchronous_commit and full_page_writes on, shared_buffers 128 MB)")
     out = [
         "| users | source rows | generate | set-based day | rows/s | one user | user-by-user day | speed-up | platform day |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -406,18 +507,19 @@ def markdown(rows, args, server_version, seconds) -> str:
     out += [
         "",
         "Nights as the jobs run them (change capture on): a step from the day before, with the indexes "
-        "migrate advises for it (median of four nights; then the night after, May 1st at 120 days: the month "
-        "windows end), against a COPY of the rows "
-        "a night writes:",
+        "migrate advises for it, each after a checkpoint (median of four nights, and the WAL they wrote; then "
+        "the night after, May 1st at 120 days: the month windows end), against a COPY of the rows a night "
+        "writes (user and platform, into empty tables with the same indexes; median of three):",
         "",
-        "| users | user step | platform step | COPY of the day's rows | both ÷ COPY | next night: user step | platform step |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| users | user step | platform step | WAL | COPY of the day's rows | both ÷ COPY | next night: user step "
+        "| platform step |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
-            f"| {r['users']:,} | {r['step_s']:.2f} s | {r['step_platform_s']:.3f} s | {r['step_copy_s']:.3f} s "
-            f"| {(r['step_s'] + r['step_platform_s']) / r['step_copy_s']:.1f}× | {r['month_step_s']:.2f} s "
-            f"| {r['month_step_platform_s']:.3f} s |")
+            f"| {r['users']:,} | {r['step_s']:.2f} s | {r['step_platform_s']:.3f} s | {r['step_wal'] / mib:.1f} MiB "
+            f"| {r['step_copy_s']:.3f} s | {(r['step_s'] + r['step_platform_s']) / r['step_copy_s']:.1f}× "
+            f"| {r['month_step_s']:.2f} s | {r['month_step_platform_s']:.3f} s |")
     out += [
         "",
         "Re-running a stored day (rows whose numbers did not change are not rewritten):",
@@ -434,8 +536,8 @@ def markdown(rows, args, server_version, seconds) -> str:
         "",
         f"Command: `python -m bench --users {' '.join(str(u) for u in args.users)} --days {args.days} "
         f"--bookings-per-user {args.bookings_per_user} --loop-sample {args.loop_sample}` "
-        f"({seconds:.0f} s in all). Machine: {machine()}; PostgreSQL {server_version} with default settings "
-        f"but fsync off (a throwaway benchmark cluster). Set-based and platform times are the median of three "
+        f"{'--fsync-off ' if args.fsync_off else ''}({seconds:.0f} s in all). Machine: {machine()}; PostgreSQL "
+        f"{server_version} with default settings{durability}. Set-based and platform times are the median of three "
         f"days; the user-by-user day is {args.loop_sample:,} users through aggregate_single_user_statistics "
         f"in one statement, scaled to all users where marked.",
     ]
@@ -455,11 +557,14 @@ def main():
     parser.add_argument("--history-users", type=int, default=10000,
                         help="users of the history-length bench (120 and 720 days, same daily activity); 0 skips it")
     parser.add_argument("--markdown", type=Path, help="write the tables here, between the BENCH markers")
+    parser.add_argument("--fsync-off", action="store_true",
+                        help="a cluster with fsync, synchronous_commit and full_page_writes off (faster, unlike production)")
     parser.add_argument("--backfill-only", action="store_true",
                         help="only backfill --jobs 1 and 2 against the COPY floor, on --backfill-users; print, write nothing")
     args = parser.parse_args()
 
-    cluster = LocalCluster("bench", args.port, durable=False)
+    # durable unless asked: what a night costs is largely what its WAL costs
+    cluster = LocalCluster("bench-fast" if args.fsync_off else "bench-durable", args.port, durable=not args.fsync_off)
     cluster.start()
     if args.backfill_only:
         for users in args.backfill_users:
@@ -470,7 +575,7 @@ def main():
                   f"jobs 2 ÷ COPY = {row['jobs2_s'] / row['copy_s']:.2f}×", flush=True)
         return
     started = time.perf_counter()
-    rows, backfills, captures = [], [], []
+    rows, backfills, captures, updates = [], [], [], []
     for users in args.users:
         rows.append(bench_size(cluster, users, args.days, args.bookings_per_user, args.seed, args.loop_sample))
         print(rows[-1], flush=True)
@@ -479,6 +584,7 @@ def main():
             print(backfills[-1], flush=True)
             captures.append(bench_capture(cluster, users))
             print(captures[-1], flush=True)
+            updates += bench_updates(cluster, users)
     history = (bench_history(cluster, args.history_users, args.bookings_per_user / args.days, args.seed)
                if args.history_users else [])
     with psycopg.connect(cluster.dsn()) as conn:
@@ -487,14 +593,16 @@ def main():
     print(table)
     backfill_table = backfill_markdown(backfills) if backfills else ""
     capture_table = capture_markdown(captures) if captures else ""
+    update_table = updates_markdown(updates) if updates else ""
     print(backfill_table)
     print(capture_table)
+    print(update_table)
     history_table = history_markdown(history) if history else ""
     print(history_table)
     if args.markdown:
         text = args.markdown.read_text()
         for marker, content in (("BENCH", table), ("BACKFILL", backfill_table), ("CAPTURE", capture_table),
-                                ("HISTORY", history_table)):
+                                ("UPDATES", update_table), ("HISTORY", history_table)):
             head, rest = text.split(f"<!-- {marker}:START -->", 1)
             _, tail = rest.split(f"<!-- {marker}:END -->", 1)
             text = f"{head}<!-- {marker}:START -->\n{content}<!-- {marker}:END -->{tail}"

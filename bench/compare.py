@@ -34,12 +34,18 @@ from toolkit.render import FUNCTIONS
 
 from .__main__ import REPO, generated_database, step_indexes
 
+# No sums kept, nor the day they were of (a table only the working tree's functions may have made)
+NO_SUMS = """do $no_sums$ begin
+    truncate statskit.{0}_sums;
+    if to_regclass('statskit.{0}_sums_day') is not null then truncate statskit.{0}_sums_day; end if;
+end $no_sums$"""
+
 CALLS = {
-    "user one-day": ("truncate statskit.user_statistics_daily_sums",
+    "user one-day": (NO_SUMS.format("user_statistics_daily"),
                      "select aggregate_user_statistics(null, %(before)s)"),
     "user step": (None, "select aggregate_user_statistics(null, %(day)s)"),
     "user range": (None, "select aggregate_user_statistics_range(%(first)s, %(before)s, null, false)"),
-    "platform one-day": ("truncate statskit.platform_statistics_daily_sums",
+    "platform one-day": (NO_SUMS.format("platform_statistics_daily"),
                          "select aggregate_daily_statistics(%(before)s)"),
     "platform step": (None, "select aggregate_daily_statistics(%(day)s)"),
     "platform range": (None, "select aggregate_daily_statistics_range(%(first)s, %(before)s, false)"),

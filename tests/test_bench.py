@@ -1,7 +1,7 @@
 """A tiny run of the benchmark, so bench/ keeps working; its numbers are not judged, its counts are."""
 
-from bench.__main__ import (backfill_markdown, bench_backfill, bench_capture, bench_history, bench_size, capture_markdown,
-                             history_markdown, markdown)
+from bench.__main__ import (UPDATE_SHAPES, backfill_markdown, bench_backfill, bench_capture, bench_history, bench_size,
+                             bench_updates, capture_markdown, history_markdown, markdown, updates_markdown)
 import pytest
 
 from conftest import cluster
@@ -15,11 +15,12 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         assert row["rows_per_day"] > 0 and row["bookings"] > 1000
         assert row["loop_sampled"] and row["speedup"] > 0
         assert row["step_s"] > 0 and row["month_step_s"] > 0 and row["step_platform_s"] > 0 and row["step_copy_s"] > 0
+        assert row["step_wal"] > 0 and row["first_write_wal"] > 0
         assert (row["rerun_rows_written"], row["rerun_updated"], row["rerun_dead"]) == (0, 0, 0)
         assert row["late_rows_written"] == row["late_updated"] == row["late_users"] == 3
 
         class Args:
-            users, days, bookings_per_user, loop_sample = [300], 15, 20, 40
+            users, days, bookings_per_user, loop_sample, fsync_off = [300], 15, 20, 40, False
         table = markdown([row], Args, "15", 1.0)
         assert table.startswith("| users |") and "| 300 |" in table
         filled = bench_backfill(cluster, users=300, days=15)
@@ -29,6 +30,13 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         assert captured["late100_logged"] == 100 and captured["late100_written"] > 0
         assert captured["bulk_0_on_s"] > 0 and captured["single_100_indexed_s"] > 0
         assert "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
+        updated = bench_updates(cluster, users=300, count=20, rounds=1)
+        assert {r["shape"] for r in updated} == set(UPDATE_SHAPES) and all(r["indexed_s"] > 0 for r in updated)
+        # a status no index reads stays HOT; a completion is indexed once the step indexes are there
+        status = next(r for r in updated if r["shape"] == "status only" and not r["single"])
+        completion = next(r for r in updated if r["shape"] == "completion" and not r["single"])
+        assert status["indexed_hot"] > 0.5 and completion["indexed_hot"] < 0.5 <= completion["on_hot"]
+        assert "| 300 | read receipt (messages) | 20 single-row |" in updates_markdown(updated)
         history = bench_history(cluster, users=200, bookings_per_day=20 / 15, seed=0.5, histories=(15, 30))
         assert [h["days"] for h in history] == [15, 30]
         assert all(h["rows"] > 0 and h["history_s"] > 0 and h["step_s"] > 0 and h["indexed_s"] > 0 for h in history)

@@ -139,6 +139,27 @@ def test_todays_ordinary_writes_log_nothing(rolled_up):
         assert log_size(conn) == (0, 0)
 
 
+def test_updates_that_move_nothing_before_today_never_enter_the_handler(rolled_up):
+    """A status change, a completion or a read receipt today of a row created long ago logs
+    nothing, and returns before the exception handler (whose subtransaction costs every
+    statement) and before the owner lookups it guards: with the table those lookups read gone,
+    such updates raise no capture warning, while a backdated change still reaches the handler."""
+    with psycopg.connect(rolled_up) as conn:  # a new session: the capture functions plan afresh
+        notices = []
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+        booking = pick(conn, "select id from bookings where completed_at is null and cancelled_at is null"
+                             " and listing_id is not null and created_at < '2026-03-01' order by id limit 1")
+        message = pick(conn, "select id from messages where read_at is null and created_at < '2026-03-01' order by id limit 1")
+        conn.execute("alter table listings rename to listings_away")  # rolled back below
+        conn.execute("update bookings set status = 'confirmed' where id = %s", [booking])
+        conn.execute("update bookings set completed_at = now() where id = %s", [booking])
+        conn.execute("update messages set read_at = now() where id = %s", [message])
+        assert notices == [] and log_size(conn) == (0, 0)
+        conn.execute("update bookings set cancelled_at = '2026-03-10 12:00+00' where id = %s", [booking])
+        assert any(n.startswith("statskit: change capture on public.bookings failed") for n in notices), notices
+        conn.rollback()
+
+
 @pytest.mark.parametrize("fault", ["log table gone", "log locked"])
 def test_a_failing_capture_never_fails_the_applications_write(rolled_up, fault):
     with psycopg.connect(rolled_up, autocommit=True) as conn:

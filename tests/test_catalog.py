@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SQL_DIR
 from toolkit.catalog import Span, load_catalog
-from toolkit.compiler import changed, changes, counts_on, leaving_day
+from toolkit.compiler import changed, changes, counts_on, leaving_day, step_changes
 from toolkit.errors import UsageError
 
 
@@ -34,9 +34,15 @@ def test_change_rows_name_each_event_and_each_sum_its_own_values():
     assert by_name["total_minutes"] == "sum(case change.event when 'completed_on' then b.duration_minutes end)"
     assert by_name["monthly_minutes"] == ("sum(case change.event when 'completed_on' then b.duration_minutes"
                                         " when 'month after completed_on' then -b.duration_minutes end)")
-    # the nightly step starts month windows again on the 1st: they never leave there
-    stepped = {s.name: s.aggregate for s in changes(catalog.user, bookings, step=True).sums}
-    assert stepped["monthly_minutes"] == by_name["total_minutes"]
+    # the nightly step tests each row's days against D, and starts month windows again on the
+    # 1st: they never leave there
+    stepped = {s.name: s.aggregate for s in step_changes(catalog.user, bookings)}
+    assert stepped["monthly_minutes"] == stepped["total_minutes"] == \
+        "sum(b.duration_minutes) filter (where b.completed_on = p_date)"
+    assert stepped["active_bookings"] == (
+        "(coalesce(sum(1) filter (where b.created_on = p_date), 0)\n"
+        "             - coalesce(sum(1) filter (where case when b.closed_on > b.created_on then b.closed_on"
+        " when b.closed_on <= b.created_on then b.created_on end = p_date), 0))")
     transactions = next(s for s in catalog.user.sources if s.name == "transaction_days")
     pending = next(s for s in changes(catalog.user, transactions).sums if s.name == "pending_earnings")
     assert pending.aggregate.endswith("end) filter (where t.kind = 'earning')")

@@ -22,8 +22,9 @@ def run_night(conn, day):
 
 
 def sums_days(conn):
-    """How many users' sums are kept for each day."""
-    return dict(conn.execute("select date, count(*) from statskit.user_statistics_daily_sums group by 1").fetchall())
+    """How many users' sums are kept, by the day they are of (all of one day)."""
+    return dict(conn.execute("select d.date, count(*) from statskit.user_statistics_daily_sums"
+                             " cross join statskit.user_statistics_daily_sums_day d group by 1").fetchall())
 
 
 def problems_on(conn, day, time_zone="UTC"):

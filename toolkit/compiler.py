@@ -102,6 +102,14 @@ def stepped(item: Sum) -> str:
     return f"{before} + coalesce({item.span.source}_on_d.{item.name}, 0)"
 
 
+def step_touches(rollup: Rollup) -> str:
+    """Whether D may have changed a key's sums in the nightly step: a change row of any source
+    on D, or the 1st of a month (its month windows start again from 0)."""
+    tests = (["v_month_starts"] if any(item.span.month for item in rollup.sums) else [])
+    tests += [f"{source.name}_on_d.user_id is not null" for source in rollup.sources]
+    return "\n               or ".join(tests)
+
+
 def partition_filters(source: Source) -> list[str]:
     """The nightly step's test that a row of a window or group source is in a partition with a
     row that changes on D (partition_lists): whole partitions, so the window sees every row of each."""
@@ -163,13 +171,11 @@ def _event_name(span: Span, kind: str) -> str | None:
     return column(span.leaves)
 
 
-def changes(rollup: Rollup, source: Source, step: bool = False) -> Changes:
-    """A row adds a sum's value on the day it enters and takes it back on the day it leaves. For
-    the nightly `step`, month windows do not leave: on the 1st every row they hold leaves at
-    once, and the step starts those sums again from 0 instead. Each event is named for its day
-    (_event_name), or for the sum that first enters or leaves on it."""
+def changes(rollup: Rollup, source: Source) -> Changes:
+    """A row adds a sum's value on the day it enters and takes it back on the day it leaves. Each
+    event is named for its day (_event_name), or for the sum that first enters or leaves on it."""
     found = rollup.sums_of(source)
-    gone = {s.name: leaving_day(s.span) for s in found if not (step and s.span.month)}
+    gone = {s.name: leaving_day(s.span) for s in found}
     events: dict[str, str] = {}  # day -> name
     for item in found:
         for day, kind in ((item.span.enters, "enters"), (gone.get(item.name), "leaves")):
@@ -186,6 +192,25 @@ def changes(rollup: Rollup, source: Source, step: bool = False) -> Changes:
             aggregate += f" filter (where {item.span.where})"
         sums.append(ChangedSum(item.name, item.span.sum_type, aggregate))
     return Changes([(name, day) for day, name in events.items()], sums)
+
+
+def step_changes(rollup: Rollup, source: Source) -> list[ChangedSum]:
+    """What each sum of a source gains on D in the nightly step: the values of its rows that enter
+    on D, less those of its rows that leave on D, tested on each row (no change rows: the step
+    has one day). Month windows do not leave: on the 1st every row they hold leaves at once, and
+    the step starts those sums again from 0 instead."""
+    sums = []
+    for item in rollup.sums_of(source):
+        where = ""
+        if item.span.where:
+            where = f"({item.span.where}) and " if " or " in item.span.where.lower() else f"{item.span.where} and "
+        added = f"sum({item.span.value}) filter (where {where}{item.span.enters} = p_date)"
+        gone = None if item.span.month else leaving_day(item.span)
+        if gone:
+            added = (f"(coalesce({added}, 0)\n"
+                     f"             - coalesce(sum({item.span.value}) filter (where {where}{gone} = p_date), 0))")
+        sums.append(ChangedSum(item.name, item.span.sum_type, added))
+    return sums
 
 
 def partition_lists(source: Source) -> tuple[list[str], list[str]]:
@@ -266,6 +291,13 @@ class CapturedTable:
             lines.append(f"cross join lateral unnest(array[{', '.join(users)}]) as affected (user_id)")
         user_id = user if user.endswith(".user_id") else f"{user} as user_id"
         return [f"select {user_id}, min({named}) as moment", *lines, f"where {named} < v_today_start", "group by 1"]
+
+    def updated_before_today(self) -> list[str]:
+        """A query with a row when an update moved a statistic before today (update_moment): it
+        reads only the statement's own two transition tables."""
+        key, moment = self.table.key, self.update_moment()
+        return ["select from old_rows o", f"full join changed_rows n on n.{key} = o.{key}",
+                f"where {moment[0]}", *moment[1:-1], f"{moment[-1]} < v_today_start"]
 
     def update_moment(self) -> list[str]:
         """For an updated row (`o` as it was, `n` as it is; one of them missing when the key

@@ -349,8 +349,8 @@ def capture_triggers(conn: psycopg.Connection, settings: Settings, catalog: Cata
 ONE_DAY = {"user": "aggregate_user_statistics", "platform": "aggregate_daily_statistics"}
 
 
-def _sums_table(table: str) -> str:
-    return f"{STATSKIT_SCHEMA}.{quote_ident(table + '_sums')}"
+def _sums_table(table: str, suffix: str = "_sums") -> str:
+    return f"{STATSKIT_SCHEMA}.{quote_ident(table + suffix)}"
 
 
 @dataclass(frozen=True)
@@ -383,17 +383,21 @@ def sums_to_rebuild(conn: psycopg.Connection, settings: Settings, catalog: Catal
 
 def rebuild_sums(conn: psycopg.Connection, settings: Settings, rebuild: SumsRebuild) -> None:
     """Rebuild the sums as of the day, leaving its stored rows as they are: the day is written
-    again from history inside a savepoint (which leaves its sums), the sums are copied out, the
-    savepoint is rolled back (the rows the new definitions would change stay as stored; a
-    backfill rewrites them), and the copy goes back into the re-created table."""
-    sums = _sums_table(rebuild.table)
+    again from history inside a savepoint (which leaves its sums and the day they are of), the
+    two tables are copied out, the savepoint is rolled back (the rows the new definitions would
+    change stay as stored; a backfill rewrites them), and the copies go back into the re-created
+    tables."""
+    tables = [_sums_table(rebuild.table), _sums_table(rebuild.table, "_sums_day")]
     arguments = "null, %s" if rebuild.rollup == "user" else "%s"
     conn.execute("savepoint statskit_sums")
     conn.execute(f"select {quote_ident(settings.schema)}.{ONE_DAY[rebuild.rollup]}({arguments})", [rebuild.day])
-    with conn.cursor().copy(f"copy {sums} to stdout") as copy:
-        data = [bytes(block) for block in copy]
+    copies = {}
+    for table in tables:
+        with conn.cursor().copy(f"copy {table} to stdout") as copy:
+            copies[table] = [bytes(block) for block in copy]
     conn.execute("rollback to savepoint statskit_sums")
-    with conn.cursor().copy(f"copy {sums} from stdin") as copy:
-        for block in data:
-            copy.write(block)
+    for table, data in copies.items():
+        with conn.cursor().copy(f"copy {table} from stdin") as copy:
+            for block in data:
+                copy.write(block)
     conn.execute("release savepoint statskit_sums")

@@ -70,10 +70,14 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+# The sums tables' own shape: 2 since every key's sums are of the one day <table>_sums_day names
+SUMS_LAYOUT = 2
+
+
 def sums_digest(rollup: Rollup, settings: Settings) -> str:
     """What the nightly step's sums of a rollup mean (its sources, its sums' spans, the days they
     fall on): the sums table is kept across a re-applied function file while this holds."""
-    return digest(repr((settings.time_zone, settings.source_schema, rollup.sources, rollup.sums)))
+    return digest(repr((SUMS_LAYOUT, settings.time_zone, settings.source_schema, rollup.sources, rollup.sums)))
 
 
 def writer_lock(settings: Settings) -> str:

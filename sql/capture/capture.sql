@@ -54,11 +54,22 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where r.created_at < v_today_start)
-           and not exists (select from changed_rows r where r.created_at < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.id, o.role) is distinct from (n.id, n.role)
+                    then least(o.created_at, n.created_at)
+                else case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where r.created_at < v_today_start) then
@@ -114,11 +125,26 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where least(r.created_at, r.published_at, r.archived_at) < v_today_start)
-           and not exists (select from changed_rows r where least(r.created_at, r.published_at, r.archived_at) < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.id, o.tutor_id) is distinct from (n.id, n.tutor_id)
+                    then least(o.created_at, o.published_at, o.archived_at, n.created_at, n.published_at, n.archived_at)
+                else least(
+                    case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                    case when o.published_at is distinct from n.published_at then least(o.published_at, n.published_at) end,
+                    case when o.archived_at is distinct from n.archived_at then least(o.archived_at, n.archived_at) end
+                )
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where least(r.created_at, r.published_at, r.archived_at) < v_today_start) then
@@ -179,11 +205,22 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where r.viewed_at < v_today_start)
-           and not exists (select from changed_rows r where r.viewed_at < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.listing_id) is distinct from (n.listing_id)
+                    then least(o.viewed_at, n.viewed_at)
+                else case when o.viewed_at is distinct from n.viewed_at then least(o.viewed_at, n.viewed_at) end
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where r.viewed_at < v_today_start) then
@@ -239,11 +276,28 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) < v_today_start)
-           and not exists (select from changed_rows r where least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.listing_id, o.tutor_id, o.client_id, o.duration_minutes) is distinct from (n.listing_id, n.tutor_id, n.client_id, n.duration_minutes)
+                    then least(o.created_at, o.confirmed_at, o.cancelled_at, o.completed_at, o.session_start, n.created_at, n.confirmed_at, n.cancelled_at, n.completed_at, n.session_start)
+                else least(
+                    case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                    case when o.confirmed_at is distinct from n.confirmed_at then least(o.confirmed_at, n.confirmed_at) end,
+                    case when o.cancelled_at is distinct from n.cancelled_at then least(o.cancelled_at, n.cancelled_at) end,
+                    case when o.completed_at is distinct from n.completed_at then least(o.completed_at, n.completed_at) end,
+                    case when o.session_start is distinct from n.session_start then least(o.session_start, n.session_start) end
+                )
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where least(r.created_at, r.confirmed_at, r.cancelled_at, r.completed_at, r.session_start) < v_today_start) then
@@ -307,11 +361,25 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where least(r.created_at, r.available_at) < v_today_start)
-           and not exists (select from changed_rows r where least(r.created_at, r.available_at) < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.user_id, o.kind, o.amount) is distinct from (n.user_id, n.kind, n.amount)
+                    then least(o.created_at, o.available_at, n.created_at, n.available_at)
+                else least(
+                    case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                    case when o.available_at is distinct from n.available_at then least(o.available_at, n.available_at) end
+                )
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where least(r.created_at, r.available_at) < v_today_start) then
@@ -371,11 +439,22 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where r.created_at < v_today_start)
-           and not exists (select from changed_rows r where r.created_at < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.reviewee_id, o.rating) is distinct from (n.reviewee_id, n.rating)
+                    then least(o.created_at, n.created_at)
+                else case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where r.created_at < v_today_start) then
@@ -431,11 +510,25 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where least(r.created_at, r.read_at) < v_today_start)
-           and not exists (select from changed_rows r where least(r.created_at, r.read_at) < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.conversation_id, o.sender_id, o.recipient_id) is distinct from (n.conversation_id, n.sender_id, n.recipient_id)
+                    then least(o.created_at, o.read_at, n.created_at, n.read_at)
+                else least(
+                    case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                    case when o.read_at is distinct from n.read_at then least(o.read_at, n.read_at) end
+                )
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where least(r.created_at, r.read_at) < v_today_start) then
@@ -496,11 +589,25 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where least(r.created_at, r.converted_at) < v_today_start)
-           and not exists (select from changed_rows r where least(r.created_at, r.converted_at) < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.referrer_id, o.commission) is distinct from (n.referrer_id, n.commission)
+                    then least(o.created_at, o.converted_at, n.created_at, n.converted_at)
+                else least(
+                    case when o.created_at is distinct from n.created_at then least(o.created_at, n.created_at) end,
+                    case when o.converted_at is distinct from n.converted_at then least(o.converted_at, n.converted_at) end
+                )
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where least(r.created_at, r.converted_at) < v_today_start) then
@@ -560,11 +667,22 @@ as $function$
 declare
     v_today_start constant timestamptz := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC';
 begin
-    -- Most writes are of today's events: they log nothing, and return before the handler below,
-    -- whose subtransaction would cost every statement.
+    -- Most writes log nothing: today's events, and updates of a column statskit does not read or
+    -- to a moment of today (a read receipt, a completion, a status). They return here, before the
+    -- handler below, whose subtransaction would cost every statement. These tests read only the
+    -- statement's transition tables and compare timestamps: no lock, no other relation, no cast,
+    -- nothing that can raise but what would fail the statement anyway (a cancel, out of memory).
     if tg_op = 'UPDATE' then
-        if not exists (select from old_rows r where r.computed_at < v_today_start)
-           and not exists (select from changed_rows r where r.computed_at < v_today_start) then
+        if not exists (
+            -- each row as it was (o) and as it is (n), paired by its key
+            select from old_rows o
+            full join changed_rows n on n.id = o.id
+            where case
+                when o.id is null or n.id is null or (o.id, o.user_id, o.score, o.profile_completeness) is distinct from (n.id, n.user_id, n.score, n.profile_completeness)
+                    then least(o.computed_at, n.computed_at)
+                else case when o.computed_at is distinct from n.computed_at then least(o.computed_at, n.computed_at) end
+            end < v_today_start
+        ) then
             return null;
         end if;
     elsif not exists (select from changed_rows r where r.computed_at < v_today_start) then

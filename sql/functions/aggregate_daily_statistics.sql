@@ -6,15 +6,17 @@
 -- source rows whose timestamps fall on the days the catalog's `changes_on` names); without
 -- sums of D - 1 (a first run, a gap, an entry in the change log), from every source row.
 
--- The sums behind each platform row of the last day the nightly step wrote (the next day
+-- The sums behind each platform row of the day the nightly step last wrote (the next day
 -- starts from them); statskit's own, kept while its comment names the sums defined here.
+-- All are of one day, which the one row of platform_statistics_daily_sums_day names: a night rewrites only
+-- the sums D changed.
 do $sums$
 begin
-    if obj_description(to_regclass('"statskit".platform_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums bdb9afa5' then
+    if obj_description(to_regclass('"statskit".platform_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums 139e0a52' then
+        drop table if exists "statskit".platform_statistics_daily_sums_day;
         drop table if exists "statskit".platform_statistics_daily_sums;
         create table "statskit".platform_statistics_daily_sums (
             one_row boolean primary key default true check (one_row),
-            date date not null,
             total_users integer not null,
             new_users integer not null,
             total_tutors integer not null,
@@ -33,7 +35,11 @@ begin
             referrals_converted integer not null,
             ratings integer not null
         );
-        comment on table "statskit".platform_statistics_daily_sums is 'statskit sums bdb9afa5';
+        comment on table "statskit".platform_statistics_daily_sums is 'statskit sums 139e0a52';
+        create table "statskit".platform_statistics_daily_sums_day (
+            one_row boolean primary key default true check (one_row),
+            date date not null
+        );
     end if;
 end
 $sums$;
@@ -54,7 +60,10 @@ declare
     v_from_1 constant timestamptz := (p_date - 1)::timestamp at time zone 'UTC';
     v_to_1 constant timestamptz := p_date::timestamp at time zone 'UTC';
     v_today constant date := (now() at time zone v_time_zone)::date;
-
+    v_sums_day date; -- the day the kept sums are of; none before a first night
+    -- whether this call leaves its sums for the next night: only of a day before today (later
+    -- rows are not logged yet), and never moving them back to an earlier day
+    v_saving boolean;
     v_from_history boolean;
     v_rows integer;
 begin
@@ -67,9 +76,10 @@ begin
     delete from "statskit".platform_statistics_daily_sums
     where exists (select from "statskit".platform_changes);
 
-    v_from_history := not exists (
-        select from "statskit".platform_statistics_daily_sums s where s.date in (p_date - 1, p_date)
-    );
+    select d.date into v_sums_day from "statskit".platform_statistics_daily_sums_day d;
+    v_saving := p_date < v_today and (v_sums_day is null or v_sums_day <= p_date);
+    v_from_history := v_sums_day is null or v_sums_day not in (p_date - 1, p_date)
+                      or not exists (select from "statskit".platform_statistics_daily_sums);
 
     -- planned with this call's values (plan_cache_mode above): the branch not taken is planned away
     with
@@ -110,118 +120,90 @@ begin
     profile_days_on_d as (
         -- profiles: what changes on D
         select
-            sum(case change.event when 'created_on' then 1 end)::integer as total_users,
-            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as new_users,
-            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'tutor')::integer as total_tutors,
-            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'client')::integer as total_clients,
-            sum(case change.event when 'created_on' then 1 end) filter (where p.role = 'agent')::integer as total_agents
+            sum(1) filter (where p.created_on = p_date)::integer as total_users,
+            (coalesce(sum(1) filter (where p.created_on = p_date), 0)
+             - coalesce(sum(1) filter (where p.created_on + 1 = p_date), 0))::integer as new_users,
+            sum(1) filter (where p.role = 'tutor' and p.created_on = p_date)::integer as total_tutors,
+            sum(1) filter (where p.role = 'client' and p.created_on = p_date)::integer as total_clients,
+            sum(1) filter (where p.role = 'agent' and p.created_on = p_date)::integer as total_agents
         from profile_days_rows as p
-        cross join lateral (values
-            ('created_on', p.created_on),
-            ('day after created_on', p.created_on + 1)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((p.created_at >= v_from_0 and p.created_at < v_to_0)
-               or (p.created_at >= v_from_1 and p.created_at < v_to_1))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (p.created_at >= v_from_0 and p.created_at < v_to_0)
+              or (p.created_at >= v_from_1 and p.created_at < v_to_1)
     ),
     listing_days_on_d as (
         -- listings: what changes on D
         select
-            sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings
+            (coalesce(sum(1) filter (where l.published_on = p_date), 0)
+             - coalesce(sum(1) filter (where case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end = p_date), 0))::integer as active_listings
         from listing_days_rows as l
-        cross join lateral (values
-            ('published_on', l.published_on),
-            ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((l.published_at >= v_from_0 and l.published_at < v_to_0)
-               or (l.archived_at >= v_from_0 and l.archived_at < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (l.published_at >= v_from_0 and l.published_at < v_to_0)
+              or (l.archived_at >= v_from_0 and l.archived_at < v_to_0)
     ),
     booking_days_on_d as (
         -- bookings: what changes on D
         select
-            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as bookings_created,
-            sum(case change.event when 'completed_on' then 1 when 'day after completed_on' then -1 end)::integer as sessions_completed,
-            sum(case change.event when 'cancelled_on' then 1 when 'day after cancelled_on' then -1 end)::integer as sessions_cancelled,
-            sum(case change.event when 'completed_on' then b.duration_minutes when 'day after completed_on' then -b.duration_minutes end)::integer as minutes_completed
+            (coalesce(sum(1) filter (where b.created_on = p_date), 0)
+             - coalesce(sum(1) filter (where b.created_on + 1 = p_date), 0))::integer as bookings_created,
+            (coalesce(sum(1) filter (where b.completed_on = p_date), 0)
+             - coalesce(sum(1) filter (where b.completed_on + 1 = p_date), 0))::integer as sessions_completed,
+            (coalesce(sum(1) filter (where b.cancelled_on = p_date), 0)
+             - coalesce(sum(1) filter (where b.cancelled_on + 1 = p_date), 0))::integer as sessions_cancelled,
+            (coalesce(sum(b.duration_minutes) filter (where b.completed_on = p_date), 0)
+             - coalesce(sum(b.duration_minutes) filter (where b.completed_on + 1 = p_date), 0))::integer as minutes_completed
         from booking_days_rows as b
-        cross join lateral (values
-            ('created_on', b.created_on),
-            ('day after created_on', b.created_on + 1),
-            ('completed_on', b.completed_on),
-            ('day after completed_on', b.completed_on + 1),
-            ('cancelled_on', b.cancelled_on),
-            ('day after cancelled_on', b.cancelled_on + 1)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((b.created_at >= v_from_0 and b.created_at < v_to_0)
-               or (b.created_at >= v_from_1 and b.created_at < v_to_1)
-               or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
-               or (b.completed_at >= v_from_1 and b.completed_at < v_to_1)
-               or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
-               or (b.cancelled_at >= v_from_1 and b.cancelled_at < v_to_1))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (b.created_at >= v_from_0 and b.created_at < v_to_0)
+              or (b.created_at >= v_from_1 and b.created_at < v_to_1)
+              or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
+              or (b.completed_at >= v_from_1 and b.completed_at < v_to_1)
+              or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
+              or (b.cancelled_at >= v_from_1 and b.cancelled_at < v_to_1)
     ),
     transaction_days_on_d as (
         -- transactions: what changes on D
         select
-            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end when 'day after created_on' then -(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) end)::numeric as gross_revenue,
-            sum(case change.event when 'created_on' then t.amount when 'day after created_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as tutor_earnings
+            (coalesce(sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on = p_date), 0)
+             - coalesce(sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on + 1 = p_date), 0))::numeric as gross_revenue,
+            (coalesce(sum(t.amount) filter (where t.kind = 'earning' and t.created_on = p_date), 0)
+             - coalesce(sum(t.amount) filter (where t.kind = 'earning' and t.created_on + 1 = p_date), 0))::numeric as tutor_earnings
         from transaction_days_rows as t
-        cross join lateral (values
-            ('created_on', t.created_on),
-            ('day after created_on', t.created_on + 1)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((t.created_at >= v_from_0 and t.created_at < v_to_0)
-               or (t.created_at >= v_from_1 and t.created_at < v_to_1))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (t.created_at >= v_from_0 and t.created_at < v_to_0)
+              or (t.created_at >= v_from_1 and t.created_at < v_to_1)
     ),
     review_days_on_d as (
         -- reviews: what changes on D
         select
-            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as reviews_created,
-            sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
-            sum(case change.event when 'created_on' then 1 end)::integer as ratings
+            (coalesce(sum(1) filter (where r.created_on = p_date), 0)
+             - coalesce(sum(1) filter (where r.created_on + 1 = p_date), 0))::integer as reviews_created,
+            sum(r.rating) filter (where r.created_on = p_date)::integer as sum_of_ratings,
+            sum(1) filter (where r.created_on = p_date)::integer as ratings
         from review_days_rows as r
-        cross join lateral (values
-            ('created_on', r.created_on),
-            ('day after created_on', r.created_on + 1)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((r.created_at >= v_from_0 and r.created_at < v_to_0)
-               or (r.created_at >= v_from_1 and r.created_at < v_to_1))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (r.created_at >= v_from_0 and r.created_at < v_to_0)
+              or (r.created_at >= v_from_1 and r.created_at < v_to_1)
     ),
     message_days_on_d as (
         -- messages: what changes on D
         select
-            sum(case change.event when 'created_on' then 1 when 'day after created_on' then -1 end)::integer as messages_sent
+            (coalesce(sum(1) filter (where m.created_on = p_date), 0)
+             - coalesce(sum(1) filter (where m.created_on + 1 = p_date), 0))::integer as messages_sent
         from message_days_rows as m
-        cross join lateral (values
-            ('created_on', m.created_on),
-            ('day after created_on', m.created_on + 1)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((m.created_at >= v_from_0 and m.created_at < v_to_0)
-               or (m.created_at >= v_from_1 and m.created_at < v_to_1))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (m.created_at >= v_from_0 and m.created_at < v_to_0)
+              or (m.created_at >= v_from_1 and m.created_at < v_to_1)
     ),
     referral_days_on_d as (
         -- referrals: what changes on D
         select
-            sum(case change.event when 'converted_on' then 1 when 'day after converted_on' then -1 end)::integer as referrals_converted
+            (coalesce(sum(1) filter (where r.converted_on = p_date), 0)
+             - coalesce(sum(1) filter (where r.converted_on + 1 = p_date), 0))::integer as referrals_converted
         from referral_days_rows as r
-        cross join lateral (values
-            ('converted_on', r.converted_on),
-            ('day after converted_on', r.converted_on + 1)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((r.converted_at >= v_from_0 and r.converted_at < v_to_0)
-               or (r.converted_at >= v_from_1 and r.converted_at < v_to_1))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (r.converted_at >= v_from_0 and r.converted_at < v_to_0)
+              or (r.converted_at >= v_from_1 and r.converted_at < v_to_1)
     ),
 
     stepped as (
@@ -251,7 +233,7 @@ begin
         cross join review_days_on_d
         cross join message_days_on_d
         cross join referral_days_on_d
-        where s.date = p_date - 1 and not v_from_history
+        where v_sums_day = p_date - 1 and not v_from_history
         union all
         select total_users,
                new_users,
@@ -271,7 +253,7 @@ begin
                referrals_converted,
                ratings
         from "statskit".platform_statistics_daily_sums s
-        where s.date = p_date and not v_from_history
+        where v_sums_day = p_date and not v_from_history
     ),
     profile_days as (
         -- profiles
@@ -398,7 +380,6 @@ begin
     ),
     saved as (
         insert into "statskit".platform_statistics_daily_sums as s (
-            date,
             total_users,
             new_users,
             total_tutors,
@@ -417,8 +398,7 @@ begin
             referrals_converted,
             ratings
         )
-        select p_date,
-               total_users,
+        select total_users,
                new_users,
                total_tutors,
                total_clients,
@@ -436,9 +416,9 @@ begin
                referrals_converted,
                ratings
         from sums
-        where p_date < v_today
+        where v_saving
         on conflict (one_row) do update
-        set date = excluded.date,
+        set
             total_users = excluded.total_users,
             new_users = excluded.new_users,
             total_tutors = excluded.total_tutors,
@@ -456,7 +436,6 @@ begin
             messages_sent = excluded.messages_sent,
             referrals_converted = excluded.referrals_converted,
             ratings = excluded.ratings
-        where s.date <= excluded.date
     )
     insert into "public".platform_statistics_daily as stored (
         date,
@@ -553,6 +532,11 @@ begin
         excluded.referrals_converted
     );
     get diagnostics v_rows = row_count;
+    if v_saving then
+        insert into "statskit".platform_statistics_daily_sums_day as d (date) values (p_date)
+        on conflict (one_row) do update set date = excluded.date
+        where d.date is distinct from excluded.date;
+    end if;
     return v_rows;
 end;
 $function$;

@@ -9,15 +9,17 @@
 -- are summed from their history, set-based: each source table read once, grouped by user.
 -- A user id delegates to the one-user path.
 
--- The sums behind each user's row of the last day the nightly step wrote (the next day
+-- The sums behind each user's row of the day the nightly step last wrote (the next day
 -- starts from them); statskit's own, kept while its comment names the sums defined here.
+-- All are of one day, which the one row of user_statistics_daily_sums_day names: a night rewrites only
+-- the sums D changed.
 do $sums$
 begin
-    if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums 2365b787' then
+    if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums 933b28e8' then
+        drop table if exists "statskit".user_statistics_daily_sums_day;
         drop table if exists "statskit".user_statistics_daily_sums;
         create table "statskit".user_statistics_daily_sums (
             user_id uuid primary key,
-            date date not null,
             total_earnings numeric not null,
             monthly_earnings numeric not null,
             pending_earnings numeric not null,
@@ -49,8 +51,12 @@ begin
             caas_score numeric not null,
             profile_completeness numeric not null,
             caas_rows integer not null
+        ) with (fillfactor = 50);
+        comment on table "statskit".user_statistics_daily_sums is 'statskit sums 933b28e8';
+        create table "statskit".user_statistics_daily_sums_day (
+            one_row boolean primary key default true check (one_row),
+            date date not null
         );
-        comment on table "statskit".user_statistics_daily_sums is 'statskit sums 2365b787';
     end if;
 end
 $sums$;
@@ -77,6 +83,10 @@ declare
     v_to_0 constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
     v_from_30 constant timestamptz := (p_date - 30)::timestamp at time zone 'UTC';
     v_to_30 constant timestamptz := (p_date - 29)::timestamp at time zone 'UTC';
+    v_sums_day date; -- the day the kept sums are of; none before a first night
+    -- whether this call leaves its sums for the next night: only of a day before today (later
+    -- rows are not logged yet), and never moving them back to an earlier day
+    v_saving boolean;
     -- every row a month window holds leaves on the 1st: its sums start again from 0
     v_month_starts constant boolean := extract(day from p_date) = 1;
     v_student_days_tutor_id uuid[];
@@ -86,6 +96,7 @@ declare
     v_caas_days_user_id uuid[];
     v_stepped bigint;
     v_fresh uuid[];
+    v_stale bigint;
     v_from_history boolean;
     v_rows integer;
 begin
@@ -100,18 +111,35 @@ begin
     -- a user the change log names may have changed on any day: summed from history below
     delete from "statskit".user_statistics_daily_sums s
     where exists (select from "statskit".user_changes c where c.user_id = s.user_id);
-    select count(*) into v_stepped
-    from "statskit".user_statistics_daily_sums s
-    where s.date in (p_date - 1, p_date);
-    select array_agg(p.id) into v_fresh
-    from "public".profiles p
-    where (p.created_at at time zone v_time_zone)::date <= p_date
-      and not exists (
-          select from "statskit".user_statistics_daily_sums s
-          where s.user_id = p.id and s.date in (p_date - 1, p_date)
-      );
+    select d.date into v_sums_day from "statskit".user_statistics_daily_sums_day d;
+    v_saving := p_date < v_today and (v_sums_day is null or v_sums_day <= p_date);
+    if v_sums_day in (p_date - 1, p_date) then
+        -- one pass over both: the users with kept sums, the users without (fresh), and the kept
+        -- sums of users not created as of D (a profile gone behind capture's back)
+        select count(*) filter (where p.id is not null and s.user_id is not null),
+               array_agg(p.id) filter (where s.user_id is null),
+               count(*) filter (where p.id is null)
+        into v_stepped, v_fresh, v_stale
+        from "statskit".user_statistics_daily_sums s
+        full join (
+            select p.id as id
+            from "public".profiles p
+            where (p.created_at at time zone v_time_zone)::date <= p_date
+        ) as p on p.id = s.user_id;
+    end if;
     -- more users to sum from history than to step: all of them, each source read once
-    v_from_history := v_stepped = 0 or coalesce(cardinality(v_fresh), 0) > v_stepped;
+    v_from_history := coalesce(v_stepped, 0) = 0 or coalesce(cardinality(v_fresh), 0) > v_stepped;
+    if v_saving and (v_from_history or v_stale > 0) then
+        -- below, every user's sums come from history, or each user created as of D steps: the
+        -- sums it does not write are not of D
+        delete from "statskit".user_statistics_daily_sums s
+        where v_from_history
+           or not exists (
+               select from "public".profiles p
+               where p.id = s.user_id
+                 and (p.created_at at time zone v_time_zone)::date <= p_date
+           );
+    end if;
     raise debug 'statskit: % from the sums of the day before, % summed from history',
         case when v_from_history then 'no user' else v_stepped || ' users' end,
         case when v_from_history then 'every user' else coalesce(cardinality(v_fresh), 0) || ' users' end;
@@ -225,67 +253,52 @@ begin
         -- the user's transactions: what changes on D
         select
             t.user_id as user_id,
-            sum(case change.event when 'created_on' then t.amount end) filter (where t.kind = 'earning')::numeric as total_earnings,
-            sum(case change.event when 'created_on' then t.amount end) filter (where t.kind = 'earning')::numeric as monthly_earnings,
-            sum(case change.event when 'created_on' then t.amount when 'available_on' then -t.amount end) filter (where t.kind = 'earning')::numeric as pending_earnings,
-            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end end)::numeric as total_spent,
-            sum(case change.event when 'created_on' then case t.kind when 'payment' then t.amount when 'refund' then -t.amount end end)::numeric as monthly_spent
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on = p_date)::numeric as total_earnings,
+            sum(t.amount) filter (where t.kind = 'earning' and t.created_on = p_date)::numeric as monthly_earnings,
+            (coalesce(sum(t.amount) filter (where t.kind = 'earning' and t.created_on = p_date), 0)
+             - coalesce(sum(t.amount) filter (where t.kind = 'earning' and case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end = p_date), 0))::numeric as pending_earnings,
+            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on = p_date)::numeric as total_spent,
+            sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on = p_date)::numeric as monthly_spent
         from transaction_days_rows as t
-        cross join lateral (values
-            ('created_on', t.created_on),
-            ('available_on', case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((t.created_at >= v_from_0 and t.created_at < v_to_0)
-               or (t.available_at >= v_from_0 and t.available_at < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (t.created_at >= v_from_0 and t.created_at < v_to_0)
+              or (t.available_at >= v_from_0 and t.available_at < v_to_0)
         group by t.user_id
     ),
     booking_days_on_d as (
         -- each booking once for each participant; a booking whose tutor is also its client counts once: what changes on D
         select
             b.user_id as user_id,
-            sum(case change.event when 'completed_on' then 1 end)::integer as completed_sessions,
-            sum(case change.event when 'completed_on' then 1 end)::integer as monthly_sessions,
-            sum(case change.event when 'confirmed_on' then 1 when 'upcoming_ends_on' then -1 end)::integer as upcoming_sessions,
-            sum(case change.event when 'created_on' then 1 when 'closed_on' then -1 end)::integer as active_bookings,
-            sum(case change.event when 'cancelled_on' then 1 end)::integer as cancelled_sessions,
-            sum(case change.event when 'completed_on' then b.duration_minutes end)::integer as total_minutes,
-            sum(case change.event when 'completed_on' then b.duration_minutes end)::integer as monthly_minutes
+            sum(1) filter (where b.completed_on = p_date)::integer as completed_sessions,
+            sum(1) filter (where b.completed_on = p_date)::integer as monthly_sessions,
+            (coalesce(sum(1) filter (where b.confirmed_on = p_date), 0)
+             - coalesce(sum(1) filter (where case when b.upcoming_ends_on > b.confirmed_on then b.upcoming_ends_on when b.upcoming_ends_on <= b.confirmed_on then b.confirmed_on end = p_date), 0))::integer as upcoming_sessions,
+            (coalesce(sum(1) filter (where b.created_on = p_date), 0)
+             - coalesce(sum(1) filter (where case when b.closed_on > b.created_on then b.closed_on when b.closed_on <= b.created_on then b.created_on end = p_date), 0))::integer as active_bookings,
+            sum(1) filter (where b.cancelled_on = p_date)::integer as cancelled_sessions,
+            sum(b.duration_minutes) filter (where b.completed_on = p_date)::integer as total_minutes,
+            sum(b.duration_minutes) filter (where b.completed_on = p_date)::integer as monthly_minutes
         from booking_days_rows as b
-        cross join lateral (values
-            ('completed_on', b.completed_on),
-            ('confirmed_on', b.confirmed_on),
-            ('upcoming_ends_on', case when b.upcoming_ends_on > b.confirmed_on then b.upcoming_ends_on when b.upcoming_ends_on <= b.confirmed_on then b.confirmed_on end),
-            ('created_on', b.created_on),
-            ('closed_on', case when b.closed_on > b.created_on then b.closed_on when b.closed_on <= b.created_on then b.created_on end),
-            ('cancelled_on', b.cancelled_on)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((b.created_at >= v_from_0 and b.created_at < v_to_0)
-               or (b.confirmed_at >= v_from_0 and b.confirmed_at < v_to_0)
-               or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
-               or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
-               or (b.session_start >= v_from_0 and b.session_start < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (b.created_at >= v_from_0 and b.created_at < v_to_0)
+              or (b.confirmed_at >= v_from_0 and b.confirmed_at < v_to_0)
+              or (b.cancelled_at >= v_from_0 and b.cancelled_at < v_to_0)
+              or (b.completed_at >= v_from_0 and b.completed_at < v_to_0)
+              or (b.session_start >= v_from_0 and b.session_start < v_to_0)
         group by b.user_id
     ),
     student_days_on_d as (
         -- completed bookings of each (tutor, client) pair, in completion order: what changes on D
         select
             pair.tutor_id as user_id,
-            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 1)::integer as total_students,
-            sum(case change.event when 'completed_on' then 1 when 'active_until' then -1 end)::integer as active_students,
-            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 1)::integer as new_students,
-            sum(case change.event when 'completed_on' then 1 end) filter (where pair.nth = 2)::integer as returning_students
+            sum(1) filter (where pair.nth = 1 and pair.completed_on = p_date)::integer as total_students,
+            (coalesce(sum(1) filter (where pair.completed_on = p_date), 0)
+             - coalesce(sum(1) filter (where case when pair.active_until > pair.completed_on then pair.active_until when pair.active_until <= pair.completed_on then pair.completed_on end = p_date), 0))::integer as active_students,
+            sum(1) filter (where pair.nth = 1 and pair.completed_on = p_date)::integer as new_students,
+            sum(1) filter (where pair.nth = 2 and pair.completed_on = p_date)::integer as returning_students
         from student_days_rows as pair
-        cross join lateral (values
-            ('completed_on', pair.completed_on),
-            ('active_until', case when pair.active_until > pair.completed_on then pair.active_until when pair.active_until <= pair.completed_on then pair.completed_on end)
-        ) as change (event, day)
-        where change.day = p_date
-          -- whole partitions, so the window sees every row of each
-          and pair.tutor_id = any (v_student_days_tutor_id)
+        -- whole partitions, so the window sees every row of each
+        where pair.tutor_id = any (v_student_days_tutor_id)
           and pair.client_id = any (v_student_days_client_id)
           and concat_ws(' ', pair.tutor_id, pair.client_id) = any (v_student_days_keys)
         group by pair.tutor_id
@@ -294,131 +307,98 @@ begin
         -- reviews received: what changes on D
         select
             r.reviewee_id as user_id,
-            sum(case change.event when 'created_on' then r.rating end)::integer as sum_of_ratings,
-            sum(case change.event when 'created_on' then 1 end)::integer as total_reviews,
-            sum(case change.event when 'created_on' then 1 end) filter (where r.rating = 5)::integer as five_star_reviews
+            sum(r.rating) filter (where r.created_on = p_date)::integer as sum_of_ratings,
+            sum(1) filter (where r.created_on = p_date)::integer as total_reviews,
+            sum(1) filter (where r.rating = 5 and r.created_on = p_date)::integer as five_star_reviews
         from review_days_rows as r
-        cross join lateral (values
-            ('created_on', r.created_on)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((r.created_at >= v_from_0 and r.created_at < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (r.created_at >= v_from_0 and r.created_at < v_to_0)
         group by r.reviewee_id
     ),
     listing_days_on_d as (
         -- listings owned: what changes on D
         select
             l.tutor_id as user_id,
-            sum(case change.event when 'published_on' then 1 when 'archived_on' then -1 end)::integer as active_listings,
-            sum(case change.event when 'created_on' then 1 end)::integer as total_listings
+            (coalesce(sum(1) filter (where l.published_on = p_date), 0)
+             - coalesce(sum(1) filter (where case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end = p_date), 0))::integer as active_listings,
+            sum(1) filter (where l.created_on = p_date)::integer as total_listings
         from listing_days_rows as l
-        cross join lateral (values
-            ('published_on', l.published_on),
-            ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end),
-            ('created_on', l.created_on)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((l.created_at >= v_from_0 and l.created_at < v_to_0)
-               or (l.published_at >= v_from_0 and l.published_at < v_to_0)
-               or (l.archived_at >= v_from_0 and l.archived_at < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (l.created_at >= v_from_0 and l.created_at < v_to_0)
+              or (l.published_at >= v_from_0 and l.published_at < v_to_0)
+              or (l.archived_at >= v_from_0 and l.archived_at < v_to_0)
         group by l.tutor_id
     ),
     listing_view_days_on_d as (
         -- views of the user's listings: what changes on D
         select
             v.tutor_id as user_id,
-            sum(case change.event when 'viewed_on' then 1 when '30 days after viewed_on' then -1 end)::integer as listing_views
+            (coalesce(sum(1) filter (where v.viewed_on = p_date), 0)
+             - coalesce(sum(1) filter (where v.viewed_on + 30 = p_date), 0))::integer as listing_views
         from listing_view_days_rows as v
-        cross join lateral (values
-            ('viewed_on', v.viewed_on),
-            ('30 days after viewed_on', v.viewed_on + 30)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)
-               or (v.viewed_at >= v_from_30 and v.viewed_at < v_to_30))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (v.viewed_at >= v_from_0 and v.viewed_at < v_to_0)
+              or (v.viewed_at >= v_from_30 and v.viewed_at < v_to_30)
         group by v.tutor_id
     ),
     listing_booking_days_on_d as (
         -- bookings made through the user's listings: what changes on D
         select
             b.tutor_id as user_id,
-            sum(case change.event when 'created_on' then 1 end)::integer as listing_bookings
+            sum(1) filter (where b.created_on = p_date)::integer as listing_bookings
         from listing_booking_days_rows as b
-        cross join lateral (values
-            ('created_on', b.created_on)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((b.created_at >= v_from_0 and b.created_at < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (b.created_at >= v_from_0 and b.created_at < v_to_0)
         group by b.tutor_id
     ),
     received_message_days_on_d as (
         -- messages to the user: what changes on D
         select
             m.recipient_id as user_id,
-            sum(case change.event when 'created_on' then 1 when 'read_on' then -1 end)::integer as unread_messages
+            (coalesce(sum(1) filter (where m.created_on = p_date), 0)
+             - coalesce(sum(1) filter (where case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end = p_date), 0))::integer as unread_messages
         from received_message_days_rows as m
-        cross join lateral (values
-            ('created_on', m.created_on),
-            ('read_on', case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((m.created_at >= v_from_0 and m.created_at < v_to_0)
-               or (m.read_at >= v_from_0 and m.read_at < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (m.created_at >= v_from_0 and m.created_at < v_to_0)
+              or (m.read_at >= v_from_0 and m.read_at < v_to_0)
         group by m.recipient_id
     ),
     conversation_days_on_d as (
         -- the first day of each (user, conversation) with a message sent or received: what changes on D
         select
             conversation.user_id as user_id,
-            sum(case change.event when 'first_on' then 1 end)::integer as conversations
+            sum(1) filter (where conversation.first_on = p_date)::integer as conversations
         from conversation_days_rows as conversation
-        cross join lateral (values
-            ('first_on', conversation.first_on)
-        ) as change (event, day)
-        where change.day = p_date
-          -- whole partitions, so the window sees every row of each
-          and conversation.conversation_id = any (v_conversation_days_conversation_id)
+        -- whole partitions, so the window sees every row of each
+        where conversation.conversation_id = any (v_conversation_days_conversation_id)
         group by conversation.user_id
     ),
     referral_days_on_d as (
         -- referrals the user made: what changes on D
         select
             r.referrer_id as user_id,
-            sum(case change.event when 'created_on' then 1 end)::integer as referrals_made,
-            sum(case change.event when 'referrals_converted enters' then 1 end) filter (where r.converted_on is not null)::integer as referrals_converted,
-            sum(case change.event when 'converted_on' then r.commission end)::numeric as referral_earnings
+            sum(1) filter (where r.created_on = p_date)::integer as referrals_made,
+            sum(1) filter (where r.converted_on is not null and greatest(r.created_on, r.converted_on) = p_date)::integer as referrals_converted,
+            sum(r.commission) filter (where r.converted_on = p_date)::numeric as referral_earnings
         from referral_days_rows as r
-        cross join lateral (values
-            ('created_on', r.created_on),
-            ('referrals_converted enters', greatest(r.created_on, r.converted_on)),
-            ('converted_on', r.converted_on)
-        ) as change (event, day)
-        where change.day = p_date
-          -- the rows with a timestamp on a day the step reads, found through its index
-          and ((r.created_at >= v_from_0 and r.created_at < v_to_0)
-               or (r.converted_at >= v_from_0 and r.converted_at < v_to_0))
+        -- the rows with a timestamp on a day the step reads, found through its index
+        where (r.created_at >= v_from_0 and r.created_at < v_to_0)
+              or (r.converted_at >= v_from_0 and r.converted_at < v_to_0)
         group by r.referrer_id
     ),
     caas_days_on_d as (
         -- each score from the day it was computed until the day the next one was (ties on computed_at: highest id last): what changes on D
         select
             c.user_id as user_id,
-            sum(case change.event when 'computed_on' then c.score when 'next_on' then -c.score end)::numeric as caas_score,
-            sum(case change.event when 'computed_on' then c.profile_completeness when 'next_on' then -c.profile_completeness end)::numeric as profile_completeness,
-            sum(case change.event when 'computed_on' then 1 when 'next_on' then -1 end)::integer as caas_rows
+            (coalesce(sum(c.score) filter (where c.computed_on = p_date), 0)
+             - coalesce(sum(c.score) filter (where case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end = p_date), 0))::numeric as caas_score,
+            (coalesce(sum(c.profile_completeness) filter (where c.computed_on = p_date), 0)
+             - coalesce(sum(c.profile_completeness) filter (where case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end = p_date), 0))::numeric as profile_completeness,
+            (coalesce(sum(1) filter (where c.computed_on = p_date), 0)
+             - coalesce(sum(1) filter (where case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end = p_date), 0))::integer as caas_rows
         from caas_days_rows as c
-        cross join lateral (values
-            ('computed_on', c.computed_on),
-            ('next_on', case when c.next_on > c.computed_on then c.next_on when c.next_on <= c.computed_on then c.computed_on end)
-        ) as change (event, day)
-        where change.day = p_date
-          -- whole partitions, so the window sees every row of each
-          and c.user_id = any (v_caas_days_user_id)
+        -- whole partitions, so the window sees every row of each
+        where c.user_id = any (v_caas_days_user_id)
         group by c.user_id
     ),
 
@@ -463,7 +443,21 @@ begin
             s.referral_earnings + coalesce(referral_days_on_d.referral_earnings, 0) as referral_earnings,
             s.caas_score + coalesce(caas_days_on_d.caas_score, 0) as caas_score,
             s.profile_completeness + coalesce(caas_days_on_d.profile_completeness, 0) as profile_completeness,
-            s.caas_rows + coalesce(caas_days_on_d.caas_rows, 0) as caas_rows
+            s.caas_rows + coalesce(caas_days_on_d.caas_rows, 0) as caas_rows,
+            true as kept,
+            -- whether D can have changed the user's kept sums: only those are written back
+            v_month_starts
+               or transaction_days_on_d.user_id is not null
+               or booking_days_on_d.user_id is not null
+               or student_days_on_d.user_id is not null
+               or review_days_on_d.user_id is not null
+               or listing_days_on_d.user_id is not null
+               or listing_view_days_on_d.user_id is not null
+               or listing_booking_days_on_d.user_id is not null
+               or received_message_days_on_d.user_id is not null
+               or conversation_days_on_d.user_id is not null
+               or referral_days_on_d.user_id is not null
+               or caas_days_on_d.user_id is not null as touched
         from stepped_from s
         left join transaction_days_on_d using (user_id)
         left join booking_days_on_d using (user_id)
@@ -476,7 +470,7 @@ begin
         left join conversation_days_on_d using (user_id)
         left join referral_days_on_d using (user_id)
         left join caas_days_on_d using (user_id)
-        where s.date = p_date - 1
+        where v_sums_day = p_date - 1
         union all
         select user_id,
                total_earnings,
@@ -509,9 +503,11 @@ begin
                referral_earnings,
                caas_score,
                profile_completeness,
-               caas_rows
+               caas_rows,
+               true,
+               false
         from stepped_from s
-        where s.date = p_date
+        where v_sums_day = p_date
     ),
     transaction_days as (
         -- the user's transactions
@@ -709,7 +705,9 @@ begin
             coalesce(referral_days.referral_earnings, 0) as referral_earnings,
             coalesce(caas_days.caas_score, 0) as caas_score,
             coalesce(caas_days.profile_completeness, 0) as profile_completeness,
-            coalesce(caas_days.caas_rows, 0) as caas_rows
+            coalesce(caas_days.caas_rows, 0) as caas_rows,
+            false as kept,
+            false as touched
         from "public".profiles p
         left join transaction_days on transaction_days.user_id = p.id
         left join booking_days on booking_days.user_id = p.id
@@ -730,10 +728,111 @@ begin
         union all
         select * from from_history
     ),
-    saved as (
-        insert into "statskit".user_statistics_daily_sums as s (
+    rewritten as (
+        update "statskit".user_statistics_daily_sums s
+        set
+            total_earnings = n.total_earnings,
+            monthly_earnings = n.monthly_earnings,
+            pending_earnings = n.pending_earnings,
+            total_spent = n.total_spent,
+            monthly_spent = n.monthly_spent,
+            completed_sessions = n.completed_sessions,
+            monthly_sessions = n.monthly_sessions,
+            upcoming_sessions = n.upcoming_sessions,
+            active_bookings = n.active_bookings,
+            cancelled_sessions = n.cancelled_sessions,
+            total_minutes = n.total_minutes,
+            monthly_minutes = n.monthly_minutes,
+            total_students = n.total_students,
+            active_students = n.active_students,
+            new_students = n.new_students,
+            returning_students = n.returning_students,
+            sum_of_ratings = n.sum_of_ratings,
+            total_reviews = n.total_reviews,
+            five_star_reviews = n.five_star_reviews,
+            active_listings = n.active_listings,
+            total_listings = n.total_listings,
+            listing_views = n.listing_views,
+            listing_bookings = n.listing_bookings,
+            unread_messages = n.unread_messages,
+            conversations = n.conversations,
+            referrals_made = n.referrals_made,
+            referrals_converted = n.referrals_converted,
+            referral_earnings = n.referral_earnings,
+            caas_score = n.caas_score,
+            profile_completeness = n.profile_completeness,
+            caas_rows = n.caas_rows
+        from sums n
+        where v_saving and n.touched and s.user_id = n.user_id
+          and (
+              s.total_earnings,
+              s.monthly_earnings,
+              s.pending_earnings,
+              s.total_spent,
+              s.monthly_spent,
+              s.completed_sessions,
+              s.monthly_sessions,
+              s.upcoming_sessions,
+              s.active_bookings,
+              s.cancelled_sessions,
+              s.total_minutes,
+              s.monthly_minutes,
+              s.total_students,
+              s.active_students,
+              s.new_students,
+              s.returning_students,
+              s.sum_of_ratings,
+              s.total_reviews,
+              s.five_star_reviews,
+              s.active_listings,
+              s.total_listings,
+              s.listing_views,
+              s.listing_bookings,
+              s.unread_messages,
+              s.conversations,
+              s.referrals_made,
+              s.referrals_converted,
+              s.referral_earnings,
+              s.caas_score,
+              s.profile_completeness,
+              s.caas_rows
+          ) is distinct from (
+              n.total_earnings,
+              n.monthly_earnings,
+              n.pending_earnings,
+              n.total_spent,
+              n.monthly_spent,
+              n.completed_sessions,
+              n.monthly_sessions,
+              n.upcoming_sessions,
+              n.active_bookings,
+              n.cancelled_sessions,
+              n.total_minutes,
+              n.monthly_minutes,
+              n.total_students,
+              n.active_students,
+              n.new_students,
+              n.returning_students,
+              n.sum_of_ratings,
+              n.total_reviews,
+              n.five_star_reviews,
+              n.active_listings,
+              n.total_listings,
+              n.listing_views,
+              n.listing_bookings,
+              n.unread_messages,
+              n.conversations,
+              n.referrals_made,
+              n.referrals_converted,
+              n.referral_earnings,
+              n.caas_score,
+              n.profile_completeness,
+              n.caas_rows
+          )
+    ),
+    added as (
+        insert into "statskit".user_statistics_daily_sums (
             user_id,
-            date,
             total_earnings,
             monthly_earnings,
             pending_earnings,
@@ -767,7 +866,6 @@ begin
             caas_rows
         )
         select user_id,
-               p_date,
                total_earnings,
                monthly_earnings,
                pending_earnings,
@@ -800,41 +898,7 @@ begin
                profile_completeness,
                caas_rows
         from sums
-        where p_date < v_today
-        on conflict (user_id) do update
-        set date = excluded.date,
-            total_earnings = excluded.total_earnings,
-            monthly_earnings = excluded.monthly_earnings,
-            pending_earnings = excluded.pending_earnings,
-            total_spent = excluded.total_spent,
-            monthly_spent = excluded.monthly_spent,
-            completed_sessions = excluded.completed_sessions,
-            monthly_sessions = excluded.monthly_sessions,
-            upcoming_sessions = excluded.upcoming_sessions,
-            active_bookings = excluded.active_bookings,
-            cancelled_sessions = excluded.cancelled_sessions,
-            total_minutes = excluded.total_minutes,
-            monthly_minutes = excluded.monthly_minutes,
-            total_students = excluded.total_students,
-            active_students = excluded.active_students,
-            new_students = excluded.new_students,
-            returning_students = excluded.returning_students,
-            sum_of_ratings = excluded.sum_of_ratings,
-            total_reviews = excluded.total_reviews,
-            five_star_reviews = excluded.five_star_reviews,
-            active_listings = excluded.active_listings,
-            total_listings = excluded.total_listings,
-            listing_views = excluded.listing_views,
-            listing_bookings = excluded.listing_bookings,
-            unread_messages = excluded.unread_messages,
-            conversations = excluded.conversations,
-            referrals_made = excluded.referrals_made,
-            referrals_converted = excluded.referrals_converted,
-            referral_earnings = excluded.referral_earnings,
-            caas_score = excluded.caas_score,
-            profile_completeness = excluded.profile_completeness,
-            caas_rows = excluded.caas_rows
-        where s.date <= excluded.date
+        where v_saving and not kept
     )
     insert into "public".user_statistics_daily as stored (
         user_id,
@@ -1003,9 +1067,10 @@ begin
         excluded.profile_completeness
     );
     get diagnostics v_rows = row_count;
-    if p_date < v_today then
-        -- the next night's plan counts on knowing that every row is of this day
-        analyze "statskit".user_statistics_daily_sums;
+    if v_saving then
+        insert into "statskit".user_statistics_daily_sums_day as d (date) values (p_date)
+        on conflict (one_row) do update set date = excluded.date
+        where d.date is distinct from excluded.date;
     end if;
     return v_rows;
 end;
