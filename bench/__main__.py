@@ -34,11 +34,16 @@ def timed(conn, query, params=()):
     return time.perf_counter() - started, result
 
 
+def flush_statistics(conn):
+    """Make this backend's table statistics visible to its next read of them."""
+    conn.execute("select pg_stat_force_next_flush()")
+    conn.execute("select pg_stat_clear_snapshot()")
+
+
 def table_writes(conn, table):
     """(rows updated, dead tuples, WAL position) of a table and its partitions, with this backend's
     statistics flushed."""
-    conn.execute("select pg_stat_force_next_flush()")
-    conn.execute("select pg_stat_clear_snapshot()")
+    flush_statistics(conn)
     updated, dead = conn.execute(
         "select coalesce(sum(n_tup_upd), 0), coalesce(sum(n_dead_tup), 0) from pg_stat_user_tables"
         " where relid = %s::regclass or relid in (select relid from pg_partition_tree(%s::regclass))", [table, table]).fetchone()
@@ -339,11 +344,13 @@ def bench_updates(cluster, users, count=2000, rounds=3):
                 f"select id from {table} where {free} and created_at < now() - interval '30 days'"
                 f" order by md5(id::text) limit %s", [count])]
 
+            def updates():
+                flush_statistics(conn)
+                return conn.execute("select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relid = %s::regclass",
+                                    [table]).fetchone()
+
             def run(single):
-                conn.execute("select pg_stat_force_next_flush()")
-                conn.execute("select pg_stat_clear_snapshot()")
-                before = conn.execute("select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relid = %s::regclass",
-                                      [table]).fetchone()
+                before = updates()
                 started = time.perf_counter()
                 if single:
                     for key in ids:
@@ -351,10 +358,7 @@ def bench_updates(cluster, users, count=2000, rounds=3):
                 else:
                     conn.execute(f"update {table} set {change} where id = any (%s)", [ids])
                 seconds = time.perf_counter() - started
-                conn.execute("select pg_stat_force_next_flush()")
-                conn.execute("select pg_stat_clear_snapshot()")
-                after = conn.execute("select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relid = %s::regclass",
-                                     [table]).fetchone()
+                after = updates()
                 conn.execute("set session_replication_role = replica")  # undone without logging it
                 conn.execute(f"update {table} set {undo} where id = any (%s)", [ids])
                 conn.execute("reset session_replication_role")

@@ -8,8 +8,8 @@
 
 -- The sums behind each platform row of the day the nightly step last wrote (the next day
 -- starts from them); statskit's own, kept while its comment names the sums defined here.
--- All are of one day, which the one row of platform_statistics_daily_sums_day names: a night rewrites only
--- the sums D changed.
+-- All are of the one day platform_statistics_daily_sums_day names: a night rewrites
+-- only the sums D changed.
 do $sums$
 begin
     if obj_description(to_regclass('"statskit".platform_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums 139e0a52' then

@@ -11,8 +11,8 @@
 
 -- The sums behind each user's row of the day the nightly step last wrote (the next day
 -- starts from them); statskit's own, kept while its comment names the sums defined here.
--- All are of one day, which the one row of user_statistics_daily_sums_day names: a night rewrites only
--- the sums D changed.
+-- All are of the one day user_statistics_daily_sums_day names: a night rewrites
+-- only the sums D changed.
 do $sums$
 begin
     if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums 933b28e8' then
