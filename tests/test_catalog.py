@@ -36,7 +36,7 @@ def test_change_rows_name_each_event_and_each_sum_its_own_values():
                                         " when 'month after completed_on' then -b.duration_minutes end)")
     # the nightly step tests each row's days against D, and starts month windows again on the
     # 1st: they never leave there
-    stepped = {s.name: s.aggregate for s in step_changes(catalog.user, bookings)}
+    stepped = {s.name: s.aggregate for s in step_changes(catalog.user, bookings).sums}
     assert stepped["monthly_minutes"] == stepped["total_minutes"] == \
         "sum(b.duration_minutes) filter (where b.completed_on = p_date)"
     assert stepped["active_bookings"] == (

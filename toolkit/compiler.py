@@ -194,7 +194,7 @@ def changes(rollup: Rollup, source: Source) -> Changes:
     return Changes([(name, day) for day, name in events.items()], sums)
 
 
-def step_changes(rollup: Rollup, source: Source) -> list[ChangedSum]:
+def step_changes(rollup: Rollup, source: Source) -> Changes:
     """What each sum of a source gains on D in the nightly step: the values of its rows that enter
     on D, less those of its rows that leave on D, tested on each row (no change rows: the step
     has one day). Month windows do not leave: on the 1st every row they hold leaves at once, and
@@ -210,7 +210,7 @@ def step_changes(rollup: Rollup, source: Source) -> list[ChangedSum]:
             added = (f"(coalesce({added}, 0)\n"
                      f"             - coalesce(sum({item.span.value}) filter (where {where}{gone} = p_date), 0))")
         sums.append(ChangedSum(item.name, item.span.sum_type, added))
-    return sums
+    return Changes([], sums)
 
 
 def partition_lists(source: Source) -> tuple[list[str], list[str]]:
