@@ -19,8 +19,8 @@ def test_the_docs_count_the_functions_migrate_creates():
 def test_a_cron_dsn_keeps_what_it_leaves_out_from_the_target():
     target = "host=db.internal port=6543 user=deployer password=secret dbname=app"
     for given in ("postgres", "dbname=postgres"):
-        assert db._parts(db.derived(target, given)) == {**db._parts(target), "dbname": "postgres"}
-    other_login = db._parts(db.derived(target, "postgresql://admin@db.internal/postgres"))
+        assert db.dsn_parts(db.derived(target, given)) == {**db.dsn_parts(target), "dbname": "postgres"}
+    other_login = db.dsn_parts(db.derived(target, "postgresql://admin@db.internal/postgres"))
     assert other_login["user"] == "admin" and "password" not in other_login and other_login["port"] == "6543"
 
 

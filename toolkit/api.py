@@ -22,6 +22,7 @@ from typing import Callable
 
 from . import backfill as backfill_core
 from . import clients, dashboard, deployment, docs, project as project_files, verify as verify_core
+from . import db, fleet as fleet_core
 from . import migrate as migrate_core
 from .catalog import Catalog, UserKey, load_catalog
 from .errors import StatskitError
@@ -100,6 +101,15 @@ class Project:
         given = {name: value for name, value in settings.items() if value is not None}
         return Deployment(migrate_core.Target.open(dsn, self.sql_dir, {**project_files.deployment_settings(self.sql_dir), **given}))
 
+    def fleet(self, fleet: "fleet_core.Fleet | Path | str", **settings) -> "FleetDeployment":
+        """Every shard of a fleet file (or a loaded Fleet), each deployed as one database with
+        these settings (its jobs named after the shard)."""
+        if settings.get("job_suffix"):
+            raise StatskitError("a fleet names each shard's jobs after the shard (its name in the fleet file)",
+                                field="job_suffix")
+        loaded = fleet if isinstance(fleet, fleet_core.Fleet) else fleet_core.load(fleet)
+        return FleetDeployment(self, loaded, settings)
+
 
 def init(folder: Path | str) -> list[Path]:
     """Write a new project (statskit.toml, sql/ with the packaged catalog and templates, clients/)
@@ -111,14 +121,10 @@ def init(folder: Path | str) -> list[Path]:
     return written
 
 
-@dataclass(frozen=True)
-class Report:
-    """verify's result: every check, and the window of days the data checks read."""
+class _Verdict:
+    """status and ok of a report's `checks`."""
 
     checks: list[verify_core.Check]
-    database: str
-    first: date
-    last: date
 
     @property
     def status(self) -> str:
@@ -128,6 +134,16 @@ class Report:
     @property
     def ok(self) -> bool:
         return self.status != "fail"
+
+
+@dataclass(frozen=True)
+class Report(_Verdict):
+    """verify's result: every check, and the window of days the data checks read."""
+
+    checks: list[verify_core.Check]
+    database: str
+    first: date
+    last: date
 
     @property
     def failures(self) -> list[verify_core.Check]:
@@ -220,3 +236,109 @@ class Deployment:
 
     def metric_units(self) -> dict[str, str]:
         return dashboard.metric_units(self.target)
+
+
+Outcomes = list[fleet_core.Outcome]
+
+
+@dataclass(frozen=True)
+class FleetReport(_Verdict):
+    """verify --fleet's result: each shard's own report (or why it could not run), and the checks
+    of the fleet as one (the same deployment everywhere, jobs, placement, copies equal)."""
+
+    outcomes: Outcomes  # of Report
+    checks: list[verify_core.Check]  # each shard's prefixed with its name, then the fleet's
+
+
+class FleetDeployment:
+    """The shards of a fleet, each a Deployment of its own, worked on side by side (at most
+    `parallel` at once). Every command returns one Outcome per shard in fleet order; one shard's
+    failure stops no other, and `done` hears each shard's outcome as it finishes."""
+
+    def __init__(self, project: Project, fleet: fleet_core.Fleet, settings: dict):
+        self.project, self.fleet, self.settings = project, fleet, settings
+
+    def shard(self, shard: fleet_core.Shard) -> Deployment:
+        """One shard's deployment, its jobs named after it."""
+        return self.project.deployment(shard.dsn, **{**self.settings, "job_suffix": shard.name})
+
+    def _each(self, work, parallel: int, done, shards: tuple[fleet_core.Shard, ...] | None = None) -> Outcomes:
+        def on_shard(shard):
+            with self.shard(shard) as app:
+                return work(shard, app)
+        return fleet_core.each_shard(self.fleet.shards if shards is None else shards, on_shard, parallel, done)
+
+    def plan(self, cron_dsn: str | None = None, parallel: int = fleet_core.DEFAULT_PARALLEL,
+             done=lambda outcome: None) -> Outcomes:
+        fleet_core.check_cron_dsn(cron_dsn)
+        return self._each(lambda shard, app: app.plan(cron_dsn), parallel, done)
+
+    def migrate(self, cron_dsn: str | None = None, policy: migrate_core.LockPolicy = migrate_core.LockPolicy(),
+                break_lock: bool = False, parallel: int = fleet_core.DEFAULT_PARALLEL,
+                done=lambda outcome: None) -> Outcomes:
+        """migrate on every shard; a re-run changes only the shards not up to date."""
+        fleet_core.check_cron_dsn(cron_dsn)
+        return self._each(lambda shard, app: app.migrate(cron_dsn, policy, break_lock), parallel, done)
+
+    def status(self, cron_dsn: str | None = None, parallel: int = fleet_core.DEFAULT_PARALLEL,
+               done=lambda outcome: None) -> Outcomes:
+        fleet_core.check_cron_dsn(cron_dsn)
+        return self._each(lambda shard, app: app.status(cron_dsn), parallel, done)
+
+    def user_key(self, text: str) -> UserKey:
+        return self.project.catalog.users.parse_key(text)
+
+    def shard_of(self, user: UserKey) -> fleet_core.Shard:
+        """The shard that holds the user, by the fleet's placement (asked of the first shard that answers)."""
+        key_type = self.project.catalog.users.key_type
+        failures = []
+        for shard in self.fleet.shards:
+            try:
+                with db.connect(shard.dsn, autocommit=True) as conn:
+                    index = conn.execute(f"select {self.fleet.shard_of_sql(f'%s::{key_type}')}", [user]).fetchone()[0]
+                return self.fleet.shards[index]
+            except StatskitError as exc:
+                failures.append(str(exc))
+        raise StatskitError(f"no shard answered which one holds the user: {failures[0]}")
+
+    def backfill(self, first: date, last: date, *, only: str = "both", user: UserKey | None = None,
+                 resume: bool = False, chunk_days: int = backfill_core.Request.chunk_days,
+                 jobs: int = backfill_core.Request.jobs, parallel: int = fleet_core.DEFAULT_PARALLEL,
+                 progress: Callable[[fleet_core.Shard, backfill_core.Progress, tuple[date, date]], None] = lambda *a: None,
+                 notify: Callable[[fleet_core.Shard, str], None] = lambda shard, message: None,
+                 cancel: threading.Event | None = None, done=lambda outcome: None) -> Outcomes:
+        """backfill on every shard (a user's: on the shard that holds it), each with its own jobs;
+        one cancel event stops them all, each shard's committed days whole."""
+        def work(shard, app):
+            return app.backfill(first, last, only=only, user=user, resume=resume, chunk_days=chunk_days, jobs=jobs,
+                                progress=lambda p, chunk: progress(shard, p, chunk),
+                                notify=lambda message: notify(shard, message), cancel=cancel)
+        return self._each(work, parallel, done, None if user is None else (self.shard_of(user),))
+
+    def verify(self, first: date | None = None, last: date | None = None,
+               groups: tuple[str, ...] = verify_core.CHECK_GROUPS, sample: int = 20,
+               cron_dsn: str | None = None, parallel: int = fleet_core.DEFAULT_PARALLEL,
+               done=lambda outcome: None) -> FleetReport:
+        """Every shard's own verify, then the fleet's checks across the shards that answered."""
+        fleet_core.check_cron_dsn(cron_dsn)
+        catalog = self.project.catalog
+
+        def work(shard, app):
+            report = app.verify(first, last, groups, sample, cron_dsn)
+            return report, fleet_core.shard_state(app.target.conn, self.fleet, shard, catalog, app.target.settings, sample)
+
+        def report_only(o):
+            return fleet_core.Outcome(o.shard, o.seconds, o.value[0] if o.ok else None, o.error)
+
+        outcomes = self._each(work, parallel, lambda o: done(report_only(o)))
+        states = {o.shard: o.value[1] for o in outcomes if o.ok}
+        checks = []
+        for o in outcomes:
+            checks += ([verify_core.Check(f"{o.shard.name}:{c.check}", c.status, c.detail) for c in o.value[0].checks]
+                       if o.ok else [verify_core.Check(f"{o.shard.name}:verify", "fail", f"could not run on "
+                                                       f"{o.shard.where}: {o.error}")])
+        copies = {shard: fleet_core.copies_differing(shard, catalog, state.settings["source_schema"],
+                                                     {holder: held.copies[shard.index] for holder, held in states.items()
+                                                      if shard.index in held.copies})
+                  for shard, state in states.items()}
+        return FleetReport([report_only(o) for o in outcomes], checks + fleet_core.fleet_checks(states, copies))

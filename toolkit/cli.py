@@ -1,5 +1,6 @@
 """The `statskit` command line: parse options, call one core function, print what it returns."""
 
+import contextlib
 import functools
 import json
 import os
@@ -13,6 +14,7 @@ import click
 import psycopg
 
 from . import api, backfill as backfill_core, cron as cron_core, dashboard, db, demo as demo_core, docs, migrate as migrate_core, project, report, verify as verify_core
+from . import fleet as fleet_core
 from .dates import parse_date
 from .errors import StatskitError, UsageError
 from .render import PACKAGED_SQL_DIR, default_sql_dir
@@ -22,16 +24,21 @@ FLAGS = {"first": "--from", "scope": "--only", "user_id": "--user", "lookback_da
          "row_security": "--row-security", "cron_dsn": "--cron-dsn", "no_cron": "--no-cron",
          "no_capture": "--no-capture", "roles": "--roles", "job_suffix": "--job-suffix", "break_lock": "--break-lock",
          "lock_timeout": "--lock-timeout", "retries": "--retries", "sql_dir": "--sql-dir",
-         "partition_period": "--partition-period", "retention": "--retention"}
+         "partition_period": "--partition-period", "retention": "--retention", "fleet": "--fleet"}
 
 EXIT_CODES = """Exit codes: 0 success, 1 the command failed (one line says why),
 2 bad input or the database cannot be used (unreachable, not migrated)."""
 
 
-def _named(exc: StatskitError) -> str:
-    """The error's line with its field and options called by their flags (or the command's own
-    argument names, e.g. USER_ID)."""
-    return exc.named({**FLAGS, **click.get_current_context().meta.get("statskit.arguments", {})})
+def _flag_names() -> dict[str, str]:
+    """Python names to flags (or the command's own argument names, e.g. USER_ID): read in the
+    command's thread, where click keeps its context."""
+    return {**FLAGS, **click.get_current_context().meta.get("statskit.arguments", {})}
+
+
+def _named(exc: StatskitError, names: dict[str, str] | None = None) -> str:
+    """The error's line with its field and options called by their flags."""
+    return exc.named(names or _flag_names())
 
 
 class StatskitGroup(click.Group):
@@ -117,6 +124,56 @@ def lock_options(command):
     return wrapper
 
 
+def fleet_options(command):
+    """--fleet FILE and --parallel: the command on every shard of a fleet file instead of one --dsn."""
+
+    @click.option("--fleet", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                  help="Run on every shard of this fleet file (docs/scaling.md) instead of one --dsn; every other "
+                       "option applies to each shard, and each shard's pg_cron jobs carry its name.")
+    @click.option("--parallel", type=click.IntRange(1, 64), default=fleet_core.DEFAULT_PARALLEL, show_default=True,
+                  help="With --fleet: shards worked on at once.")
+    @functools.wraps(command)
+    def wrapper(*args, fleet, parallel, **kwargs):
+        ctx = click.get_current_context()
+        if fleet and ctx.get_parameter_source("dsn") == click.core.ParameterSource.COMMANDLINE:
+            raise UsageError("give --dsn or --fleet, not both")
+        return command(*args, fleet=fleet, parallel=parallel, **kwargs)
+
+    return wrapper
+
+
+def _shard_line(outcome, what, names=None) -> str:
+    """One shard's line, as it finishes: its name and database, what it did or why it failed."""
+    said = what(outcome.value) if outcome.ok else f"FAILED: {_named(outcome.error, names)}"
+    return f"{outcome.shard.label}: {said} ({outcome.seconds:.1f} s)"
+
+
+def _finish_fleet(outcomes, what, command) -> None:
+    """The final table; a failed shard fails the command, naming every failed shard."""
+    _fleet_table(outcomes, what)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise StatskitError(f"{command} failed on {len(failed)} of {len(outcomes)} shards: "
+                            f"{fleet_core.failed_shards(outcomes)}")
+
+
+def _fleet_table(outcomes, what) -> None:
+    """shard, database, result, seconds, what it did (or why it failed)."""
+    rows = [(o.shard.name, o.shard.where, "ok" if o.ok else "FAILED", f"{o.seconds:.1f}",
+             what(o.value) if o.ok else _named(o.error)) for o in outcomes]
+    widths = [max(len(r[i]) for r in rows + [("shard", "database", "result", "s", "")]) for i in range(4)]
+    click.echo("")
+    click.echo(f"{'shard':<{widths[0]}}  {'database':<{widths[1]}}  {'result':<{widths[2]}}  {'s':>{widths[3]}}  what")
+    for row in rows:
+        click.echo(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}")
+
+
+def _echo_shard_done(what):
+    """A shard's line as it finishes, printed from the shard's thread."""
+    names = _flag_names()
+    return lambda outcome: click.echo(_shard_line(outcome, what, names))
+
+
 sql_dir_option = click.option(
     "--sql-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     callback=lambda ctx, param, value: value or default_sql_dir(),
@@ -183,6 +240,7 @@ def render(sql_dir, check):
 
 @cli.command()
 @dsn_option
+@fleet_options
 @cron_options
 @sql_dir_option
 @click.option("--status", "show_status", is_flag=True, help="Show applied and pending migrations, functions and jobs; change nothing.")
@@ -212,8 +270,8 @@ def render(sql_dir, check):
               help="Days older than this (e.g. '25 months', '400 days') are dropped with their partitions by the "
                    "partitions job, and never written again. Default: kept forever (or [deployment] retention).")
 @click.option("--break-lock", is_flag=True, help="Remove another migrate's lock first (a lock whose holder is gone is removed anyway).")
-def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone, job_suffix,
-            lookback_days, roles, row_security, capture, partition_period, retention, policy, break_lock):
+def migrate(dsn, fleet, parallel, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_schema, time_zone,
+            job_suffix, lookback_days, roles, row_security, capture, partition_period, retention, policy, break_lock):
     """Create or update the rollup tables, functions and pg_cron jobs.
 
     Checks first (server version, source tables, columns and types, this login's privileges,
@@ -226,10 +284,15 @@ def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_s
       statskit migrate --dsn postgresql://dba@db.internal/app
       statskit migrate --dry-run --dsn ...     # the SQL it would run
       statskit migrate --status --dsn ...      # what is applied, what is pending
+      statskit migrate --fleet fleet.toml      # every shard, 4 at a time
     """
     overrides = dict(schema=schema, source_schema=source_schema, time_zone=time_zone, job_suffix=job_suffix,
                      lookback_days=lookback_days, roles=roles, row_security=row_security, capture=capture, cron=cron,
                      partition_period=partition_period, retention=retention)
+    if fleet:
+        _migrate_fleet(api.Project.open(sql_dir).fleet(fleet, **overrides), cron_dsn, show_status, dry_run, policy,
+                       break_lock, parallel)
+        return
     with api.Project.open(sql_dir).deployment(dsn, **overrides) as app:
         if show_status:
             _print_status(app.status(cron_dsn))
@@ -268,6 +331,30 @@ def migrate(dsn, cron_dsn, cron, sql_dir, show_status, dry_run, schema, source_s
         names = ", ".join(dict.fromkeys(u.metric for u in done.unfilled))
         click.echo(f"new metric columns hold their default in the days stored before them ({names}); fill them with:\n"
                    f"  statskit backfill --from {first} --to {last}")
+
+
+def _migrate_fleet(shards, cron_dsn, show_status, dry_run, policy, break_lock, parallel):
+    if show_status or dry_run:  # each shard's, one after the other, under its name
+        outcomes = (shards.status if show_status else shards.plan)(cron_dsn, parallel=parallel)
+        for o in outcomes:
+            click.echo(f"-- {o.shard.label}")
+            if not o.ok:
+                click.echo(f"-- FAILED: {_named(o.error)}")
+            elif show_status:
+                _print_status(o.value)
+            else:
+                click.echo(o.value.script(), nl=False)
+        _finish_fleet(outcomes, lambda done: "read", "migrate")
+        return
+    what = _migrated
+    _finish_fleet(shards.migrate(cron_dsn, policy, break_lock, parallel, done=_echo_shard_done(what)), what, "migrate")
+
+
+def _migrated(done) -> str:
+    if done.empty:
+        return "up to date, nothing to do"
+    return (f"{len(done.migrations)} migrations, {len(done.created_functions)} functions, "
+            f"{len(done.jobs)} pg_cron jobs scheduled")
 
 
 def _print_status(status):
@@ -406,6 +493,7 @@ def demo_destroy(ctx):
 
 @cli.command()
 @dsn_option
+@fleet_options
 @click.option("--from", "first", required=True, metavar="YYYY-MM-DD", help="First day to write (inclusive).")
 @click.option("--to", "last", required=True, metavar="YYYY-MM-DD",
               help="Last day to write (inclusive); a day after yesterday is clamped to yesterday.")
@@ -421,7 +509,7 @@ def demo_destroy(ctx):
 @click.option("--quiet", is_flag=True, help="Print no progress; notes (a clamped range, a wait for another "
               "writer) still go to stderr.")
 @sql_dir_option
-def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet, sql_dir):
+def backfill(dsn, fleet, parallel, first, last, user, only, resume, chunk_days, jobs, quiet, sql_dir):
     """Write the rollup rows of every day from --from to --to.
 
     Each chunk of days is computed in one pass over the sources (the *_range functions) and
@@ -437,7 +525,37 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet, sql_
       statskit backfill --from 2026-01-01 --to 2026-04-30 --dsn ...
       statskit backfill --from 2026-01-01 --to 2026-04-30 --resume --dsn ...
       statskit backfill --from 2026-03-01 --to 2026-03-31 --user 0b6f...e1 --dsn ...
+      statskit backfill --from 2026-01-01 --to 2026-04-30 --fleet fleet.toml   # every shard
     """
+    first, last = parse_date(first, "--from"), parse_date(last, "--to")
+    with _cancelled_by_signals() as (cancel, signals):
+        if fleet:
+            _backfill_fleet(api.Project.open(sql_dir).fleet(fleet), first, last, user, only, resume, chunk_days, jobs,
+                            quiet, parallel, cancel, signals)
+            return
+        try:
+            with api.Project.open(sql_dir).deployment(dsn) as app:
+                done = app.backfill(first, last, only=only or "both", user=app.user_key(user) if user else None,
+                                    resume=resume, chunk_days=chunk_days, jobs=jobs, progress=_progress_printer(quiet),
+                                    notify=lambda message: click.echo(f"note: {message}", err=True),
+                                    cancel=cancel)
+        except backfill_core.Stopped as exc:
+            exc.then = "re-run with --resume to write the rest"
+            if not exc.cancelled:
+                raise
+            click.echo(f"statskit: backfill stopped by {signal.Signals(signals[0]).name}: {exc}", err=True)
+            sys.exit(128 + signals[0])  # the shell's convention for a process ended by that signal
+    if not quiet:
+        rate = done.rows_written / done.seconds if done.seconds else 0
+        skipped = f", {done.days_skipped} days committed earlier skipped" if done.days_skipped else ""
+        click.echo(f"backfill done: {done.days_total} days, {done.rows_written} rows written in "
+                   f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
+
+
+@contextlib.contextmanager
+def _cancelled_by_signals():
+    """SIGINT and SIGTERM set an event the backfill core checks (and cancels its statements on),
+    instead of raising wherever the main thread happens to be; the signals received are listed."""
     cancel, signals = threading.Event(), []
 
     def stop(signum, frame):
@@ -446,26 +564,34 @@ def backfill(dsn, first, last, user, only, resume, chunk_days, jobs, quiet, sql_
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        first, last = parse_date(first, "--from"), parse_date(last, "--to")
-        with api.Project.open(sql_dir).deployment(dsn) as app:
-            done = app.backfill(first, last, only=only or "both", user=app.user_key(user) if user else None,
-                                resume=resume, chunk_days=chunk_days, jobs=jobs, progress=_progress_printer(quiet),
-                                notify=lambda message: click.echo(f"note: {message}", err=True),
-                                cancel=cancel)
-    except backfill_core.Stopped as exc:
-        exc.then = "re-run with --resume to write the rest"
-        if not exc.cancelled:
-            raise
-        click.echo(f"statskit: backfill stopped by {signal.Signals(signals[0]).name}: {exc}", err=True)
-        sys.exit(128 + signals[0])  # the shell's convention for a process ended by that signal
+        yield cancel, signals
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if not quiet:
-        rate = done.rows_written / done.seconds if done.seconds else 0
-        skipped = f", {done.days_skipped} days committed earlier skipped" if done.days_skipped else ""
-        click.echo(f"backfill done: {done.days_total} days, {done.rows_written} rows written in "
-                   f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
+
+
+def _backfill_fleet(shards, first, last, user, only, resume, chunk_days, jobs, quiet, parallel, cancel, signals):
+    def progress(shard, done, chunk):
+        if not quiet:
+            click.echo(f"{shard.name}: chunk {chunk[0]}..{chunk[1]} committed: {done.days_done}/{done.days_total} "
+                       f"days, {done.rows_written} rows")
+
+    def what(done):
+        skipped = f", {done.days_skipped} committed earlier skipped" if done.days_skipped else ""
+        return f"{done.days_total} days, {done.rows_written} rows written{skipped}"
+
+    outcomes = shards.backfill(first, last, only=only or "both", user=shards.user_key(user) if user else None, resume=resume, chunk_days=chunk_days, jobs=jobs, parallel=parallel,
+                               progress=progress, cancel=cancel, done=_echo_shard_done(what),
+                               notify=lambda shard, message: click.echo(f"note: {shard.name}: {message}", err=True))
+    for o in outcomes:
+        if isinstance(o.error, backfill_core.Stopped):
+            o.error.then = "re-run with --resume to write the rest"
+    if signals:
+        _fleet_table(outcomes, what)
+        click.echo(f"statskit: backfill stopped by {signal.Signals(signals[0]).name} on every shard; "
+                   f"re-run with --resume to write the rest", err=True)
+        sys.exit(128 + signals[0])
+    _finish_fleet(outcomes, what, "backfill")
 
 
 def _user_argument(app, text):
@@ -499,6 +625,7 @@ def _progress_printer(quiet):
 @cli.command(epilog="Exit codes: 0 every check passed (warnings allowed), 1 a check failed, "
              "2 verify could not run (no connection, not migrated, permission denied).")
 @dsn_option
+@fleet_options
 @cron_options
 @sql_dir_option
 @click.option("--only", metavar="GROUPS", help=f"Comma-separated groups to run, of {','.join(verify_core.CHECK_GROUPS)}.")
@@ -507,7 +634,7 @@ def _progress_printer(quiet):
 @click.option("--sample", "sample_users", type=click.IntRange(1, 10000), default=20, show_default=True,
               help="Users whose stored rows (2 days each) are recomputed and compared.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "junit"]), default="text", show_default=True)
-def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
+def verify(dsn, fleet, parallel, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
     """Prove the deployment right: schema, functions, access, migrations, cron, capture, data, spot check.
 
     Read-only: the spot check recomputes sampled rows in a transaction that is rolled back.
@@ -517,12 +644,29 @@ def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
       statskit verify --dsn ...                                 # everything, last 7 days
       statskit verify --only schema,functions --dsn ...
       statskit verify --format junit --dsn ... > verify.xml     # for CI
+      statskit verify --fleet fleet.toml                        # every shard, then the fleet as one
+
+    With --fleet, each shard's checks are named shardN:check, and the fleet's own follow: every
+    shard at the same migrations, functions and settings, each shard's jobs named after it, every
+    user on the shard its placement names, and a sample of rows that count for users of two
+    shards equal on both. A shard that cannot be reached fails its own line only.
     """
     groups = tuple(g.strip() for g in only.split(",")) if only else verify_core.CHECK_GROUPS
     unknown = [g for g in groups if g not in verify_core.CHECK_GROUPS]
     if unknown:
         raise UsageError(f"--only {','.join(unknown)}: unknown check group (use {','.join(verify_core.CHECK_GROUPS)})")
     first_day, last_day = (parse_date(first, "--from") if first else None), (parse_date(last, "--to") if last else None)
+    if fleet:
+        done = api.Project.open(sql_dir).fleet(fleet, cron=cron).verify(
+            first_day, last_day, groups, sample_users, cron_dsn, parallel,
+            done=_echo_shard_done(_verified) if fmt == "text" else lambda outcome: None)
+        first_day, last_day = next(((o.value.first, o.value.last) for o in done.outcomes if o.ok), (first_day, last_day))
+        _print_report(fmt, done.checks, fleet.stem, first_day, last_day)
+        if fmt == "text":
+            _fleet_table(done.outcomes, _verified)
+        if not done.ok:
+            sys.exit(1)
+        return
     try:
         with api.Project.open(sql_dir).deployment(dsn, cron=cron) as app:
             done = app.verify(first_day, last_day, groups, sample_users, cron_dsn)
@@ -535,6 +679,10 @@ def verify(dsn, cron_dsn, cron, sql_dir, only, first, last, sample_users, fmt):
     _print_report(fmt, done.checks, done.database, done.first, done.last)
     if not done.ok:
         sys.exit(1)
+
+
+def _verified(done) -> str:
+    return report.summary_line(done.checks).removeprefix("verify: ")
 
 
 def _print_report(fmt, checks, database, first, last):

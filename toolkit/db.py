@@ -14,7 +14,8 @@ def resolve_dsn(dsn: str | None) -> str:
     return dsn or os.environ.get("STATSKIT_DSN") or os.environ.get("DATABASE_URL") or ""
 
 
-def _parts(dsn: str) -> dict:
+def dsn_parts(dsn: str) -> dict:
+    """The DSN's key=value parts; a malformed DSN is a UsageError, its password masked."""
     try:
         return conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
@@ -23,27 +24,27 @@ def _parts(dsn: str) -> dict:
 
 def with_database(dsn: str, dbname: str) -> str:
     """The same server and login, another database."""
-    return make_conninfo(**{**_parts(dsn), "dbname": dbname})
+    return make_conninfo(**{**dsn_parts(dsn), "dbname": dbname})
 
 
 def derived(dsn: str, other: str) -> str:
     """`other` completed from `dsn`: a bare database name ("postgres") or key=value pairs
     ("dbname=postgres") keep the target's host, port and login; a full DSN keeps whatever it
     leaves out (the password only for the same login)."""
-    given = {"dbname": other} if "=" not in other and "://" not in other else _parts(other)
-    parts = _parts(dsn)
+    given = {"dbname": other} if "=" not in other and "://" not in other else dsn_parts(other)
+    parts = dsn_parts(dsn)
     if given.get("user", parts.get("user")) != parts.get("user"):
         parts.pop("password", None)
     return make_conninfo(**{**parts, **given})
 
 
 def database_of(dsn: str) -> str | None:
-    return _parts(dsn).get("dbname")
+    return dsn_parts(dsn).get("dbname")
 
 
 def describe(dsn: str) -> str:
     """user@host:port/dbname for messages: never the password."""
-    parts = _parts(dsn)
+    parts = dsn_parts(dsn)
     user = parts.get("user") or os.environ.get("PGUSER", "")
     host = parts.get("host") or os.environ.get("PGHOST", "localhost")
     port = parts.get("port") or os.environ.get("PGPORT", "5432")
@@ -73,7 +74,7 @@ def first_line(what: Exception | str, empty: str | None = None) -> str:
 
 def connect(dsn: str, autocommit: bool = False, application_name: str = "statskit") -> psycopg.Connection:
     """Open a connection or raise ConnectionFailed with one line naming the server and the reason."""
-    parts = _parts(dsn)
+    parts = dsn_parts(dsn)
     parts.setdefault("application_name", application_name)
     parts.setdefault("connect_timeout", "10")
     try:

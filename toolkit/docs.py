@@ -133,6 +133,36 @@ def _source_table_section(catalog: Catalog) -> str:
     return "".join(out)
 
 
+def _sharding_section(catalog: Catalog) -> str:
+    """Where each table's rows live in a fleet of shards, from the catalog's users, owners and home."""
+    users = catalog.users
+    rows = []
+    for table in catalog.source_tables.values():
+        placed = [f"`{c}`" for c in table.users] + [f"the home of the `{owned}` row `{c}` names"
+                                                     for c, owned in table.owners.items()]
+        rows.append(f"| `{table.name}` | {', '.join(placed)} | `{table.home}` |\n")
+    return (
+        "\n## Sharding: what a fleet's application keeps\n\n"
+        "`statskit migrate|backfill|verify --fleet FILE` deploy, fill and check one rollup per shard database\n"
+        "([scaling.md](scaling.md)). The application shards its own tables by user and keeps this layout:\n\n"
+        "- N shard databases, listed in the fleet file in placement order. User u lives on shard\n"
+        f"  `hashtext(u::text) & (N - 1)`, N a power of two (PL/Proxy's own rule), unless the fleet file names\n"
+        f"  the application's function (`placement = \"schema.name\"`, of a `{users.key_type}` key, returning the\n"
+        "  shard's index from 0).\n"
+        f"- A shard holds the `{users.name}` rows of its own users, and every row of the other tables that counts\n"
+        "  for one of them: a row is on the shard of each user below (the *home* is the one it belongs to).\n"
+        "  A row that counts for users of two shards is on both, equal on each: keeping the copies equal is\n"
+        "  the application's job, and `verify --fleet` compares a sample of them.\n\n"
+        "| table | on the shards of | home |\n|---|---|---|\n"
+        + "".join(rows)
+        + "\n- No foreign key crosses shards: the other user of a row may live on another shard.\n"
+        f"- Each shard's `{catalog.user.table}` holds its own users' rows, equal to the definitions above\n"
+        "  (the rows of other shards' users a shard holds never produce rows of their own). Each shard's\n"
+        f"  `{catalog.platform.table}` counts every row the shard holds, its copies included: the platform's\n"
+        "  totals across a fleet are not merged yet.\n"
+    )
+
+
 def _users_line(catalog: Catalog) -> str:
     users = catalog.users
     return (f"The users are the rows of `{users.name}`: `{users.key}` ({users.key_type}) is the user key every "
@@ -158,6 +188,7 @@ def contract_markdown(catalog: Catalog) -> str:
         + CONTRACT_RULES.format(user=catalog.user.table, platform=catalog.platform.table, users=catalog.users.name,
                                 created_at=catalog.users.created_at, key_type=catalog.users.key_type,
                                 user_notes=catalog.user.notes)
+        + _sharding_section(catalog)
     )
 
 

@@ -1,0 +1,290 @@
+"""A user-sharded fleet on two real servers: four shard databases (two on the session's server,
+two on a second), the test marketplace split by the layout of docs/contract.md's "Sharding", each
+deployed, backfilled and verified by the fleet commands as a non-superuser owner with pg_cron in
+each server's own database. The union of the shards' user rows is the literal oracle's on the
+unsplit data; drift, a changed copy, a misplaced profile and a stopped server are each named."""
+
+import re
+import threading
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from conftest import SIDE_PORT, SQL_DIR, cluster as session_cluster
+from spec_oracle import differences, expected_user_rows, stored_user_rows
+from toolkit import api, fleet as fleet_core
+from toolkit.backfill import Stopped
+from toolkit.catalog import load_catalog
+from toolkit.cluster import CRON_DATABASE, LocalCluster
+from toolkit.reference import marketplace, shards as reference_shards
+
+pytestmark = pytest.mark.pg  # a second server of its own
+
+OWNER = "fleet_owner"
+SHARDS = 4
+# shard i lives on server i % 2: each server holds two shard databases, so job names must differ
+DATABASES = [f"fleet_shard{i}" for i in range(SHARDS)]
+CRON_GRANTS = f"""
+grant usage on schema cron to {OWNER};
+grant execute on function cron.schedule_in_database(text, text, text, text, text, boolean) to {OWNER};
+grant execute on function cron.alter_job(bigint, text, text, text, text, boolean) to {OWNER};
+"""
+
+
+def as_owner(server, dbname):
+    return server.dsn(dbname).replace("user=postgres", f"user={OWNER}")
+
+
+def _prepare(server):
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        if not conn.execute("select 1 from pg_roles where rolname = %s", [OWNER]).fetchone():
+            conn.execute(f"create role {OWNER} login createrole")
+        conn.execute(CRON_GRANTS)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    second = LocalCluster(f"fleet-{SIDE_PORT + 2}", SIDE_PORT + 2, durable=False)
+    second.destroy()
+    second.start()
+    for server in (session_cluster, second):
+        _prepare(server)
+    try:
+        yield [session_cluster, second]
+    finally:
+        second.destroy()
+        with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [DATABASES])
+            for name in DATABASES + ["fleet_whole"]:
+                conn.execute(f"drop database if exists {name} with (force)")
+
+
+def shard_server(servers, index):
+    return servers[index % 2]
+
+
+@pytest.fixture(scope="module")
+def fleet_file(servers, market, tmp_path_factory):
+    """The four shard databases holding the split marketplace, the unsplit one, and the fleet file."""
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
+        conn.execute("drop database if exists fleet_whole with (force)")
+        conn.execute("create database fleet_whole")
+    with psycopg.connect(session_cluster.dsn("fleet_whole")) as conn:
+        marketplace.create_source_tables(conn)
+        marketplace.load(conn, market)
+        keys = [row[0] for row in market.rows["profiles"]]
+        fleet = fleet_core.Fleet(None, tuple(fleet_core.Shard(i, f"shard{i}", "") for i in range(SHARDS)))
+        shard_of = fleet_core.placements(conn, fleet, keys, "uuid")
+    parts = reference_shards.split(market, catalog, shard_of, SHARDS)
+    lines = []
+    for index, (name, part) in enumerate(zip(DATABASES, parts)):
+        server = shard_server(servers, index)
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+            conn.execute(f"create database {name} owner {OWNER}")
+        with psycopg.connect(as_owner(server, name)) as conn:
+            conn.execute(reference_shards.shard_schema_sql())
+            marketplace.load(conn, part)
+        lines += ["[[shards]]", f'dsn = "{as_owner(server, name)}"']
+    path = tmp_path_factory.mktemp("fleet") / "fleet.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def check_line(output, name):
+    """(status, detail) of the report line of check `name`."""
+    line = next(line for line in output.splitlines() if line.split(" ", 1)[0] == name)
+    _, status, detail = line.split(None, 2)
+    return status, detail
+
+
+def shard_dsn(servers, index):
+    return as_owner(shard_server(servers, index), DATABASES[index])
+
+
+@pytest.fixture(scope="module")
+def deployed(fleet_file, market, run_cli_module):
+    done = run_cli_module("migrate", "--fleet", fleet_file, "--cron-dsn", CRON_DATABASE, "--parallel", "2")
+    assert done.exit_code == 0, done.output
+    filled = run_cli_module("backfill", "--fleet", fleet_file, "--from", market.first_day, "--to", market.last_day,
+                            "--quiet")
+    assert filled.exit_code == 0, filled.output
+    return fleet_file
+
+
+@pytest.fixture(scope="module")
+def run_cli_module():
+    from click.testing import CliRunner
+    from toolkit.cli import cli
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_the_split_puts_every_row_where_the_layout_says(fleet_file, market, servers):
+    """The layout itself: each profile on one shard, a booking between two shards' users on both."""
+    counts = []
+    for index in range(SHARDS):
+        with psycopg.connect(shard_dsn(servers, index)) as conn:
+            counts.append(dict(conn.execute(
+                "select 'profiles', count(*) from profiles union all select 'bookings', count(*) from bookings"
+            ).fetchall()))
+    assert sum(c["profiles"] for c in counts) == len(market.rows["profiles"])
+    assert all(c["profiles"] > 0 for c in counts)
+    assert sum(c["bookings"] for c in counts) > len(market.rows["bookings"])  # the shared ones twice
+
+
+def test_the_fleet_is_deployed_and_its_user_rows_are_the_oracles(deployed, market, servers):
+    days = [market.first_day, market.first_day + timedelta(days=29), market.last_day]
+    with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole:
+        expected = {day: expected_user_rows(whole, day) for day in days}
+    for day in days:
+        union = {}
+        for index in range(SHARDS):
+            with psycopg.connect(shard_dsn(servers, index)) as conn:
+                rows = stored_user_rows(conn, day)
+            assert not set(rows) & set(union), "a user has rows on two shards"
+            union.update(rows)
+        assert differences(expected[day], union) == []
+    # every shard's jobs, named after it: two shard databases on one server each have their own
+    for server in servers:
+        with psycopg.connect(server.dsn(CRON_DATABASE)) as conn:
+            jobs = conn.execute("select database, jobname, username from cron.job where database like 'fleet_shard%'"
+                                " order by 1, 2").fetchall()
+        held = [i for i in range(SHARDS) if shard_server(servers, i) is server]
+        assert jobs == [(DATABASES[i], f"{job}-shard{i}", OWNER) for i in held
+                        for job in ("aggregate-platform-statistics", "aggregate-user-statistics", "statistics-partitions")]
+
+
+def test_a_rerun_changes_nothing_and_verify_passes_the_fleet(deployed, run_cli_module):
+    again = run_cli_module("migrate", "--fleet", deployed)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("up to date, nothing to do") == 2 * SHARDS  # each line, then the table
+    verified = run_cli_module("verify", "--fleet", deployed, "--sample", "5000", "--from", "2026-03-25", "--to", "2026-03-31")
+    assert verified.exit_code == 0, verified.output
+    for check in ("fleet:deployment", "fleet:jobs", "fleet:placement", "fleet:copies"):
+        assert check_line(verified.output, check)[0] == "pass", verified.output
+    assert check_line(verified.output, "shard3:sample")[0] == "pass"
+    assert int(check_line(verified.output, "fleet:copies")[1].split()[0]) > 0  # copies were compared
+
+
+def test_drift_on_one_shard_is_named_and_migrate_repairs_it(deployed, servers, run_cli_module):
+    with psycopg.connect(shard_dsn(servers, 2), autocommit=True) as conn:
+        conn.execute("drop function user_kpis")
+    found = run_cli_module("verify", "--fleet", deployed, "--only", "functions")
+    assert found.exit_code == 1
+    assert re.search(r"^shard2:function user_kpis +fail +public.user_kpis\(.*\) does not exist", found.output, re.M)
+    # the checksums recorded are the same: a function gone behind migrate's back is the shard's own check
+    assert check_line(found.output, "fleet:deployment")[0] == "pass"
+    repaired = run_cli_module("migrate", "--fleet", deployed)
+    assert repaired.exit_code == 0, repaired.output
+    assert "shard2 (" in repaired.output and "1 functions" in repaired.output
+    assert run_cli_module("verify", "--fleet", deployed, "--only", "functions").exit_code == 0
+
+    # a shard left at another setting than the others is named by the fleet check
+    with psycopg.connect(shard_dsn(servers, 1), autocommit=True) as conn:
+        conn.execute("update statskit.settings set value = '5' where key = 'lookback_days'")
+    try:
+        drifted = run_cli_module("verify", "--fleet", deployed, "--only", "migrations")
+        assert drifted.exit_code == 1
+        status, line = check_line(drifted.output, "fleet:deployment")
+        assert status == "fail" and "shard1" in line and "lookback_days = '5'" in line and "migrate --fleet" in line
+    finally:
+        with psycopg.connect(shard_dsn(servers, 1), autocommit=True) as conn:
+            conn.execute("update statskit.settings set value = '1' where key = 'lookback_days'")
+
+
+def test_a_copy_changed_on_one_shard_and_a_misplaced_profile_are_named(deployed, servers, run_cli_module):
+    with psycopg.connect(shard_dsn(servers, 0)) as conn:
+        booking = conn.execute(
+            f"select id from bookings where (hashtext(tutor_id::text) & {SHARDS - 1}) <>"
+            f" (hashtext(client_id::text) & {SHARDS - 1}) order by id limit 1").fetchone()[0]
+    with psycopg.connect(shard_dsn(servers, 0), autocommit=True) as conn:
+        conn.execute("update bookings set duration_minutes = duration_minutes + 1 where id = %s", [booking])
+        stray = conn.execute("select id from profiles limit 1").fetchone()[0]
+    other = next(i for i in range(1, SHARDS))
+    with psycopg.connect(shard_dsn(servers, other), autocommit=True) as conn:
+        conn.execute("insert into profiles select %s, 'client', '2026-01-01' on conflict do nothing", [stray])
+    try:
+        found = run_cli_module("verify", "--fleet", deployed, "--only", "schema", "--sample", "10000")
+        assert found.exit_code == 1
+        copies = check_line(found.output, "fleet:copies")[1]
+        assert f"bookings id {booking} is on shard0 and differs on" in copies, copies
+        placement = check_line(found.output, "fleet:placement")[1]
+        assert f"shard{other}" in placement and str(stray) in placement, placement
+    finally:
+        with psycopg.connect(shard_dsn(servers, 0), autocommit=True) as conn:
+            conn.execute("update bookings set duration_minutes = duration_minutes - 1 where id = %s", [booking])
+        with psycopg.connect(shard_dsn(servers, other), autocommit=True) as conn:
+            conn.execute("delete from profiles where id = %s", [stray])
+
+
+def test_a_stopped_server_fails_only_its_shards(deployed, servers, run_cli_module):
+    second = servers[1]
+    second.stop()
+    try:
+        verified = run_cli_module("verify", "--fleet", deployed, "--only", "schema")
+        assert verified.exit_code == 1
+        assert "shard1:verify" in verified.output and "shard3:verify" in verified.output
+        assert "shard0:schema" in verified.output and "shard2:schema" in verified.output
+        migrated = run_cli_module("migrate", "--fleet", deployed)
+        assert migrated.exit_code == 1
+        last = migrated.output.strip().splitlines()[-1]
+        assert last.startswith("statskit: error: migrate failed on 2 of 4 shards: shard1 (")
+        assert "shard3 (" in last and "shard0" not in last and "password" not in migrated.output
+        assert migrated.output.count("up to date, nothing to do") == 4  # shards 0 and 2, line and table
+    finally:
+        second.start()
+    assert run_cli_module("migrate", "--fleet", deployed).exit_code == 0
+
+
+def test_a_users_backfill_runs_on_its_shard_and_a_cancel_leaves_whole_days(deployed, servers, market):
+    with psycopg.connect(shard_dsn(servers, 3)) as conn:
+        user = conn.execute("select id from profiles order by id limit 1").fetchone()[0]
+    shards = api.Project.open(SQL_DIR).fleet(deployed)
+    assert shards.shard_of(user).index == 3
+    outcomes = shards.backfill(market.last_day - timedelta(days=2), market.last_day, user=user)
+    assert [o.shard.index for o in outcomes] == [3] and outcomes[0].ok
+    assert outcomes[0].value.days_done == 3
+
+    cancel = threading.Event()
+    cancel.set()
+    stopped = shards.backfill(market.first_day, market.last_day, cancel=cancel)
+    assert [o.shard.index for o in stopped] == list(range(SHARDS))
+    assert all(isinstance(o.error, Stopped) and o.error.cancelled for o in stopped)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no [[shards]]"),
+    ('[[shards]]\ndsn = "dbname=a"\n[[shards]]\ndsn = "dbname=b"\n[[shards]]\ndsn = "dbname=c"\n', "power of two"),
+    ('[[shards]]\ndsn = "dbname=a"\n[[shards]]\ndsn = "dbname=a"\n', "same database"),
+    ('[[shards]]\ndsn = "dbname=a"\n[router]\ndsn = "dbname=r"\n', "unknown entry 'router'"),
+    ('[[shards]]\nname = "x"\n', "shard 0 has no dsn"),
+    ('[[shards]]\ndsn = "host=h password=hunter2 port=x y"\n', "invalid DSN"),
+    ('[[shards]]\ndsn = "dbname=a"\nname = "Shard A"\n', "name 'Shard A'"),
+    ('placement = "x; drop"\n[[shards]]\ndsn = "dbname=a"\n', "placement"),
+    ("[[shards]\n", "fleet file"),
+])
+def test_a_bad_fleet_file_is_one_line(tmp_path, run_cli, text, message):
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    done = run_cli("verify", "--fleet", path)
+    assert done.exit_code == 2
+    lines = done.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("statskit: error: fleet file") and message in lines[0], done.output
+    assert "hunter2" not in done.output
+
+
+def test_fleet_options_that_cannot_apply_are_refused(tmp_path, run_cli):
+    path = tmp_path / "fleet.toml"
+    path.write_text('[[shards]]\ndsn = "dbname=a"\n')
+    both = run_cli("verify", "--fleet", path, "--dsn", "dbname=a")
+    assert both.exit_code == 2 and "--dsn or --fleet" in both.output
+    suffix = run_cli("migrate", "--fleet", path, "--job-suffix", "x")
+    assert suffix.exit_code == 1 and "--job-suffix" in suffix.output
+    full = run_cli("migrate", "--fleet", path, "--cron-dsn", "host=elsewhere dbname=postgres")
+    assert full.exit_code == 2 and "--cron-dsn" in full.output and "each shard" in full.output
+    missing = run_cli("migrate", "--fleet", tmp_path / "nope.toml")
+    assert missing.exit_code == 2 and "cannot read the fleet file" in missing.output
