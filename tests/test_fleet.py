@@ -12,11 +12,12 @@ import psycopg
 import pytest
 
 from conftest import SIDE_PORT, SQL_DIR, cluster as session_cluster
-from spec_oracle import differences, expected_user_rows, stored_user_rows
-from toolkit import api, fleet as fleet_core
+from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_user_rows
+from toolkit import api, compiler, fleet as fleet_core
 from toolkit.backfill import Stopped
 from toolkit.catalog import load_catalog
 from toolkit.cluster import CRON_DATABASE, LocalCluster
+from toolkit.errors import UsageError
 from toolkit.reference import marketplace, shards as reference_shards
 
 pytestmark = pytest.mark.pg  # a second server of its own
@@ -288,3 +289,44 @@ def test_fleet_options_that_cannot_apply_are_refused(tmp_path, run_cli):
     assert full.exit_code == 2 and "--cron-dsn" in full.output and "each shard" in full.output
     missing = run_cli("migrate", "--fleet", tmp_path / "nope.toml")
     assert missing.exit_code == 2 and "cannot read the fleet file" in missing.output
+
+
+def test_the_shards_partial_sums_add_up_to_the_oracles_platform(deployed, market, servers):
+    """Each platform fact on one shard (its home user's): the shards' sums, added up and then
+    finalised as the router does, are the literal oracle's platform row of the unsplit data."""
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    partials = catalog.for_shard().platform
+    columns = ["date"] + [m.name for m in partials.metrics]
+    rows = []
+    for index in range(SHARDS):
+        with psycopg.connect(shard_dsn(servers, index)) as conn:
+            rows += conn.execute(f"select {', '.join(columns)} from {partials.table}").fetchall()
+    days = sorted({row[0] for row in rows})
+    assert days[0] == market.first_day and days[-1] == market.last_day and len(rows) == SHARDS * len(days)
+    def merge(rows):
+        relation = (f"select * from (values {', '.join(['(' + ', '.join(['%s'] * len(columns)) + ')'] * len(rows))})"
+                    f" as v ({', '.join(columns)})")
+        with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole:
+            return {row[0]: row[1:] for row in whole.execute(compiler.merged_platform(catalog.platform, relation, SHARDS),
+                                                             [v for row in rows for v in row]).fetchall()}
+
+    merged = merge(rows)
+    with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole:
+        for day in (days[0], days[len(days) // 2], days[-1]):
+            got = dict(zip([m.name for m in catalog.platform.metrics], merged[day]))
+            assert differences({"platform": expected_platform_row(whole, day)}, {"platform": got}) == []
+    # a day that one shard has not written yet is not merged
+    lacking = merge([row for row in rows if row is not next(r for r in rows if r[0] == days[-1])])
+    assert days[-1] not in lacking and days[-2] in lacking
+
+
+def test_a_shard_cannot_become_one_server_again(deployed, servers):
+    with pytest.raises(UsageError, match="is shard 'shard0' of a fleet and cannot become one server"):
+        api.Project.open(SQL_DIR).deployment(shard_dsn(servers, 0), shard="")
+
+
+def test_a_shards_functions_pass_plpgsql_check(deployed, servers):
+    """The shard's rendering (its platform functions read home rows into partial sums) is checked
+    by the same independent checker as one server's."""
+    from test_plpgsql_check import plpgsql_findings
+    assert plpgsql_findings(shard_server(servers, 0).dsn(DATABASES[0])) == {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from . import compiler
 from .catalog import Catalog
 from .render import FUNCTIONS, digest, quote_ident, signature
 from .settings import READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
@@ -64,6 +65,9 @@ def job_needs(settings: Settings, catalog: Catalog, role: str, rollup: str, job:
         needs += _table_needs(role, f"{STATSKIT_SCHEMA}.{rollup}_changes", "SELECT,DELETE", why)
         needs.append(_execute_need(role, settings, catalog, f"aggregate_{rollup}_changes", why))
     reads = ([catalog.users.name] if rollup == "user" else []) + table.tables_read
+    if rollup == "platform" and settings.shard:  # each fact counted on its home user's shard only
+        reads += [t for name in table.tables_read
+                  for t in compiler.home_tables(catalog.source_tables[name], catalog.source_tables, catalog.users)]
     for source in dict.fromkeys(reads):
         needs += _table_needs(role, f"{quote_ident(settings.source_schema)}.{source}", "SELECT", why)
     return needs

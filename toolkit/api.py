@@ -260,7 +260,7 @@ class FleetDeployment:
 
     def shard(self, shard: fleet_core.Shard) -> Deployment:
         """One shard's deployment, its jobs named after it."""
-        return self.project.deployment(shard.dsn, **{**self.settings, "job_suffix": shard.name})
+        return self.project.deployment(shard.dsn, **{**self.settings, "shard": shard.name, "job_suffix": shard.name})
 
     def _each(self, work, parallel: int, done, shards: tuple[fleet_core.Shard, ...] | None = None) -> Outcomes:
         def on_shard(shard):

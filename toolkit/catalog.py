@@ -141,6 +141,23 @@ class Rollup:
         return [dataclasses.replace(m, type=m.was) if m.retyped_in else m
                 for m in self.history if m.added_in == migration_id]
 
+    def partials(self) -> "Rollup":
+        """What a fleet's shard keeps in place of this rollup: `<table>_partials`, every sum as
+        summed over the shard's own rows, with no `final` (the router adds the shards' sums up,
+        then applies it: a rounded hours or an average does not add up)."""
+        def partial(metric: Metric) -> Metric:
+            return Metric(metric.sum_name, "partials", metric.span.sum_type if metric.span else metric.type,
+                          "count" if metric.sum else metric.unit, "0", f"the sum behind {metric.name}",
+                          metric.added_in, metric.span and dataclasses.replace(metric.span, final=None),
+                          metric.removed_in)
+        first = self.history[0].added_in
+        helpers = tuple(Metric(h.name, "partials", h.span.sum_type, "count", "0", f"the sum {h.name}", first,
+                               h.span) for h in self.helpers)
+        return dataclasses.replace(
+            self, table=f"{self.table}_partials", history=tuple(partial(m) for m in self.history) + helpers,
+            helpers=(), comment=f"One row per statistics date: the sums behind {self.table} of this shard's own "
+                                f"rows, which a fleet's router adds up. Written by the platform functions.")
+
     def metrics_removed_in(self, migration_id: str) -> list[Metric]:
         return [m for m in self.history if m.removed_in == migration_id]
 
@@ -340,6 +357,10 @@ class Catalog:
         """The SQL type of each key of a partitioned source, for the nightly step's lists of keys."""
         table, keys = source.partition
         return {key: next(c.type for c in self.source_tables[table].columns if c.name == key) for key in keys}
+
+    def for_shard(self) -> "Catalog":
+        """The catalog as a fleet's shard deploys it: the platform's sums kept raw (Rollup.partials)."""
+        return dataclasses.replace(self, platform=self.platform.partials())
 
     @property
     def metric_names(self) -> list[str]:

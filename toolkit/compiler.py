@@ -10,7 +10,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 
-from .catalog import Rollup, Source, SourceTable, Span, Sum
+from .catalog import SOURCE_TABLE, Rollup, Source, SourceTable, Span, Sum, UserTable
 
 
 def quote_literal(value: str) -> str:
@@ -409,3 +409,44 @@ def relation_differences(model: str, copies: str) -> str:
         select 6 as step, pg_catalog.format('drop policy %I on %s', p.polname, part.name)
         from part join pg_catalog.pg_policy p on p.polrelid = part.oid
         where not exists (select from parent join pg_catalog.pg_policy q on q.polrelid = parent.oid where q.polname = p.polname)""")
+
+
+# -- a fleet's shard: each platform fact counted on its home user's shard only -------------------
+
+def home_rows(table: SourceTable, tables: dict[str, SourceTable], users: UserTable, source: str) -> str:
+    """Where a shard's platform functions read `table`: its rows whose home user lives here (has
+    its row in the user table: a shard holds its own users only), so that a row held by two
+    shards counts on one. The user table itself is all home."""
+    if table.name == users.name:
+        return f"{source}.{table.name}"
+    if table.home in table.users:
+        home = f"{source}.{users.name} u where u.{users.key} = h.{table.home}"
+    else:
+        owned = tables[table.owners[table.home]]
+        home = (f"{source}.{owned.name} o join {source}.{users.name} u on u.{users.key} = o.{owned.home}"
+                f" where o.{owned.key} = h.{table.home}")
+    return f"(select h.* from {source}.{table.name} h where exists (select from {home}))"
+
+
+def home_tables(table: SourceTable, tables: dict[str, SourceTable], users: UserTable) -> list[str]:
+    """The tables home_rows reads besides `table` itself."""
+    if table.name == users.name:
+        return []
+    return ([users.name] if table.home in table.users else [table.owners[table.home], users.name])
+
+
+def home_snippet(from_sql: str, tables: dict[str, SourceTable], users: UserTable, source: str) -> str:
+    """A platform source's snippet with each source table it names read through home_rows."""
+    return SOURCE_TABLE.sub(lambda m: home_rows(tables[m.group(1)], tables, users, source), from_sql)
+
+
+def merged_platform(platform: Rollup, partials: str, shards: int) -> str:
+    """The platform's rows from its shards' partial rows (`partials`: a query of date and each
+    sum, a row per shard and day, as Rollup.partials keeps them): every sum added up over the
+    shards, then each metric's `final` on the totals, as one server would; a day only once every
+    shard has it."""
+    sums = ",\n           ".join(f"sum(p.{s.name}) as {s.name}" for s in platform.sums)
+    values = ",\n       ".join(f"{m.stored_value} as {m.name}" for m in platform.metrics)
+    return (f"select sums.date,\n       {values}\n"
+            f"from (\n    select p.date,\n           {sums}\n    from ({partials}) as p\n"
+            f"    group by p.date\n    having count(*) = {shards}\n) as sums")

@@ -157,9 +157,11 @@ def _sharding_section(catalog: Catalog) -> str:
         + "".join(rows)
         + "\n- No foreign key crosses shards: the other user of a row may live on another shard.\n"
         f"- Each shard's `{catalog.user.table}` holds its own users' rows, equal to the definitions above\n"
-        "  (the rows of other shards' users a shard holds never produce rows of their own). Each shard's\n"
-        f"  `{catalog.platform.table}` counts every row the shard holds, its copies included: the platform's\n"
-        "  totals across a fleet are not merged yet.\n"
+        "  (the rows of other shards' users a shard holds never produce rows of their own). In place of\n"
+        f"  `{catalog.platform.table}` a shard keeps `{catalog.platform.table}_partials`: per day, the sums behind\n"
+        "  each platform metric (before its rounding or average) over the rows whose home user is its own,\n"
+        "  so that every platform fact counts on exactly one shard. Added up over the shards, then\n"
+        "  finalised, they are the platform's numbers as one server holding all the data has them.\n"
     )
 
 

@@ -38,7 +38,7 @@ PLACEMENT = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
 DEFAULT_PARALLEL = 4
 # What may differ between shards of one deployment: the jobs' names, and where each server keeps
 # pg_cron and as whom its jobs run.
-PER_SHARD_SETTINGS = ("job_suffix", "cron_database", "cron_user")
+PER_SHARD_SETTINGS = ("shard", "job_suffix", "cron_database", "cron_user")
 
 T = TypeVar("T")
 

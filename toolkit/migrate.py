@@ -112,7 +112,14 @@ class Target:
                 raise UsageError(
                     f"this database's rollup lives in schema {stored.schema!r}; it cannot move to {settings.schema!r}"
                 )
+            if stored and stored.shard != settings.shard:
+                raise UsageError(
+                    f"this database is {'shard ' + repr(stored.shard) + ' of a fleet' if stored.shard else 'one server'}"
+                    f" and cannot become {'shard ' + repr(settings.shard) if settings.shard else 'one server'}: a shard's "
+                    f"platform table keeps sums for the fleet's router, one server's the platform's numbers")
             catalog = load_catalog(sql_dir / "catalog.toml")
+            if settings.shard:
+                catalog = catalog.for_shard()
             if (stored and settings.partitioned and settings.partition_period != stored.partition_period
                     and partitions.is_partitioned(conn, settings, catalog.user.table)):
                 raise UsageError(

@@ -101,11 +101,12 @@ def _environment(sql_dir: Path) -> jinja2.Environment:
     return env
 
 
-def _resolve_snippets(rollup: Rollup, env: jinja2.Environment, source: str) -> Rollup:
-    """Put the source schema into the catalog's SQL snippets."""
-
+def _resolve_snippets(rollup: Rollup, env: jinja2.Environment, source: str, rewrite=None) -> Rollup:
+    """Put the source schema into the catalog's SQL snippets (each first rewritten, if asked)."""
+    rewrite = rewrite or (lambda text: text)
     return dataclasses.replace(rollup, sources=tuple(
-        dataclasses.replace(s, from_sql=env.from_string(s.from_sql).render(source=source)) for s in rollup.sources))
+        dataclasses.replace(s, from_sql=env.from_string(rewrite(s.from_sql)).render(source=source))
+        for s in rollup.sources))
 
 
 def _tidy(text: str) -> str:
@@ -120,7 +121,10 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
     catalog = catalog or load_catalog(sql_dir / "catalog.toml")
     env = _environment(sql_dir)
     source = quote_ident(settings.source_schema)
-    user, platform = (_resolve_snippets(r, env, source) for r in (catalog.user, catalog.platform))
+    user = _resolve_snippets(catalog.user, env, source)
+    # a fleet's shard counts each platform fact on one shard: its home user's
+    platform = _resolve_snippets(catalog.platform, env, source, (lambda text: compiler.home_snippet(
+        text, catalog.source_tables, catalog.users, source)) if settings.shard else None)
     context = {
         "schema": quote_ident(settings.schema),
         "statskit": quote_ident(STATSKIT_SCHEMA),

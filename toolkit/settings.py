@@ -64,6 +64,9 @@ class Settings:
     # Days older than this ("25 months") are past retention: never written again, and their
     # partitions are dropped whole. "" = kept forever.
     retention: str = ""
+    # The shard's name when the database is one shard of a fleet (docs/scaling.md): its platform
+    # table keeps the sums of its own rows for the router. "" = one server, the whole platform.
+    shard: str = ""
 
     def __post_init__(self):
         check_identifier(self.schema, "schema")
@@ -92,6 +95,8 @@ class Settings:
             if not self.partitioned:
                 raise UsageError(f"{self.retention!r} needs a partitioned rollup (partition_period is 'none'): old "
                                  f"days go with their partitions, never by DELETE", field="retention")
+        if not JOB_SUFFIX.match(self.shard):
+            raise UsageError(f"invalid shard name {self.shard!r}: use lowercase letters, digits, - and _")
         if not JOB_SUFFIX.match(self.job_suffix):
             raise UsageError(
                 f"invalid job suffix {self.job_suffix!r}: use lowercase letters, digits, - and _, starting with a letter or digit"
