@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from conftest import SIDE_PORT, SQL_DIR, cluster as session_cluster
-from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_user_rows
+from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_platform_row, stored_user_rows
 from toolkit import api, compiler, fleet as fleet_core
 from toolkit.backfill import Stopped
 from toolkit.catalog import load_catalog
@@ -26,6 +26,8 @@ OWNER = "fleet_owner"
 SHARDS = 4
 # shard i lives on server i % 2: each server holds two shard databases, so job names must differ
 DATABASES = [f"fleet_shard{i}" for i in range(SHARDS)]
+# the router lives beside two of the shards; PL/Proxy needs a superuser there
+ROUTER = "fleet_router"
 CRON_GRANTS = f"""
 grant usage on schema cron to {OWNER};
 grant execute on function cron.schedule_in_database(text, text, text, text, text, boolean) to {OWNER};
@@ -56,8 +58,8 @@ def servers():
     finally:
         second.destroy()
         with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
-            conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [DATABASES])
-            for name in DATABASES + ["fleet_whole"]:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [DATABASES + [ROUTER]])
+            for name in DATABASES + ["fleet_whole", ROUTER]:
                 conn.execute(f"drop database if exists {name} with (force)")
 
 
@@ -89,9 +91,17 @@ def fleet_file(servers, market, tmp_path_factory):
             conn.execute(reference_shards.shard_schema_sql())
             marketplace.load(conn, part)
         lines += ["[[shards]]", f'dsn = "{as_owner(server, name)}"']
+    with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f"drop database if exists {ROUTER} with (force)")
+        conn.execute(f"create database {ROUTER}")
+    lines += ["[router]", f'dsn = "{session_cluster.dsn(ROUTER)}"']
     path = tmp_path_factory.mktemp("fleet") / "fleet.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def router_dsn():
+    return session_cluster.dsn(ROUTER)
 
 
 def check_line(output, name):
@@ -162,10 +172,11 @@ def test_the_fleet_is_deployed_and_its_user_rows_are_the_oracles(deployed, marke
 def test_a_rerun_changes_nothing_and_verify_passes_the_fleet(deployed, run_cli_module):
     again = run_cli_module("migrate", "--fleet", deployed)
     assert again.exit_code == 0, again.output
-    assert again.output.count("up to date, nothing to do") == 2 * SHARDS  # each line, then the table
+    assert again.output.count("up to date, nothing to do") == 2 * (SHARDS + 1)  # shards and router: line, table
     verified = run_cli_module("verify", "--fleet", deployed, "--sample", "5000", "--from", "2026-03-25", "--to", "2026-03-31")
     assert verified.exit_code == 0, verified.output
-    for check in ("fleet:deployment", "fleet:jobs", "fleet:placement", "fleet:copies"):
+    for check in ("fleet:deployment", "fleet:jobs", "fleet:placement", "fleet:copies",
+                  "router:functions", "router:cluster", "router:jobs", "router:merge"):
         assert check_line(verified.output, check)[0] == "pass", verified.output
     assert check_line(verified.output, "shard3:sample")[0] == "pass"
     assert int(check_line(verified.output, "fleet:copies")[1].split()[0]) > 0  # copies were compared
@@ -222,7 +233,17 @@ def test_a_copy_changed_on_one_shard_and_a_misplaced_profile_are_named(deployed,
             conn.execute("delete from profiles where id = %s", [stray])
 
 
+def first_users(servers):
+    """A user of each shard."""
+    users = []
+    for index in range(SHARDS):
+        with psycopg.connect(shard_dsn(servers, index)) as conn:
+            users.append(conn.execute("select id from profiles order by id limit 1").fetchone()[0])
+    return users
+
+
 def test_a_stopped_server_fails_only_its_shards(deployed, servers, run_cli_module):
+    users_of = first_users(servers)
     second = servers[1]
     second.stop()
     try:
@@ -233,9 +254,18 @@ def test_a_stopped_server_fails_only_its_shards(deployed, servers, run_cli_modul
         migrated = run_cli_module("migrate", "--fleet", deployed)
         assert migrated.exit_code == 1
         last = migrated.output.strip().splitlines()[-1]
-        assert last.startswith("statskit: error: migrate failed on 2 of 4 shards: shard1 (")
+        assert last.startswith("statskit: error: migrate failed on shard1 (")
         assert "shard3 (" in last and "shard0" not in last and "password" not in migrated.output
-        assert migrated.output.count("up to date, nothing to do") == 4  # shards 0 and 2, line and table
+        assert migrated.output.count("up to date, nothing to do") == 6  # shards 0 and 2, the router: line, table
+        # the router keeps answering the users of the shards still up, and names the shard of the others
+        for index in range(SHARDS):
+            user = users_of[index]
+            with psycopg.connect(router_dsn()) as conn:
+                if shard_server(servers, index) is second:
+                    with pytest.raises(psycopg.Error, match="fleet_shard"):
+                        conn.execute("select * from user_kpis(%s, '2026-03-31')", [user]).fetchall()
+                else:
+                    assert len(conn.execute("select * from user_kpis(%s, '2026-03-31')", [user]).fetchall()) == 6
     finally:
         second.start()
     assert run_cli_module("migrate", "--fleet", deployed).exit_code == 0
@@ -261,7 +291,8 @@ def test_a_users_backfill_runs_on_its_shard_and_a_cancel_leaves_whole_days(deplo
     ("", "no [[shards]]"),
     ('[[shards]]\ndsn = "dbname=a"\n[[shards]]\ndsn = "dbname=b"\n[[shards]]\ndsn = "dbname=c"\n', "power of two"),
     ('[[shards]]\ndsn = "dbname=a"\n[[shards]]\ndsn = "dbname=a"\n', "same database"),
-    ('[[shards]]\ndsn = "dbname=a"\n[router]\ndsn = "dbname=r"\n', "unknown entry 'router'"),
+    ('[[shards]]\ndsn = "dbname=a"\n[routers]\ndsn = "dbname=r"\n', "unknown entry 'routers'"),
+    ('[[shards]]\ndsn = "dbname=a"\n[router]\nuser = "r"\n', "[router] has one entry, dsn"),
     ('[[shards]]\nname = "x"\n', "shard 0 has no dsn"),
     ('[[shards]]\ndsn = "host=h password=hunter2 port=x y"\n', "invalid DSN"),
     ('[[shards]]\ndsn = "dbname=a"\nname = "Shard A"\n', "name 'Shard A'"),
@@ -287,6 +318,9 @@ def test_fleet_options_that_cannot_apply_are_refused(tmp_path, run_cli):
     assert suffix.exit_code == 1 and "--job-suffix" in suffix.output
     full = run_cli("migrate", "--fleet", path, "--cron-dsn", "host=elsewhere dbname=postgres")
     assert full.exit_code == 2 and "--cron-dsn" in full.output and "each shard" in full.output
+    path.write_text('[[shards]]\ndsn = "dbname=a"\n[router]\ndsn = "dbname=r"\n')
+    secured = run_cli("migrate", "--fleet", path, "--roles", "--row-security", "auth.uid()")
+    assert secured.exit_code == 2 and "--row-security is not applied through a fleet's router" in secured.output
     missing = run_cli("migrate", "--fleet", tmp_path / "nope.toml")
     assert missing.exit_code == 2 and "cannot read the fleet file" in missing.output
 
@@ -325,8 +359,113 @@ def test_a_shard_cannot_become_one_server_again(deployed, servers):
         api.Project.open(SQL_DIR).deployment(shard_dsn(servers, 0), shard="")
 
 
-def test_a_shards_functions_pass_plpgsql_check(deployed, servers):
-    """The shard's rendering (its platform functions read home rows into partial sums) is checked
-    by the same independent checker as one server's."""
+def test_a_shards_and_the_routers_functions_pass_plpgsql_check(deployed, servers):
+    """The shard's rendering (its platform functions read home rows into partial sums) and the
+    router's merge are checked by the same independent checker as one server's functions."""
     from test_plpgsql_check import plpgsql_findings
     assert plpgsql_findings(shard_server(servers, 0).dsn(DATABASES[0])) == {}
+    with psycopg.connect(router_dsn(), autocommit=True) as conn:
+        conn.execute("create extension if not exists plpgsql_check")
+        findings = [conn.execute("select level, lineno, message from plpgsql_check_function_tb(%s::regprocedure,"
+                                 " fatal_errors => false, all_warnings => true)", [function]).fetchall()
+                    for function in ("public.merge_platform_statistics()", "public.platform_metric(text, date, text)")]
+    assert findings == [[], []]
+
+
+def test_a_router_whose_cluster_differs_from_the_fleet_file_is_named_and_repaired(deployed, run_cli_module):
+    """Two shards swapped in the router's cluster would route users to the wrong shard."""
+    with psycopg.connect(router_dsn(), autocommit=True) as conn:
+        options = dict(o.split("=", 1) for o in conn.execute(
+            "select srvoptions from pg_foreign_server where srvname = 'statskit_fleet'").fetchone()[0])
+        conn.execute(f"alter server statskit_fleet options (set p1 '{options['p2']}', set p2 '{options['p1']}')")
+    found = run_cli_module("verify", "--fleet", deployed, "--only", "migrations")
+    status, detail = check_line(found.output, "router:cluster")
+    assert status == "fail" and detail.startswith("p1: ") and "p2: " in detail and "migrate --fleet" in detail
+    repaired = run_cli_module("migrate", "--fleet", deployed)
+    assert repaired.exit_code == 0 and "cluster statskit_fleet of 4 shards" in repaired.output, repaired.output
+    assert check_line(run_cli_module("verify", "--fleet", deployed, "--only", "migrations").output,
+                      "router:cluster")[0] == "pass"
+
+
+def test_the_router_answers_every_user_as_the_users_shard_does(deployed, servers, market):
+    day = market.last_day
+    for index, user in enumerate(first_users(servers)):
+        with psycopg.connect(shard_dsn(servers, index)) as shard, psycopg.connect(router_dsn()) as router:
+            for query, args in (("select * from user_kpis(%s, %s, 'week')", [user, day]),
+                                ("select * from user_metric(%s, 'total_earnings', %s)", [user, day])):
+                direct = shard.execute(query, args).fetchall()
+                assert direct and router.execute(query, args).fetchall() == direct
+    with psycopg.connect(router_dsn()) as router:
+        with pytest.raises(psycopg.Error, match="unknown user"):
+            router.execute("select * from user_kpis('00000000-0000-0000-0000-000000000000', %s)", [day]).fetchall()
+
+
+def test_the_routers_platform_rows_are_the_oracles(deployed, market):
+    """backfill --fleet merged the days it filled: the router's platform rows are one server's."""
+    with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole, psycopg.connect(router_dsn()) as router:
+        assert router.execute("select min(date), max(date), count(*) from platform_statistics_daily").fetchone() == (
+            market.first_day, market.last_day, (market.last_day - market.first_day).days + 1)
+        for day in (market.first_day, market.first_day + timedelta(days=17), market.last_day):
+            expected = expected_platform_row(whole, day)
+            assert differences({"platform": expected}, {"platform": stored_platform_row(router, day)}) == []
+            value = router.execute("select value from platform_metric('hours_completed', %s)", [day]).fetchone()[0]
+            assert value == expected["hours_completed"]
+
+
+def test_a_day_waits_for_every_shard_and_late_data_reaches_the_router(deployed, servers, market, run_cli_module):
+    """A day one shard has not written is absent from the router and verify names that shard; late
+    data on a shard reaches the router's row after the shard's night and the next merge."""
+    next_day = market.last_day + timedelta(days=1)
+    platform_night = "select aggregate_platform_changes(); select aggregate_daily_statistics(%s)"
+
+    def night(index, day):
+        with psycopg.connect(shard_dsn(servers, index), autocommit=True) as conn:
+            for statement in platform_night.split("; "):
+                conn.execute(statement, [day] if "%s" in statement else [])
+
+    def merge():
+        with psycopg.connect(router_dsn(), autocommit=True) as conn:
+            return conn.execute("select merge_platform_statistics()").fetchone()[0]
+
+    for index in (0, 1, 2):
+        night(index, next_day)
+    assert merge() == 0
+    found = run_cli_module("verify", "--fleet", deployed, "--only", "migrations")
+    status, detail = check_line(found.output, "router:merge")
+    assert status == "fail" and "shard3" in detail and "waits for it" in detail, found.output
+    night(3, next_day)
+    assert merge() == 1
+    with psycopg.connect(router_dsn()) as router:
+        assert router.execute("select count(*) from platform_statistics_daily where date = %s", [next_day]).fetchone()[0] == 1
+
+    # a booking completed on a stored day, recorded late on its tutor's (home) shard and its client's
+    late = market.last_day - timedelta(days=5)
+    with psycopg.connect(shard_dsn(servers, 0)) as conn:
+        tutor, client = conn.execute("select b.tutor_id, b.client_id from bookings b join profiles p on p.id = b.tutor_id"
+                                     " limit 1").fetchone()
+    holders = sorted({fleet_core.placements(psycopg.connect(router_dsn()), fleet_core.Fleet(None, tuple(
+        fleet_core.Shard(i, f"shard{i}", "") for i in range(SHARDS))), [tutor, client], "uuid")[u] for u in (tutor, client)})
+    booking = (99_000_001, None, tutor, client, "completed", f"{late} 08:00+00", f"{late} 08:30+00", None,
+               f"{late} 12:00+00", f"{late} 11:00+00", 90)
+    insert = ("insert into bookings (id, listing_id, tutor_id, client_id, status, created_at, confirmed_at, cancelled_at,"
+              " completed_at, session_start, duration_minutes) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+    for index in holders:
+        with psycopg.connect(shard_dsn(servers, index)) as conn:
+            conn.execute(insert, booking)
+    with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole:
+        whole.execute(insert, booking)
+    try:
+        for index in holders:
+            night(index, next_day)
+        assert merge() >= 1  # the late day, and each day after it its numbers moved
+        with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole, psycopg.connect(router_dsn()) as router:
+            expected = expected_platform_row(whole, late)
+            assert differences({"platform": expected}, {"platform": stored_platform_row(router, late)}) == []
+    finally:
+        for index in holders:
+            with psycopg.connect(shard_dsn(servers, index), autocommit=True) as conn:
+                conn.execute("delete from bookings where id = %s", [booking[0]])
+                night(index, next_day)
+        with psycopg.connect(session_cluster.dsn("fleet_whole"), autocommit=True) as whole:
+            whole.execute("delete from bookings where id = %s", [booking[0]])
+        merge()

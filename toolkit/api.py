@@ -14,6 +14,7 @@ is a threading.Event. Errors are StatskitError (one line; `field` names the para
 docs/api.md has the whole surface and a scheduled task written as the plain function a task calls.
 """
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from datetime import date
@@ -22,10 +23,11 @@ from typing import Callable
 
 from . import backfill as backfill_core
 from . import clients, dashboard, deployment, docs, project as project_files, verify as verify_core
-from . import db, fleet as fleet_core
+from . import db, fleet as fleet_core, router as router_core
 from . import migrate as migrate_core
 from .catalog import Catalog, UserKey, load_catalog
-from .errors import StatskitError
+from .errors import StatskitError, UsageError
+from .settings import Settings
 from .render import PACKAGED_SQL_DIR, RENDERED_GLOBS, default_sql_dir, render_all, stale_files, write_rendered
 
 WARNING = "-- WARNING: "
@@ -108,6 +110,9 @@ class Project:
             raise StatskitError("a fleet names each shard's jobs after the shard (its name in the fleet file)",
                                 field="job_suffix")
         loaded = fleet if isinstance(fleet, fleet_core.Fleet) else fleet_core.load(fleet)
+        if settings.get("row_security") and loaded.router:
+            raise UsageError("is not applied through a fleet's router yet: its session setting does not travel "
+                             "through PL/Proxy, so the router would show every user's rows", field="row_security")
         return FleetDeployment(self, loaded, settings)
 
 
@@ -278,7 +283,28 @@ class FleetDeployment:
                 done=lambda outcome: None) -> Outcomes:
         """migrate on every shard; a re-run changes only the shards not up to date."""
         fleet_core.check_cron_dsn(cron_dsn)
-        return self._each(lambda shard, app: app.migrate(cron_dsn, policy, break_lock), parallel, done)
+        outcomes = self._each(lambda shard, app: app.migrate(cron_dsn, policy, break_lock), parallel, done)
+        return outcomes + self._on_router(lambda settings: router_core.deploy(
+            self.fleet, self.project.sql_dir, settings, self.project.catalog), outcomes, done)
+
+    @property
+    def router(self) -> fleet_core.Shard | None:
+        """The router as a member of the fleet's outcomes (it is listed last, as "router")."""
+        return fleet_core.Shard(len(self.fleet.shards), "router", self.fleet.router) if self.fleet.router else None
+
+    def _router_settings(self, outcomes: Outcomes | None = None) -> Settings:
+        """The shards' settings as one server would have them (a shard's own name and jobs aside)."""
+        stored = next((o.value.settings for o in outcomes or [] if o.ok and hasattr(o.value, "settings")), None)
+        if stored is None:
+            with self.shard(self.fleet.shards[0]) as app:
+                stored = app.target.settings
+        return dataclasses.replace(stored, shard="", job_suffix="")
+
+    def _on_router(self, work, outcomes: Outcomes, done) -> Outcomes:
+        """work(settings) on the router after the shards (none without a router), as one more outcome."""
+        if self.router is None:
+            return []
+        return fleet_core.each_shard((self.router,), lambda router: work(self._router_settings(outcomes)), 1, done)
 
     def status(self, cron_dsn: str | None = None, parallel: int = fleet_core.DEFAULT_PARALLEL,
                done=lambda outcome: None) -> Outcomes:
@@ -313,7 +339,11 @@ class FleetDeployment:
             return app.backfill(first, last, only=only, user=user, resume=resume, chunk_days=chunk_days, jobs=jobs,
                                 progress=lambda p, chunk: progress(shard, p, chunk),
                                 notify=lambda message: notify(shard, message), cancel=cancel)
-        return self._each(work, parallel, done, None if user is None else (self.shard_of(user),))
+        outcomes = self._each(work, parallel, done, None if user is None else (self.shard_of(user),))
+        if user is not None or only == "users" or (cancel is not None and cancel.is_set()):
+            return outcomes
+        # the days the shards filled reach the router's platform rows (only days every shard has)
+        return outcomes + self._on_router(lambda settings: router_core.merge(self.fleet, settings), outcomes, done)
 
     def verify(self, first: date | None = None, last: date | None = None,
                groups: tuple[str, ...] = verify_core.CHECK_GROUPS, sample: int = 20,
@@ -325,7 +355,8 @@ class FleetDeployment:
 
         def work(shard, app):
             report = app.verify(first, last, groups, sample, cron_dsn)
-            return report, fleet_core.shard_state(app.target.conn, self.fleet, shard, catalog, app.target.settings, sample)
+            return report, fleet_core.shard_state(app.target.conn, self.fleet, shard, app.target.catalog,
+                                                  app.target.settings, sample)
 
         def report_only(o):
             return fleet_core.Outcome(o.shard, o.seconds, o.value[0] if o.ok else None, o.error)
@@ -341,4 +372,8 @@ class FleetDeployment:
                                                      {holder: held.copies[shard.index] for holder, held in states.items()
                                                       if shard.index in held.copies})
                   for shard, state in states.items()}
-        return FleetReport([report_only(o) for o in outcomes], checks + fleet_core.fleet_checks(states, copies))
+        checks += fleet_core.fleet_checks(states, copies)
+        if self.router is not None:
+            checks += router_core.checks(self.fleet, self.project.sql_dir, self._router_settings(), catalog,
+                                         {shard: state.last_partial for shard, state in states.items()})
+        return FleetReport([report_only(o) for o in outcomes], checks)

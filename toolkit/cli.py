@@ -14,7 +14,7 @@ import click
 import psycopg
 
 from . import api, backfill as backfill_core, cron as cron_core, dashboard, db, demo as demo_core, docs, migrate as migrate_core, project, report, verify as verify_core
-from . import fleet as fleet_core
+from . import fleet as fleet_core, router as router_core
 from .dates import parse_date
 from .errors import StatskitError, UsageError
 from .render import PACKAGED_SQL_DIR, default_sql_dir
@@ -153,8 +153,7 @@ def _finish_fleet(outcomes, what, command) -> None:
     _fleet_table(outcomes, what)
     failed = [o for o in outcomes if not o.ok]
     if failed:
-        raise StatskitError(f"{command} failed on {len(failed)} of {len(outcomes)} shards: "
-                            f"{fleet_core.failed_shards(outcomes)}")
+        raise StatskitError(f"{command} failed on {fleet_core.failed_shards(outcomes)}")
 
 
 def _fleet_table(outcomes, what) -> None:
@@ -319,7 +318,8 @@ def migrate(dsn, fleet, parallel, cron_dsn, cron, sql_dir, show_status, dry_run,
         click.echo(f"gave partitions their table's owner, grants and policies ({len(done.partition_fixes)} changes)")
     for name, _ in done.functions:
         click.echo({"access": "applied roles and grants (access.sql)",
-                    "capture": f"{'installed' if done.settings.capture else 'removed'} change capture (capture.sql)"}
+                    "capture": f"{'installed' if done.settings.capture else 'removed'} change capture (capture.sql)",
+                    "shard": "applied what the fleet's router may call on this shard (fleet/shard.sql)"}
                    .get(name, f"created function {done.settings.schema}.{name}"))
     for signature in done.drops:
         click.echo(f"dropped function {signature} (an older signature)")
@@ -353,6 +353,8 @@ def _migrate_fleet(shards, cron_dsn, show_status, dry_run, policy, break_lock, p
 def _migrated(done) -> str:
     if done.empty:
         return "up to date, nothing to do"
+    if isinstance(done, router_core.RouterDone):
+        return ", ".join(done.applied)
     return (f"{len(done.migrations)} migrations, {len(done.created_functions)} functions, "
             f"{len(done.jobs)} pg_cron jobs scheduled")
 
@@ -577,6 +579,8 @@ def _backfill_fleet(shards, first, last, user, only, resume, chunk_days, jobs, q
                        f"days, {done.rows_written} rows")
 
     def what(done):
+        if isinstance(done, int):  # the router's merge
+            return f"platform rows merged from every shard's sums: {done} written"
         skipped = f", {done.days_skipped} committed earlier skipped" if done.days_skipped else ""
         return f"{done.days_total} days, {done.rows_written} rows written{skipped}"
 

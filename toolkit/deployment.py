@@ -16,18 +16,29 @@ YOYO_MIGRATION_TABLE = "_yoyo_migration"
 MIN_SERVER_VERSION = 150000
 
 
-def bookkeeping_sql(key_type: str) -> str:
-    """statskit's own tables; a user in them has the catalog's user key type."""
-    return f"""
+# What migrate applied, by checksum (a fleet's router keeps its own too).
+CHECKSUMS_SQL = f"""
 create schema if not exists {STATSKIT_SCHEMA};
-create table if not exists {STATSKIT_SCHEMA}.settings (
-    key text primary key,
-    value text not null
-);
 create table if not exists {STATSKIT_SCHEMA}.function_checksums (
     function_name text primary key,
     sha256 text not null,
     applied_at timestamptz not null default now()
+);
+"""
+
+
+def record_checksum(conn: psycopg.Connection, name: str, text: str) -> None:
+    conn.execute(f"insert into {STATSKIT_SCHEMA}.function_checksums (function_name, sha256) values (%s, %s)"
+                 " on conflict (function_name) do update set sha256 = excluded.sha256, applied_at = now()",
+                 [name, checksum(text)])
+
+
+def bookkeeping_sql(key_type: str) -> str:
+    """statskit's own tables; a user in them has the catalog's user key type."""
+    return CHECKSUMS_SQL + f"""
+create table if not exists {STATSKIT_SCHEMA}.settings (
+    key text primary key,
+    value text not null
 );
 -- The change log (capture/capture.sql writes it, aggregate_*_changes take it): each user, and the
 -- platform, with the first day a late or corrected source row can have changed.

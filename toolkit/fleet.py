@@ -21,6 +21,7 @@ import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
@@ -64,6 +65,7 @@ class Fleet:
     path: Path
     shards: tuple[Shard, ...]
     placement: str = ""  # the application's function of a user key; "" = hashtext & (N - 1)
+    router: str | None = None  # the router database's DSN (docs/scaling.md); None: no router
 
     def shard_of_sql(self, key: str) -> str:
         """SQL of the index of the shard that holds the user whose key is the expression `key`."""
@@ -81,9 +83,10 @@ def load(path: Path | str) -> Fleet:
         raise UsageError(f"cannot read the fleet file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"fleet file {path}: {exc}") from None
-    unknown = sorted(set(raw) - {"shards", "placement"})
+    unknown = sorted(set(raw) - {"shards", "placement", "router"})
     if unknown:
-        raise UsageError(f"fleet file {path}: unknown entry {unknown[0]!r} (a fleet file has [[shards]] and placement)")
+        raise UsageError(f"fleet file {path}: unknown entry {unknown[0]!r} (a fleet file has [[shards]], [router] "
+                         f"and placement)")
     entries = raw.get("shards")
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"fleet file {path}: no [[shards]]: list each shard database, in placement order")
@@ -101,7 +104,19 @@ def load(path: Path | str) -> Fleet:
             if other is not shard:
                 raise UsageError(f"fleet file {path}: shards {other.index} and {shard.index} have the same {what} "
                                  f"{getattr(shard, attribute)}")
-    return Fleet(path, shards, placement)
+    return Fleet(path, shards, placement, _router(path, raw.get("router")))
+
+
+def _router(path: Path, entry) -> str | None:
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("dsn"), str) or set(entry) != {"dsn"}:
+        raise UsageError(f"fleet file {path}: [router] has one entry, dsn (the database the dashboard connects to)")
+    try:
+        db.describe(entry["dsn"])
+    except UsageError as exc:
+        raise UsageError(f"fleet file {path}: router: {exc}") from None
+    return entry["dsn"]
 
 
 def _shard(path: Path, index: int, entry) -> Shard:
@@ -190,6 +205,7 @@ class ShardState:
     misplaced: int  # users (rows of the catalog's user table) whose placement names another shard
     example: str | None  # one of them
     copies: dict[int, dict[str, dict[str, str]]]  # other shard -> table -> key -> md5 of the row here
+    last_partial: date | None  # the last day of its platform partial sums
 
 
 def shard_state(conn: psycopg.Connection, fleet: Fleet, shard: Shard, catalog: Catalog, settings: Settings,
@@ -211,9 +227,11 @@ def shard_state(conn: psycopg.Connection, fleet: Fleet, shard: Shard, catalog: C
             for other in others:
                 copies.setdefault(other, {}).setdefault(table.name, {})[key] = digest
     stored = deployment.stored_settings(conn) or settings
+    last_partial = conn.execute(f"select max(date) from {quote_ident(settings.schema)}.{catalog.platform.table}"
+                                ).fetchone()[0]
     return ShardState(tuple(deployment.applied_migrations(conn)), deployment.function_checksums(conn),
                       {k: v for k, v in stored.as_dict().items() if k not in PER_SHARD_SETTINGS},
-                      stored.job_suffix, misplaced, example, copies)
+                      stored.job_suffix, misplaced, example, copies, last_partial)
 
 
 def _row_digest(table) -> str:
@@ -271,15 +289,16 @@ def fleet_checks(states: dict[Shard, ShardState], copies: dict[Shard, list[str]]
     checked = sum(len(keys) for state in states.values() for tables in state.copies.values() for keys in tables.values())
     differing = [problem for problems in copies.values() for problem in problems]
     return [
-        _fleet_check("fleet:deployment", drift, repair, f"{len(states)} shards at the same migrations, functions and settings"),
-        _fleet_check("fleet:jobs", jobs, "; statskit migrate --fleet names them", "every shard's jobs carry its name"),
-        _fleet_check("fleet:placement", placement, "", "every user is on the shard its placement names"),
-        _fleet_check("fleet:copies", differing, "; the application keeps a row that counts for users of several "
+        check_of("fleet:deployment", drift, repair, f"{len(states)} shards at the same migrations, functions and settings"),
+        check_of("fleet:jobs", jobs, "; statskit migrate --fleet names them", "every shard's jobs carry its name"),
+        check_of("fleet:placement", placement, "", "every user is on the shard its placement names"),
+        check_of("fleet:copies", differing, "; the application keeps a row that counts for users of several "
                      "shards equal on each", f"{checked} sampled rows held on several shards equal on each"),
     ]
 
 
-def _fleet_check(name: str, problems: list[str], repair: str, ok: str) -> Check:
+def check_of(name: str, problems: list[str], repair: str, ok: str) -> Check:
+    """A failed check naming the first five problems and the repair, else a pass saying `ok`."""
     if problems:
         return Check(name, "fail", "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                      + repair)

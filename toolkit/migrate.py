@@ -23,7 +23,7 @@ from . import access, cron, db, deployment, partitions
 from .catalog import Catalog, load_catalog
 from .deployment import YOYO_MIGRATION_TABLE
 from .errors import StatskitError, UsageError
-from .render import ACCESS_FILE, CAPTURE_FILE, FUNCTIONS, quote_ident, render_all, signature, writer_lock
+from .render import ACCESS_FILE, CAPTURE_FILE, FUNCTIONS, SHARD_FILE, quote_ident, render_all, signature, writer_lock
 from .settings import STATSKIT_SCHEMA, Settings
 
 
@@ -177,6 +177,10 @@ def plan(target: Target, cron_conn: psycopg.Connection | None) -> MigratePlan:
     if (applied_checksums.get("capture") != deployment.checksum(capture_sql)
             or deployment.capture_triggers(conn, settings, target.catalog) != triggers):
         result.functions.append(("capture", capture_sql))
+    shard_sql = target.rendered[SHARD_FILE]
+    if settings.shard and (applied_checksums.get("shard") != deployment.checksum(shard_sql)
+                           or any(name in ("user_metric", "user_kpis") for name, _ in result.functions)):
+        result.functions.append(("shard", shard_sql))  # what the fleet's router calls, after what it calls
     if cron_conn is not None:
         result.cron_database = cron_conn.info.dbname
         result.jobs = cron.plan_jobs(cron_conn, settings, conn.info.dbname)
@@ -386,9 +390,7 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
                             backend.connection, target.settings, target.catalog, [mid for mid, _ in todo.migrations])
                     for name, text in todo.functions:
                         run(text)
-                        run(f"insert into {STATSKIT_SCHEMA}.function_checksums (function_name, sha256) values (%s, %s)"
-                            " on conflict (function_name) do update set sha256 = excluded.sha256, applied_at = now()",
-                            [name, deployment.checksum(text)])
+                        deployment.record_checksum(backend.connection, name, text)
                     for rebuild in todo.sums_rebuilt:  # after every function they call is in place
                         deployment.rebuild_sums(backend.connection, target.settings, rebuild)
                     # Last, as the dashboard takes its locks: the source tables (the capture triggers

@@ -12,16 +12,21 @@ from . import compiler, project
 from .compiler import quote_literal
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
-from .settings import PERIOD_MONTHS, READER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
+from .settings import FLEET_CLUSTER, PERIOD_MONTHS, READER_ROLE, ROUTER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 # An installed package carries sql/ as toolkit/sql; a checkout (or editable install) has it beside toolkit/.
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_SQL_DIR = _PACKAGE_DIR / "sql" if (_PACKAGE_DIR / "sql").is_dir() else _PACKAGE_DIR.parent / "sql"
 # Leftover files here are stale renderings (a migration or function the catalog no longer has).
-RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql", "access/*.sql", "capture/*.sql")
+RENDERED_GLOBS = ("migrations/*.sql", "functions/*.sql", "access/*.sql", "capture/*.sql", "fleet/*.sql")
 # Repeatable files besides the functions: re-applied by migrate whenever their text changes.
 ACCESS_FILE = "access/access.sql"
 CAPTURE_FILE = "capture/capture.sql"
+# A fleet's: what its router may call on a shard (applied on shards only), and the router's own.
+SHARD_FILE = "fleet/shard.sql"
+ROUTER_FILE = "fleet/router.sql"
+# PL/Proxy's RUN ON for the default placement: hashtext(u::text) & (N - 1), the mask PL/Proxy's own
+HASH_PLACEMENT = "hashtext(p_user_id::text)"
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,10 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text)
 
 
-def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog | None = None) -> dict[str, str]:
-    """Return {relative path under sql/: text} for every migration and function file."""
+def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog | None = None,
+               placement: str = HASH_PLACEMENT) -> dict[str, str]:
+    """Return {relative path under sql/: text} for every migration and function file (and a
+    fleet's router's, whose user calls run on the shard `placement` names: PL/Proxy's RUN ON)."""
     catalog = catalog or load_catalog(sql_dir / "catalog.toml")
     env = _environment(sql_dir)
     source = quote_ident(settings.source_schema)
@@ -153,6 +160,11 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "key_type": catalog.users.key_type,
         "writer_lock": writer_lock(settings),
         "key_types": {s.name: catalog.key_types(s) for r in (catalog.user, catalog.platform) for s in r.sources if s.partition},
+        # a fleet: the sums behind the platform that a shard keeps, and what its router calls
+        "partials": catalog.platform if settings.shard else catalog.platform.partials(),
+        "router_role": ROUTER_ROLE,
+        "cluster": FLEET_CLUSTER,
+        "placement": placement,
     }
     out = {}
     try:
@@ -172,6 +184,8 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
             out[f"functions/{name}.sql"] = _tidy(env.get_template(f"functions/{name}.sql.j2").render(context))
         out[ACCESS_FILE] = _tidy(env.get_template("access/access.sql.j2").render(context))
         out[CAPTURE_FILE] = _tidy(env.get_template("capture/capture.sql.j2").render(context))
+        for rel in (SHARD_FILE, ROUTER_FILE):
+            out[rel] = _tidy(env.get_template(f"{rel}.j2").render(context))
     except jinja2.TemplateError as exc:
         raise StatskitError(f"template error: {exc}") from None
     return out

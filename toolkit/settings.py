@@ -24,6 +24,10 @@ STATSKIT_SCHEMA = "statskit"
 # The optional roles of `migrate --roles` (access/access.sql).
 READER_ROLE = "statskit_reader"
 WRITER_ROLE = "statskit_writer"
+# A fleet's router logs into every shard as this role, which may only run the routed functions
+# (fleet/shard.sql); the router's PL/Proxy cluster (its SQL/MED server) is this.
+ROUTER_ROLE = "statskit_router"
+FLEET_CLUSTER = "statskit_fleet"
 
 
 def check_identifier(value: str, what: str) -> str:
