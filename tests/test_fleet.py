@@ -4,6 +4,7 @@ deployed, backfilled and verified by the fleet commands as a non-superuser owner
 each server's own database. The union of the shards' user rows is the literal oracle's on the
 unsplit data; drift, a changed copy, a misplaced profile and a stopped server are each named."""
 
+import os
 import re
 import threading
 from datetime import timedelta
@@ -26,8 +27,8 @@ OWNER = "fleet_owner"
 SHARDS = 4
 # shard i lives on server i % 2: each server holds two shard databases, so job names must differ
 DATABASES = [f"fleet_shard{i}" for i in range(SHARDS)]
-# the router lives beside two of the shards; PL/Proxy needs a superuser there
-ROUTER = "fleet_router"
+# the routers live beside two of the shards: PL/Proxy's is a superuser's, dblink's the owner's
+ROUTERS = {"plproxy": "fleet_router", "dblink": "fleet_router_dblink"}
 CRON_GRANTS = f"""
 grant usage on schema cron to {OWNER};
 grant execute on function cron.schedule_in_database(text, text, text, text, text, boolean) to {OWNER};
@@ -39,11 +40,24 @@ def as_owner(server, dbname):
     return server.dsn(dbname).replace("user=postgres", f"user={OWNER}")
 
 
+# The router logs into the shards as statskit_router, by password (dblink lets a non-superuser
+# connect no other way); every other login of the test servers stays trusted.
+ROUTER_PASSWORD = "router-secret"
+ROUTER_HBA = "host all statskit_router 127.0.0.1/32 scram-sha-256\n"
+
+
 def _prepare(server):
+    hba = server.datadir / "pg_hba.conf"
+    if ROUTER_HBA not in hba.read_text():
+        hba.write_text(ROUTER_HBA + hba.read_text())
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         if not conn.execute("select 1 from pg_roles where rolname = %s", [OWNER]).fetchone():
             conn.execute(f"create role {OWNER} login createrole")
+        if not conn.execute("select 1 from pg_roles where rolname = 'statskit_router'").fetchone():
+            conn.execute("create role statskit_router login")
+        conn.execute(f"alter role statskit_router password '{ROUTER_PASSWORD}'")
         conn.execute(CRON_GRANTS)
+        conn.execute("select pg_reload_conf()")
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +67,16 @@ def servers():
     second.start()
     for server in (session_cluster, second):
         _prepare(server)
+    os.environ["STATSKIT_ROUTER_PASSWORD"] = ROUTER_PASSWORD  # what migrate puts in the user mappings
     try:
         yield [session_cluster, second]
     finally:
+        del os.environ["STATSKIT_ROUTER_PASSWORD"]
         second.destroy()
         with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
-            conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [DATABASES + [ROUTER]])
-            for name in DATABASES + ["fleet_whole", ROUTER]:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)",
+                         [DATABASES + list(ROUTERS.values())])
+            for name in DATABASES + ["fleet_whole", *ROUTERS.values()]:
                 conn.execute(f"drop database if exists {name} with (force)")
 
 
@@ -91,17 +108,37 @@ def fleet_file(servers, market, tmp_path_factory):
             conn.execute(reference_shards.shard_schema_sql())
             marketplace.load(conn, part)
         lines += ["[[shards]]", f'dsn = "{as_owner(server, name)}"']
-    with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
-        conn.execute(f"drop database if exists {ROUTER} with (force)")
-        conn.execute(f"create database {ROUTER}")
-    lines += ["[router]", f'dsn = "{session_cluster.dsn(ROUTER)}"']
-    path = tmp_path_factory.mktemp("fleet") / "fleet.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    folder = tmp_path_factory.mktemp("fleet")
+    for engine, name in ROUTERS.items():
+        with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+            conn.execute(f"create database {name} owner {OWNER if engine == 'dblink' else 'postgres'}")
+        if engine == "dblink":  # as a managed service's admin role would: the extension, and its wrapper's use
+            with psycopg.connect(session_cluster.dsn(name), autocommit=True) as conn:
+                conn.execute("create extension dblink")
+                conn.execute(f"grant usage on foreign data wrapper dblink_fdw to {OWNER}")
+        (folder / f"{engine}.toml").write_text("\n".join(
+            lines + ["[router]", f'dsn = "{router_dsn(engine)}"', f'engine = "{engine}"']) + "\n")
+    (folder / "fleet.toml").write_text((folder / "plproxy.toml").read_text())
+    return folder / "fleet.toml"
 
 
-def router_dsn():
-    return session_cluster.dsn(ROUTER)
+def router_dsn(engine="plproxy"):
+    name = ROUTERS[engine]
+    return as_owner(session_cluster, name) if engine == "dblink" else session_cluster.dsn(name)
+
+
+@pytest.fixture(scope="module", params=list(ROUTERS))
+def router(request, deployed, run_cli_module):
+    """(engine, fleet file, router DSN) of each router: the dblink one deployed and merged by the owner."""
+    engine = request.param
+    path = deployed.parent / f"{engine}.toml"
+    if engine == "dblink":
+        done = run_cli_module("migrate", "--fleet", path, "--cron-dsn", CRON_DATABASE)
+        assert done.exit_code == 0, done.output
+        with psycopg.connect(router_dsn(engine), autocommit=True) as conn:
+            conn.execute("select merge_platform_statistics()")
+    return engine, path, router_dsn(engine)
 
 
 def check_line(output, name):
@@ -242,7 +279,8 @@ def first_users(servers):
     return users
 
 
-def test_a_stopped_server_fails_only_its_shards(deployed, servers, run_cli_module):
+def test_a_stopped_server_fails_only_its_shards(router, servers, run_cli_module):
+    engine, deployed, dsn = router
     users_of = first_users(servers)
     second = servers[1]
     second.stop()
@@ -260,9 +298,9 @@ def test_a_stopped_server_fails_only_its_shards(deployed, servers, run_cli_modul
         # the router keeps answering the users of the shards still up, and names the shard of the others
         for index in range(SHARDS):
             user = users_of[index]
-            with psycopg.connect(router_dsn()) as conn:
+            with psycopg.connect(dsn) as conn:
                 if shard_server(servers, index) is second:
-                    with pytest.raises(psycopg.Error, match="fleet_shard"):
+                    with pytest.raises(psycopg.Error, match="fleet_shard" if engine == "plproxy" else "connection"):
                         conn.execute("select * from user_kpis(%s, '2026-03-31')", [user]).fetchall()
                 else:
                     assert len(conn.execute("select * from user_kpis(%s, '2026-03-31')", [user]).fetchall()) == 6
@@ -292,7 +330,8 @@ def test_a_users_backfill_runs_on_its_shard_and_a_cancel_leaves_whole_days(deplo
     ('[[shards]]\ndsn = "dbname=a"\n[[shards]]\ndsn = "dbname=b"\n[[shards]]\ndsn = "dbname=c"\n', "power of two"),
     ('[[shards]]\ndsn = "dbname=a"\n[[shards]]\ndsn = "dbname=a"\n', "same database"),
     ('[[shards]]\ndsn = "dbname=a"\n[routers]\ndsn = "dbname=r"\n', "unknown entry 'routers'"),
-    ('[[shards]]\ndsn = "dbname=a"\n[router]\nuser = "r"\n', "[router] has one entry, dsn"),
+    ('[[shards]]\ndsn = "dbname=a"\n[router]\nuser = "r"\n', "[router] has a dsn"),
+    ('[[shards]]\ndsn = "dbname=a"\n[router]\ndsn = "dbname=r"\nengine = "citus"\n', "plproxy or dblink"),
     ('[[shards]]\nname = "x"\n', "shard 0 has no dsn"),
     ('[[shards]]\ndsn = "host=h password=hunter2 port=x y"\n', "invalid DSN"),
     ('[[shards]]\ndsn = "dbname=a"\nname = "Shard A"\n', "name 'Shard A'"),
@@ -334,7 +373,8 @@ def test_the_shards_partial_sums_add_up_to_the_oracles_platform(deployed, market
     rows = []
     for index in range(SHARDS):
         with psycopg.connect(shard_dsn(servers, index)) as conn:
-            rows += conn.execute(f"select {', '.join(columns)} from {partials.table}").fetchall()
+            rows += conn.execute(f"select {', '.join(columns)} from {partials.table} where date <= %s",
+                                 [market.last_day]).fetchall()
     days = sorted({row[0] for row in rows})
     assert days[0] == market.first_day and days[-1] == market.last_day and len(rows) == SHARDS * len(days)
     def merge(rows):
@@ -359,51 +399,60 @@ def test_a_shard_cannot_become_one_server_again(deployed, servers):
         api.Project.open(SQL_DIR).deployment(shard_dsn(servers, 0), shard="")
 
 
-def test_a_shards_and_the_routers_functions_pass_plpgsql_check(deployed, servers):
+def test_a_shards_and_the_routers_functions_pass_plpgsql_check(router, servers):
     """The shard's rendering (its platform functions read home rows into partial sums) and the
     router's merge are checked by the same independent checker as one server's functions."""
     from test_plpgsql_check import plpgsql_findings
     assert plpgsql_findings(shard_server(servers, 0).dsn(DATABASES[0])) == {}
-    with psycopg.connect(router_dsn(), autocommit=True) as conn:
+    functions = ["public.merge_platform_statistics()", "public.platform_metric(text, date, text)"]
+    if router[0] == "dblink":
+        functions.append("statskit.shard_partials()")
+    with psycopg.connect(session_cluster.dsn(ROUTERS[router[0]]), autocommit=True) as conn:
         conn.execute("create extension if not exists plpgsql_check")
-        findings = [conn.execute("select level, lineno, message from plpgsql_check_function_tb(%s::regprocedure,"
-                                 " fatal_errors => false, all_warnings => true)", [function]).fetchall()
-                    for function in ("public.merge_platform_statistics()", "public.platform_metric(text, date, text)")]
-    assert findings == [[], []]
+        findings = {function: conn.execute("select level, lineno, message from plpgsql_check_function_tb("
+                                           "%s::regprocedure, fatal_errors => false, all_warnings => true)",
+                                           [function]).fetchall() for function in functions}
+    assert findings == {function: [] for function in functions}
 
 
-def test_a_router_whose_cluster_differs_from_the_fleet_file_is_named_and_repaired(deployed, run_cli_module):
+def test_a_router_whose_cluster_differs_from_the_fleet_file_is_named_and_repaired(router, run_cli_module):
     """Two shards swapped in the router's cluster would route users to the wrong shard."""
-    with psycopg.connect(router_dsn(), autocommit=True) as conn:
-        options = dict(o.split("=", 1) for o in conn.execute(
-            "select srvoptions from pg_foreign_server where srvname = 'statskit_fleet'").fetchone()[0])
-        conn.execute(f"alter server statskit_fleet options (set p1 '{options['p2']}', set p2 '{options['p1']}')")
+    engine, deployed, dsn = router
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if engine == "plproxy":
+            options = dict(o.split("=", 1) for o in conn.execute(
+                "select srvoptions from pg_foreign_server where srvname = 'statskit_fleet'").fetchone()[0])
+            conn.execute(f"alter server statskit_fleet options (set p1 '{options['p2']}', set p2 '{options['p1']}')")
+        else:
+            conn.execute("alter server statskit_shard1 options (set dbname 'fleet_shard3')")
     found = run_cli_module("verify", "--fleet", deployed, "--only", "migrations")
     status, detail = check_line(found.output, "router:cluster")
-    assert status == "fail" and detail.startswith("p1: ") and "p2: " in detail and "migrate --fleet" in detail
-    repaired = run_cli_module("migrate", "--fleet", deployed)
-    assert repaired.exit_code == 0 and "cluster statskit_fleet of 4 shards" in repaired.output, repaired.output
+    expected = "p1: " if engine == "plproxy" else "statskit_shard1.dbname: fleet_shard3, the fleet file says fleet_shard1"
+    assert status == "fail" and detail.startswith(expected) and "migrate --fleet" in detail, detail
+    repaired = run_cli_module("migrate", "--fleet", deployed, "--cron-dsn", CRON_DATABASE)
+    assert repaired.exit_code == 0 and f"{engine}: 4 shards in the fleet file's order" in repaired.output, repaired.output
     assert check_line(run_cli_module("verify", "--fleet", deployed, "--only", "migrations").output,
                       "router:cluster")[0] == "pass"
 
 
-def test_the_router_answers_every_user_as_the_users_shard_does(deployed, servers, market):
-    day = market.last_day
+def test_the_router_answers_every_user_as_the_users_shard_does(router, servers, market):
+    day, dsn = market.last_day, router[2]
     for index, user in enumerate(first_users(servers)):
-        with psycopg.connect(shard_dsn(servers, index)) as shard, psycopg.connect(router_dsn()) as router:
+        with psycopg.connect(shard_dsn(servers, index)) as shard, psycopg.connect(dsn) as router:
             for query, args in (("select * from user_kpis(%s, %s, 'week')", [user, day]),
                                 ("select * from user_metric(%s, 'total_earnings', %s)", [user, day])):
                 direct = shard.execute(query, args).fetchall()
                 assert direct and router.execute(query, args).fetchall() == direct
-    with psycopg.connect(router_dsn()) as router:
+    with psycopg.connect(dsn) as router:
         with pytest.raises(psycopg.Error, match="unknown user"):
             router.execute("select * from user_kpis('00000000-0000-0000-0000-000000000000', %s)", [day]).fetchall()
 
 
-def test_the_routers_platform_rows_are_the_oracles(deployed, market):
+def test_the_routers_platform_rows_are_the_oracles(router, market):
     """backfill --fleet merged the days it filled: the router's platform rows are one server's."""
-    with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole, psycopg.connect(router_dsn()) as router:
-        assert router.execute("select min(date), max(date), count(*) from platform_statistics_daily").fetchone() == (
+    with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole, psycopg.connect(router[2]) as router:
+        assert router.execute("select min(date), max(date), count(*) from platform_statistics_daily where date <= %s",
+                              [market.last_day]).fetchone() == (
             market.first_day, market.last_day, (market.last_day - market.first_day).days + 1)
         for day in (market.first_day, market.first_day + timedelta(days=17), market.last_day):
             expected = expected_platform_row(whole, day)
@@ -412,10 +461,11 @@ def test_the_routers_platform_rows_are_the_oracles(deployed, market):
             assert value == expected["hours_completed"]
 
 
-def test_a_day_waits_for_every_shard_and_late_data_reaches_the_router(deployed, servers, market, run_cli_module):
+def test_a_day_waits_for_every_shard_and_late_data_reaches_the_router(router, servers, market, run_cli_module):
     """A day one shard has not written is absent from the router and verify names that shard; late
     data on a shard reaches the router's row after the shard's night and the next merge."""
-    next_day = market.last_day + timedelta(days=1)
+    engine, deployed, dsn = router
+    next_day = market.last_day + timedelta(days=1 if engine == "plproxy" else 2)
     platform_night = "select aggregate_platform_changes(); select aggregate_daily_statistics(%s)"
 
     def night(index, day):
@@ -424,26 +474,29 @@ def test_a_day_waits_for_every_shard_and_late_data_reaches_the_router(deployed, 
                 conn.execute(statement, [day] if "%s" in statement else [])
 
     def merge():
-        with psycopg.connect(router_dsn(), autocommit=True) as conn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
             return conn.execute("select merge_platform_statistics()").fetchone()[0]
+
+    def merged(day):
+        with psycopg.connect(dsn) as router:
+            return router.execute("select count(*) from platform_statistics_daily where date = %s", [day]).fetchone()[0]
 
     for index in (0, 1, 2):
         night(index, next_day)
-    assert merge() == 0
+    merge()
+    assert merged(next_day) == 0
     found = run_cli_module("verify", "--fleet", deployed, "--only", "migrations")
     status, detail = check_line(found.output, "router:merge")
     assert status == "fail" and "shard3" in detail and "waits for it" in detail, found.output
     night(3, next_day)
-    assert merge() == 1
-    with psycopg.connect(router_dsn()) as router:
-        assert router.execute("select count(*) from platform_statistics_daily where date = %s", [next_day]).fetchone()[0] == 1
+    assert merge() >= 1 and merged(next_day) == 1
 
     # a booking completed on a stored day, recorded late on its tutor's (home) shard and its client's
     late = market.last_day - timedelta(days=5)
     with psycopg.connect(shard_dsn(servers, 0)) as conn:
         tutor, client = conn.execute("select b.tutor_id, b.client_id from bookings b join profiles p on p.id = b.tutor_id"
                                      " limit 1").fetchone()
-    holders = sorted({fleet_core.placements(psycopg.connect(router_dsn()), fleet_core.Fleet(None, tuple(
+    holders = sorted({fleet_core.placements(psycopg.connect(dsn), fleet_core.Fleet(None, tuple(
         fleet_core.Shard(i, f"shard{i}", "") for i in range(SHARDS))), [tutor, client], "uuid")[u] for u in (tutor, client)})
     booking = (99_000_001, None, tutor, client, "completed", f"{late} 08:00+00", f"{late} 08:30+00", None,
                f"{late} 12:00+00", f"{late} 11:00+00", 90)
@@ -458,7 +511,7 @@ def test_a_day_waits_for_every_shard_and_late_data_reaches_the_router(deployed, 
         for index in holders:
             night(index, next_day)
         assert merge() >= 1  # the late day, and each day after it its numbers moved
-        with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole, psycopg.connect(router_dsn()) as router:
+        with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole, psycopg.connect(dsn) as router:
             expected = expected_platform_row(whole, late)
             assert differences({"platform": expected}, {"platform": stored_platform_row(router, late)}) == []
     finally:

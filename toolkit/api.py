@@ -285,7 +285,7 @@ class FleetDeployment:
         fleet_core.check_cron_dsn(cron_dsn)
         outcomes = self._each(lambda shard, app: app.migrate(cron_dsn, policy, break_lock), parallel, done)
         return outcomes + self._on_router(lambda settings: router_core.deploy(
-            self.fleet, self.project.sql_dir, settings, self.project.catalog), outcomes, done)
+            self.fleet, self.project.sql_dir, settings, self.project.catalog, cron_dsn), outcomes, done)
 
     @property
     def router(self) -> fleet_core.Shard | None:
@@ -375,5 +375,5 @@ class FleetDeployment:
         checks += fleet_core.fleet_checks(states, copies)
         if self.router is not None:
             checks += router_core.checks(self.fleet, self.project.sql_dir, self._router_settings(), catalog,
-                                         {shard: state.last_partial for shard, state in states.items()})
+                                         {shard: state.last_partial for shard, state in states.items()}, cron_dsn)
         return FleetReport([report_only(o) for o in outcomes], checks)

@@ -16,9 +16,13 @@ YOYO_MIGRATION_TABLE = "_yoyo_migration"
 MIN_SERVER_VERSION = 150000
 
 
-# What migrate applied, by checksum (a fleet's router keeps its own too).
+# The settings and what migrate applied, by checksum (a fleet's router keeps both too).
 CHECKSUMS_SQL = f"""
 create schema if not exists {STATSKIT_SCHEMA};
+create table if not exists {STATSKIT_SCHEMA}.settings (
+    key text primary key,
+    value text not null
+);
 create table if not exists {STATSKIT_SCHEMA}.function_checksums (
     function_name text primary key,
     sha256 text not null,
@@ -36,10 +40,6 @@ def record_checksum(conn: psycopg.Connection, name: str, text: str) -> None:
 def bookkeeping_sql(key_type: str) -> str:
     """statskit's own tables; a user in them has the catalog's user key type."""
     return CHECKSUMS_SQL + f"""
-create table if not exists {STATSKIT_SCHEMA}.settings (
-    key text primary key,
-    value text not null
-);
 -- The change log (capture/capture.sql writes it, aggregate_*_changes take it): each user, and the
 -- platform, with the first day a late or corrected source row can have changed.
 create table if not exists {STATSKIT_SCHEMA}.user_changes (

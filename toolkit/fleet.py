@@ -35,6 +35,8 @@ from .settings import JOB_SUFFIX, Settings
 from .verify import Check
 
 PLACEMENT = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+# How a router reaches the shards: PL/Proxy (a superuser's), or dblink where PL/Proxy cannot be had.
+ROUTER_ENGINES = ("plproxy", "dblink")
 # Shards migrated, backfilled or verified at once: each is one connection (a backfill: --jobs).
 DEFAULT_PARALLEL = 4
 # What may differ between shards of one deployment: the jobs' names, and where each server keeps
@@ -66,6 +68,7 @@ class Fleet:
     shards: tuple[Shard, ...]
     placement: str = ""  # the application's function of a user key; "" = hashtext & (N - 1)
     router: str | None = None  # the router database's DSN (docs/scaling.md); None: no router
+    router_engine: str = "plproxy"  # how it reaches the shards: "plproxy", or "dblink" (managed PostgreSQL)
 
     def shard_of_sql(self, key: str) -> str:
         """SQL of the index of the shard that holds the user whose key is the expression `key`."""
@@ -104,19 +107,18 @@ def load(path: Path | str) -> Fleet:
             if other is not shard:
                 raise UsageError(f"fleet file {path}: shards {other.index} and {shard.index} have the same {what} "
                                  f"{getattr(shard, attribute)}")
-    return Fleet(path, shards, placement, _router(path, raw.get("router")))
-
-
-def _router(path: Path, entry) -> str | None:
-    if entry is None:
-        return None
-    if not isinstance(entry, dict) or not isinstance(entry.get("dsn"), str) or set(entry) != {"dsn"}:
-        raise UsageError(f"fleet file {path}: [router] has one entry, dsn (the database the dashboard connects to)")
+    router = raw.get("router")
+    if router is None:
+        return Fleet(path, shards, placement)
+    if (not isinstance(router, dict) or not isinstance(router.get("dsn"), str) or set(router) - {"dsn", "engine"}
+            or router.get("engine", "plproxy") not in ROUTER_ENGINES):
+        raise UsageError(f"fleet file {path}: [router] has a dsn (the database the dashboard connects to) and an "
+                         f"engine, {' or '.join(ROUTER_ENGINES)} (default plproxy)")
     try:
-        db.describe(entry["dsn"])
+        db.describe(router["dsn"])
     except UsageError as exc:
         raise UsageError(f"fleet file {path}: router: {exc}") from None
-    return entry["dsn"]
+    return Fleet(path, shards, placement, router["dsn"], router.get("engine", "plproxy"))
 
 
 def _shard(path: Path, index: int, entry) -> Shard:

@@ -25,6 +25,7 @@ CAPTURE_FILE = "capture/capture.sql"
 # A fleet's: what its router may call on a shard (applied on shards only), and the router's own.
 SHARD_FILE = "fleet/shard.sql"
 ROUTER_FILE = "fleet/router.sql"
+ROUTER_ENGINE_FILES = {"plproxy": "fleet/router_plproxy.sql", "dblink": "fleet/router_dblink.sql"}
 # PL/Proxy's RUN ON for the default placement: hashtext(u::text) & (N - 1), the mask PL/Proxy's own
 HASH_PLACEMENT = "hashtext(p_user_id::text)"
 
@@ -122,9 +123,11 @@ def _tidy(text: str) -> str:
 
 
 def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog | None = None,
-               placement: str = HASH_PLACEMENT) -> dict[str, str]:
-    """Return {relative path under sql/: text} for every migration and function file (and a
-    fleet's router's, whose user calls run on the shard `placement` names: PL/Proxy's RUN ON)."""
+               placement: str = HASH_PLACEMENT, dblink_schema: str = "public") -> dict[str, str]:
+    """Return {relative path under sql/: text} for every migration and function file, and a
+    fleet's router's: its user calls run on the shard `placement` names (PL/Proxy's RUN ON; the
+    hash, which PL/Proxy masks, or the application's function of p_user_id), and with the dblink
+    engine through the extension's functions in `dblink_schema`."""
     catalog = catalog or load_catalog(sql_dir / "catalog.toml")
     env = _environment(sql_dir)
     source = quote_ident(settings.source_schema)
@@ -165,6 +168,9 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
         "router_role": ROUTER_ROLE,
         "cluster": FLEET_CLUSTER,
         "placement": placement,
+        "shard_index": f"{placement} & ({quote_ident(STATSKIT_SCHEMA)}.fleet_size() - 1)"
+                       if placement == HASH_PLACEMENT else placement,
+        "dblink_schema": quote_ident(dblink_schema),
     }
     out = {}
     try:
@@ -184,7 +190,7 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
             out[f"functions/{name}.sql"] = _tidy(env.get_template(f"functions/{name}.sql.j2").render(context))
         out[ACCESS_FILE] = _tidy(env.get_template("access/access.sql.j2").render(context))
         out[CAPTURE_FILE] = _tidy(env.get_template("capture/capture.sql.j2").render(context))
-        for rel in (SHARD_FILE, ROUTER_FILE):
+        for rel in (SHARD_FILE, ROUTER_FILE, *ROUTER_ENGINE_FILES.values()):
             out[rel] = _tidy(env.get_template(f"{rel}.j2").render(context))
     except jinja2.TemplateError as exc:
         raise StatskitError(f"template error: {exc}") from None

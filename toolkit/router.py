@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from . import db, deployment
+from . import cron, db, deployment
 from .catalog import Catalog
 from .errors import StatskitError
 from .compiler import quote_literal
 from .fleet import Fleet, check_of
-from .render import HASH_PLACEMENT, ROUTER_FILE, quote_ident, render_all
+from .render import HASH_PLACEMENT, ROUTER_ENGINE_FILES, ROUTER_FILE, quote_ident, render_all
 from .settings import FLEET_CLUSTER, ROUTER_ROLE, STATSKIT_SCHEMA, Settings
 from .verify import Check
 
@@ -45,64 +45,121 @@ def merge_job(conn: psycopg.Connection) -> str:
     return f"merge-platform-statistics-{conn.info.dbname}"
 
 
-def cluster_options(fleet: Fleet) -> dict[str, str]:
-    """The PL/Proxy cluster's partitions, p0 .. pN-1 in placement order: each shard's server and
-    database, without its login (the user mapping gives the router role)."""
-    options = {}
-    for shard in fleet.shards:
-        parts = {k: v for k, v in db.dsn_parts(shard.dsn).items() if k not in ("user", "password")}
-        options[f"p{shard.index}"] = psycopg.conninfo.make_conninfo(**parts)
-    return options
+def _shard_address(shard) -> dict[str, str]:
+    """A shard's server and database, without its login (the user mapping gives the router role)."""
+    return {k: v for k, v in db.dsn_parts(shard.dsn).items() if k not in ("user", "password")}
 
 
-def rendered_sql(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog) -> str:
-    """fleet/router.sql, then one server's platform_metric, which reads the router's platform table."""
+def _options_sql(options: dict[str, str]) -> str:
+    return ", ".join(f"{k} {quote_literal(v)}" for k, v in options.items())
+
+
+def _router_login() -> dict[str, str]:
+    password = os.environ.get(PASSWORD_VARIABLE)
+    return {"user": ROUTER_ROLE, **({"password": password} if password else {})}
+
+
+class PlProxy:
+    """PL/Proxy: one SQL/MED server, the cluster, whose partitions p0 .. pN-1 are the shards."""
+
+    name = "plproxy"
+
+    def wanted(self, fleet: Fleet) -> dict[str, dict[str, str]]:
+        return {FLEET_CLUSTER: {f"p{s.index}": psycopg.conninfo.make_conninfo(**_shard_address(s))
+                                for s in fleet.shards}}
+
+    def stored(self, conn: psycopg.Connection) -> dict[str, dict[str, str]]:
+        return _servers(conn, f"^{FLEET_CLUSTER}$")
+
+    def require(self, conn: psycopg.Connection) -> None:
+        if not conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]:
+            raise StatskitError(
+                f"the router's PL/Proxy functions need a superuser (PL/Proxy is an untrusted language), and "
+                f"{conn.info.user} is not one: use engine = \"dblink\" in the fleet file's [router]; nothing changed")
+        conn.execute("create extension if not exists plproxy")
+
+    def make(self, conn: psycopg.Connection, servers: dict[str, dict[str, str]]) -> None:
+        conn.execute(f"drop server if exists {FLEET_CLUSTER} cascade")  # with its user mapping
+        conn.execute(f"create server {FLEET_CLUSTER} foreign data wrapper plproxy "
+                     f"options ({_options_sql(servers[FLEET_CLUSTER])})")
+        conn.execute(f"create user mapping for public server {FLEET_CLUSTER} options ({_options_sql(_router_login())})")
+        # the dashboard's roles call through it; what they reach is the router role's only
+        conn.execute(f"grant usage on foreign server {FLEET_CLUSTER} to public")
+
+
+class Dblink:
+    """dblink (contrib, on managed services too): one dblink_fdw server per shard,
+    statskit_shard0 .. statskit_shardN-1, and the deployer's user mapping for each."""
+
+    name = "dblink"
+
+    def wanted(self, fleet: Fleet) -> dict[str, dict[str, str]]:
+        return {f"statskit_shard{s.index}": _shard_address(s) for s in fleet.shards}
+
+    def stored(self, conn: psycopg.Connection) -> dict[str, dict[str, str]]:
+        return _servers(conn, "^statskit_shard[0-9]+$")
+
+    def require(self, conn: psycopg.Connection) -> None:
+        if self.schema(conn) is None:
+            raise StatskitError(
+                f"dblink is not installed in the router's database {conn.info.dbname}: a superuser (or the "
+                f"service's admin role) runs CREATE EXTENSION dblink there; nothing changed")
+        superuser = conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]
+        if not superuser and not os.environ.get(PASSWORD_VARIABLE):
+            raise StatskitError(
+                f"dblink logs a non-superuser into the shards with a password only: set ${PASSWORD_VARIABLE} to "
+                f"{ROUTER_ROLE}'s password on the shards' servers; nothing changed")
+
+    @staticmethod
+    def schema(conn: psycopg.Connection) -> str | None:
+        row = conn.execute("select extnamespace::regnamespace::text from pg_extension where extname = 'dblink'"
+                           ).fetchone()
+        return row[0] if row else None
+
+    def make(self, conn: psycopg.Connection, servers: dict[str, dict[str, str]]) -> None:
+        for name in self.stored(conn):
+            conn.execute(f"drop server {name} cascade")
+        for name, options in servers.items():
+            conn.execute(f"create server {name} foreign data wrapper dblink_fdw options ({_options_sql(options)})")
+            conn.execute(f"create user mapping for current_user server {name} options ({_options_sql(_router_login())})")
+
+
+ENGINES = {engine.name: engine for engine in (PlProxy(), Dblink())}
+
+
+def _servers(conn: psycopg.Connection, pattern: str) -> dict[str, dict[str, str]]:
+    return {name: dict(option.split("=", 1) for option in options or []) for name, options in conn.execute(
+        "select srvname, srvoptions from pg_foreign_server where srvname ~ %s order by srvname", [pattern])}
+
+
+def rendered_sql(fleet: Fleet, conn: psycopg.Connection, sql_dir, settings: Settings, catalog: Catalog) -> str:
+    """The engine's file, fleet/router.sql, and one server's platform_metric, which reads the
+    router's platform table."""
     placement = f"{fleet.placement}(p_user_id)" if fleet.placement else HASH_PLACEMENT
-    rendered = render_all(sql_dir, settings, catalog, placement)
-    return rendered[ROUTER_FILE] + "\n" + rendered["functions/platform_metric.sql"]
+    rendered = render_all(sql_dir, settings, catalog, placement, Dblink.schema(conn) or "public")
+    return "\n".join(rendered[f] for f in (ROUTER_ENGINE_FILES[fleet.router_engine], ROUTER_FILE,
+                                           "functions/platform_metric.sql"))
 
 
-def _stored_options(conn: psycopg.Connection) -> dict[str, str] | None:
-    row = conn.execute("select srvoptions from pg_foreign_server where srvname = %s", [FLEET_CLUSTER]).fetchone()
-    if row is None:
-        return None
-    return dict(option.split("=", 1) for option in row[0] or [])
-
-
-def _require_superuser(conn: psycopg.Connection) -> None:
-    if not conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]:
-        raise StatskitError(
-            f"the router's PL/Proxy functions need a superuser (PL/Proxy is an untrusted language), and "
-            f"{conn.info.user} is not one; nothing changed")
-
-
-def deploy(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog) -> RouterDone:
-    """Bring the router up to date, in one transaction: the cluster (re-made when the fleet file's
-    shards or their order changed), the routed functions and the platform table; then its job."""
-    done = RouterDone()
-    text = rendered_sql(fleet, sql_dir, settings, catalog)
-    wanted = cluster_options(fleet)
+def deploy(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog, cron_dsn: str | None = None) -> RouterDone:
+    """Bring the router up to date, in one transaction: how it reaches the shards (re-made when
+    the fleet file's shards or their order changed), the routed functions and the platform table;
+    then its merge job."""
+    done, engine = RouterDone(), ENGINES[fleet.router_engine]
+    wanted = engine.wanted(fleet)
     with db.connect(fleet.router, autocommit=True) as conn:
-        _require_superuser(conn)
         with conn.transaction():
+            engine.require(conn)
+            text = rendered_sql(fleet, conn, sql_dir, settings, catalog)
             conn.execute(deployment.CHECKSUMS_SQL)
-            if _stored_options(conn) != wanted:
-                conn.execute("create extension if not exists plproxy")
-                conn.execute(f"drop server if exists {FLEET_CLUSTER} cascade")  # with its user mapping
-                options = ", ".join(f"{k} {quote_literal(v)}" for k, v in wanted.items())
-                conn.execute(f"create server {FLEET_CLUSTER} foreign data wrapper plproxy options ({options})")
-                login = {"user": ROUTER_ROLE, **({"password": os.environ[PASSWORD_VARIABLE]}
-                                                 if os.environ.get(PASSWORD_VARIABLE) else {})}
-                conn.execute(f"create user mapping for public server {FLEET_CLUSTER} options "
-                             f"({', '.join(f'{k} {quote_literal(v)}' for k, v in login.items())})")
-                # the dashboard's roles call through it; what they reach is the router role's only
-                conn.execute(f"grant usage on foreign server {FLEET_CLUSTER} to public")
-                done.applied.append(f"cluster {FLEET_CLUSTER} of {len(wanted)} shards")
+            if engine.stored(conn) != wanted:
+                engine.make(conn, wanted)
+                done.applied.append(f"{engine.name}: {len(fleet.shards)} shards in the fleet file's order")
             if deployment.function_checksums(conn).get("router") != deployment.checksum(text):
                 conn.execute(text)
                 deployment.record_checksum(conn, "router", text)
-                done.applied.append("routed functions and platform table (fleet/router.sql)")
-        if _schedule_merge(conn, fleet.router, settings):
+                done.applied.append(f"routed functions and platform table (fleet/{engine.name} router)")
+        if _schedule_merge(conn, fleet.router, settings, cron_dsn):
             done.applied.append(f"pg_cron job {merge_job(conn)} ({MERGE_SCHEDULE})")
     return done
 
@@ -111,18 +168,19 @@ def _merge_command(settings: Settings) -> str:
     return f"select {quote_ident(settings.schema)}.merge_platform_statistics()"
 
 
-def _cron(conn: psycopg.Connection, dsn: str) -> psycopg.Connection:
-    """pg_cron's database on the router's server, with the router's (superuser) login."""
-    cron_db = conn.execute("select current_setting('cron.database_name', true)").fetchone()[0]
-    if not cron_db:
-        raise StatskitError("pg_cron is not loaded on the router's server: the platform merge would have no job")
-    return db.connect(db.with_database(dsn, cron_db), autocommit=True)
+def _connect_cron(conn: psycopg.Connection, dsn: str, cron_dsn: str | None) -> psycopg.Connection:
+    """pg_cron's database on the router's server: --cron-dsn, else where migrate found it (kept in
+    the router's statskit.settings), else the server's cron.database_name."""
+    stored = deployment.stored_settings(conn) if deployment.table_exists(conn, f"{STATSKIT_SCHEMA}.settings") else None
+    return cron.connect_cron(dsn, conn, cron_dsn, stored or Settings())
 
 
-def _schedule_merge(conn: psycopg.Connection, dsn: str, settings: Settings) -> bool:
-    """Schedule the merge job unless it is there as wanted; True when it was (re)scheduled."""
+def _schedule_merge(conn: psycopg.Connection, dsn: str, settings: Settings, cron_dsn: str | None) -> bool:
+    """Schedule the merge job unless it is there as wanted, and keep where pg_cron lives; True
+    when it was (re)scheduled."""
     name, command = merge_job(conn), _merge_command(settings)
-    with _cron(conn, dsn) as cron_conn:
+    with _connect_cron(conn, dsn, cron_dsn) as cron_conn:
+        deployment.save_settings(conn, Settings(cron_database=cron_conn.info.dbname))
         found = cron_conn.execute("select schedule, command, database, active from cron.job where jobname = %s",
                                   [name]).fetchone()
         if found == (MERGE_SCHEDULE, command, conn.info.dbname, True):
@@ -138,26 +196,24 @@ def merge(fleet: Fleet, settings: Settings) -> int:
         return conn.execute(_merge_command(settings)).fetchone()[0]
 
 
-def checks(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog, shard_days: dict) -> list[Check]:
-    """The router's checks: its functions as rendered, its cluster as the fleet file lists the
-    shards, its merge job, and its platform rows through the last day every shard has.
-    `shard_days`: each reachable shard's last day of partial sums."""
+def checks(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog, shard_days: dict,
+           cron_dsn: str | None = None) -> list[Check]:
+    """The router's checks: its functions as rendered, how it reaches the shards against the
+    fleet file (in order), its merge job, and its platform rows through the last day every shard
+    has. `shard_days`: each reachable shard's last day of partial sums."""
+    engine = ENGINES[fleet.router_engine]
     try:
         with db.connect(fleet.router, autocommit=True) as conn:
-            text = rendered_sql(fleet, sql_dir, settings, catalog)
+            text = rendered_sql(fleet, conn, sql_dir, settings, catalog)
             missing = [name for name in ROUTED if conn.execute(
                 "select not exists (select from pg_proc where proname = %s and pronamespace = to_regnamespace(%s))",
                 [name, quote_ident(settings.schema)]).fetchone()[0]]
             stale = deployment.function_checksums(conn).get("router") != deployment.checksum(text) \
                 if deployment.table_exists(conn, f"{STATSKIT_SCHEMA}.function_checksums") else True
             functions = [f"missing: {', '.join(missing)}"] if missing else []
-            functions += ["fleet/router.sql differs from what migrate applied"] if stale and not missing else []
-            stored, wanted = _stored_options(conn), cluster_options(fleet)
-            cluster = ([f"no PL/Proxy cluster {FLEET_CLUSTER}"] if stored is None else
-                       [f"{k}: {stored.get(k) or 'none'}, the fleet file says {wanted.get(k) or 'none'}"
-                        for k in sorted(set(stored) | set(wanted), key=lambda k: (len(k), k))
-                        if k.startswith("p") and k[1:].isdigit() and stored.get(k) != wanted.get(k)])
-            with _cron(conn, fleet.router) as cron_conn:
+            functions += ["the routed functions differ from what migrate applied"] if stale and not missing else []
+            cluster = _differences(engine.stored(conn), engine.wanted(fleet))
+            with _connect_cron(conn, fleet.router, cron_dsn) as cron_conn:
                 job = cron_conn.execute("select schedule, command, active from cron.job where jobname = %s"
                                         " and database = %s", [merge_job(conn), conn.info.dbname]).fetchone()
             jobs = ([] if job == (MERGE_SCHEDULE, _merge_command(settings), True) else
@@ -171,10 +227,25 @@ def checks(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog, shard_da
     repair = "; statskit migrate --fleet repairs it"
     return [
         check_of("router:functions", functions, repair, f"{', '.join(ROUTED)} as fleet/router.sql renders them"),
-        check_of("router:cluster", cluster, repair, f"{FLEET_CLUSTER}: {len(wanted)} shards in the fleet file's order"),
+        check_of("router:cluster", cluster, repair, f"{engine.name}: {len(fleet.shards)} shards in the fleet file's order"),
         check_of("router:jobs", jobs, repair, f"{MERGE_SCHEDULE}, active"),
         check_of("router:merge", merged, "", f"platform rows through {last}, the last day every shard has"),
     ]
+
+
+def _differences(stored: dict[str, dict[str, str]], wanted: dict[str, dict[str, str]]) -> list[str]:
+    """Each server, or partition of one, that differs from the fleet file."""
+    out = []
+    for server in sorted(set(stored) | set(wanted)):
+        if server not in stored:
+            out.append(f"no server {server}")
+            continue
+        have, want = stored[server], wanted.get(server, {})
+        keys = sorted({k for k in set(have) | set(want) if k in want or k.startswith("p") and k[1:].isdigit()},
+                      key=lambda k: (len(k), k))
+        out += [f"{server if len(wanted) > 1 else ''}{'.' if len(wanted) > 1 else ''}{k}: {have.get(k) or 'none'}, "
+                f"the fleet file says {want.get(k) or 'none'}" for k in keys if have.get(k) != want.get(k)]
+    return out
 
 
 def _merge_state(last, shard_days: dict) -> list[str]:
