@@ -4,6 +4,7 @@ session's test server runs on: toolkit.cluster)."""
 import re
 
 import psycopg
+import pytest
 
 
 def test_demo_runs_end_to_end_and_tells_the_story(empty_dsn, run_cli):
@@ -32,3 +33,21 @@ def test_demo_refuses_a_database_with_source_tables(dsn, run_cli):
     result = run_cli("demo", "--dsn", dsn)
     assert result.exit_code == 1
     assert "already has a profiles table: the demo needs an empty database" in result.output
+
+
+@pytest.mark.pg  # servers of its own
+def test_the_fleet_demo_runs_end_to_end_through_its_router(run_cli):
+    """Two private servers, two shards and a PL/Proxy router: the split demo data deployed,
+    backfilled and verified as one, the KPIs read through the router."""
+    from conftest import SIDE_PORT
+    port = SIDE_PORT + 3
+    try:
+        result = run_cli("demo", "--fleet", "--users", 120, "--days", 15, "--seed", 5, "--port", port)
+        assert result.exit_code == 0, result.output
+        out = result.output
+        assert re.search(r"verify --fleet: PASS — \d+ passed, 0 warnings, 0 failed", out), out
+        assert re.search(r"^router .* platform rows merged from every shard's sums: 15 written$", out, re.M), out
+        assert "KPIs of a tutor" in out and "through the router" in out
+        assert re.search(r"^hours_completed +\d+\.\d\d ", out, re.M)  # the platform, merged on the router
+    finally:
+        run_cli("demo", "--port", port, "destroy")

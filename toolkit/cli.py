@@ -14,7 +14,7 @@ import click
 import psycopg
 
 from . import api, backfill as backfill_core, cron as cron_core, dashboard, db, demo as demo_core, docs, migrate as migrate_core, project, report, verify as verify_core
-from . import fleet as fleet_core, router as router_core
+from . import demo_fleet, fleet as fleet_core, router as router_core
 from .dates import parse_date
 from .errors import StatskitError, UsageError
 from .render import PACKAGED_SQL_DIR, default_sql_dir
@@ -410,10 +410,13 @@ def rollback(dsn, cron_dsn, cron, sql_dir, policy):
               envvar="STATSKIT_DEMO_PORT", help="Port of the private PostgreSQL cluster (or $STATSKIT_DEMO_PORT).")
 @click.option("--dsn", metavar="DSN", help="Use this (empty) database instead of the private cluster: checked "
               "first (empty, CREATE allowed, pg_cron reachable unless --no-cron), before any row is loaded.")
+@click.option("--fleet", "as_fleet", is_flag=True,
+              help="A fleet instead (docs/scaling.md): two private servers (--port and --port + 2), a shard "
+                   "database on each and a PL/Proxy router, the data split by user; KPIs read through the router.")
 @cron_options
 @sql_dir_option
 @click.pass_context
-def demo(ctx, users, days, seed, port, dsn, cron_dsn, cron, sql_dir):
+def demo(ctx, users, days, seed, port, dsn, as_fleet, cron_dsn, cron, sql_dir):
     """Run statskit end to end on a private PostgreSQL with a synthetic marketplace.
 
     Creates (first time) and starts a private cluster with pg_cron on its own port and
@@ -424,11 +427,23 @@ def demo(ctx, users, days, seed, port, dsn, cron_dsn, cron, sql_dir):
     Examples:
       statskit demo                      # private cluster on port 54915
       statskit demo --users 5000 --days 120 --seed 7
+      statskit demo --fleet              # two shards on two servers and a router
       statskit demo shell                # psql into the demo database
       statskit demo stop | destroy
     """
     ctx.meta["statskit.demo_port"] = port
     if ctx.invoked_subcommand:
+        return
+    if as_fleet:
+        if dsn:
+            raise UsageError("--fleet runs on the demo's private servers: give --fleet or --dsn, not both")
+        click.echo(f"starting two private PostgreSQL servers with pg_cron on 127.0.0.1:{port} and {port + 2} ...")
+        story = demo_fleet.run(port, users, days, seed, sql_dir, say=click.echo)
+        _tell_fleet(story)
+        click.echo(f"the demo's servers keep running on 127.0.0.1:{port} and {port + 2}: statskit demo stop "
+                   f"(or destroy) stops them")
+        if not story.report.ok:
+            sys.exit(1)
         return
     if dsn:
         ctx.meta["statskit.dsn"] = dsn
@@ -466,6 +481,25 @@ def _tell(story):
     click.echo(f"look around: psql \"{story.dsn}\"   (or: statskit demo shell)")
 
 
+def _tell_fleet(story):
+    click.echo(f"loaded {story.rows_loaded} source rows: activity {story.first_day} .. {story.last_day}, "
+               f"split over {len(story.migrated) - 1} shards by user; fleet file {story.fleet_file}")
+    for title, outcomes, what in (("migrate", story.migrated, _migrated),
+                                  ("backfill", story.backfilled, _backfilled)):
+        click.echo(f"{title}:")
+        _fleet_table(outcomes, what)
+    click.echo(f"verify --fleet: {report.summary_line(story.report.checks).split(': ', 1)[1]}")
+    for check in story.report.checks:
+        if check.status != "pass":
+            click.echo(f"  {check.status}: {check.check}: {check.detail}")
+    for role, (user_id, values) in story.kpis.items():
+        click.echo(f"KPIs of a {role} ({user_id}) on {story.last_day} through the router, against the week before:")
+        click.echo(_metric_grid(values, story.metric_units, sys.stdout.isatty()))
+    click.echo(f"the platform on {story.last_day} through the router (merged from the shards' sums):")
+    click.echo(_metric_grid(story.platform, story.metric_units, sys.stdout.isatty()))
+    click.echo(f"look around: statskit verify --fleet {story.fleet_file}")
+
+
 @demo.command("shell")
 @click.pass_context
 def demo_shell(ctx):
@@ -479,18 +513,19 @@ def demo_shell(ctx):
 @demo.command("stop")
 @click.pass_context
 def demo_stop(ctx):
-    """Stop the private demo cluster (its data stays)."""
-    demo_core.demo_cluster(ctx.meta["statskit.demo_port"]).stop()
+    """Stop the private demo cluster, and demo --fleet's second one (their data stays)."""
+    for cluster in demo_fleet.clusters(ctx.meta["statskit.demo_port"]):
+        cluster.stop()
     click.echo("demo cluster stopped")
 
 
 @demo.command("destroy")
 @click.pass_context
 def demo_destroy(ctx):
-    """Stop the private demo cluster and delete its data directory."""
-    cluster = demo_core.demo_cluster(ctx.meta["statskit.demo_port"])
-    cluster.destroy()
-    click.echo(f"demo cluster removed ({cluster.root})")
+    """Stop the private demo cluster (and demo --fleet's second one) and delete their data directories."""
+    for cluster in demo_fleet.clusters(ctx.meta["statskit.demo_port"]):
+        cluster.destroy()
+        click.echo(f"demo cluster removed ({cluster.root})")
 
 
 @cli.command()
@@ -554,6 +589,13 @@ def backfill(dsn, fleet, parallel, first, last, user, only, resume, chunk_days, 
                    f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
 
 
+def _backfilled(done) -> str:
+    if isinstance(done, int):  # the router's merge
+        return f"platform rows merged from every shard's sums: {done} written"
+    skipped = f", {done.days_skipped} committed earlier skipped" if done.days_skipped else ""
+    return f"{done.days_total} days, {done.rows_written} rows written{skipped}"
+
+
 @contextlib.contextmanager
 def _cancelled_by_signals():
     """SIGINT and SIGTERM set an event the backfill core checks (and cancels its statements on),
@@ -578,12 +620,7 @@ def _backfill_fleet(shards, first, last, user, only, resume, chunk_days, jobs, q
             click.echo(f"{shard.name}: chunk {chunk[0]}..{chunk[1]} committed: {done.days_done}/{done.days_total} "
                        f"days, {done.rows_written} rows")
 
-    def what(done):
-        if isinstance(done, int):  # the router's merge
-            return f"platform rows merged from every shard's sums: {done} written"
-        skipped = f", {done.days_skipped} committed earlier skipped" if done.days_skipped else ""
-        return f"{done.days_total} days, {done.rows_written} rows written{skipped}"
-
+    what = _backfilled
     outcomes = shards.backfill(first, last, only=only or "both", user=shards.user_key(user) if user else None, resume=resume, chunk_days=chunk_days, jobs=jobs, parallel=parallel,
                                progress=progress, cancel=cancel, done=_echo_shard_done(what),
                                notify=lambda shard, message: click.echo(f"note: {shard.name}: {message}", err=True))

@@ -15,8 +15,10 @@ from .reference import marketplace
 DEMO_DATABASE = "statskit_demo"
 
 
-def demo_cluster(port: int = DEMO_PORT) -> LocalCluster:
-    return LocalCluster("demo", port)
+def demo_cluster(port: int = DEMO_PORT, name: str = "demo") -> LocalCluster:
+    """The demo's private cluster; on another port than the default, a cluster of its own (a
+    cluster keeps the port it was made with)."""
+    return LocalCluster(name if port == DEMO_PORT else f"{name}-{port}", port)
 
 
 @dataclass
@@ -34,7 +36,7 @@ class DemoStory:
     booked_until: object = None  # the latest session start: the demo books sessions ahead of its last day
 
 
-def _create_advised_indexes(target: migrate.Target) -> None:
+def create_advised_indexes(target: migrate.Target) -> None:
     """The demo's tables are its own: it creates the indexes migrate advises (the one-user lookups,
     the nightly step's timestamps), as a DBA who accepts them would."""
     columns = deployment.missing_lookup_indexes(target.conn, target.catalog, target.settings)
@@ -88,7 +90,7 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
         with conn.transaction():
             marketplace.create_source_tables(conn)
         marketplace.load(conn, market)
-        _create_advised_indexes(target)
+        create_advised_indexes(target)
         conn.execute("analyze")
 
         applied = app.migrate(cron_dsn)
@@ -107,8 +109,8 @@ def run(dsn: str, users: int, days: int, seed: int, sql_dir, cron_dsn: str | Non
     return story
 
 
-def _kpis(app: api.Deployment, day) -> dict:
-    """The KPI sets of the busiest tutor and the busiest client on the last day, against the week before."""
+def busiest_users(app: api.Deployment, day) -> dict:
+    """{role: user} of the busiest tutor and the busiest client on the day."""
     out, users, rollup = {}, app.catalog.users, app.catalog.user.table
     for role, busiest_by in (("tutor", "completed_sessions"), ("client", "active_bookings + completed_sessions")):
         row = app.target.conn.execute(
@@ -117,5 +119,10 @@ def _kpis(app: api.Deployment, day) -> dict:
             [day, role],
         ).fetchone()
         if row:
-            out[role] = (row[0], app.user_kpis(row[0], day, "week")[2])
+            out[role] = row[0]
     return out
+
+
+def _kpis(app: api.Deployment, day) -> dict:
+    """The KPI sets of the busiest tutor and the busiest client on the last day, against the week before."""
+    return {role: (user, app.user_kpis(user, day, "week")[2]) for role, user in busiest_users(app, day).items()}
