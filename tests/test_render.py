@@ -137,3 +137,17 @@ def test_every_document_the_repository_cites_is_in_it():
     outside = subprocess.run(["git", "grep", "-n", "-I", "-e", shared + "spec", "-e", "../" + shared, "--", ".", ":!.ci"],
                              cwd=repo, capture_output=True, text=True).stdout
     assert broken == [] and outside == ""
+
+
+def test_a_rendering_is_reused_only_where_it_cannot_differ(sql_copy):
+    """render_all keeps what it rendered (a fleet's shards render the same SQL): the jobs' names
+    and the shard's name are not in it, and an edited template is rendered again."""
+    from toolkit import render
+    from toolkit.catalog import load_catalog
+    catalog = load_catalog(sql_copy / "catalog.toml").for_shard()
+    named = render._render(sql_copy, Settings(shard="shard7", job_suffix="seven"), catalog, render.HASH_PLACEMENT, "public")
+    assert named == render._render(sql_copy, Settings(shard="x", job_suffix=""), catalog, render.HASH_PLACEMENT, "public")
+    assert render_all(sql_copy, Settings(shard="shard7", job_suffix="seven"), catalog) == named
+    template = sql_copy / "templates" / "functions" / "user_kpis.sql.j2"
+    template.write_text(template.read_text().replace("-- user_kpis:", "-- user_kpis (edited):"))
+    assert "(edited)" in render_all(sql_copy)["functions/user_kpis.sql"]

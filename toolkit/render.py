@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,12 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text)
 
 
+# Renderings already made in this process: a fleet's shards render the same SQL (their names and
+# jobs' names are not in it), and rendering is most of what opening a shard costs, under one GIL.
+_RENDERED: dict[tuple, dict[str, str]] = {}
+_RENDERING = threading.Lock()
+
+
 def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog | None = None,
                placement: str = HASH_PLACEMENT, dblink_schema: str = "public") -> dict[str, str]:
     """Return {relative path under sql/: text} for every migration and function file, and a
@@ -129,6 +136,20 @@ def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog 
     hash, which PL/Proxy masks, or the application's function of p_user_id), and with the dblink
     engine through the extension's functions in `dblink_schema`."""
     catalog = catalog or load_catalog(sql_dir / "catalog.toml")
+    templates = sorted((sql_dir / "templates").rglob("*.j2"))
+    sources = hashlib.sha256(b"".join(str(p).encode() + p.read_bytes() for p in templates)).hexdigest()
+    # what the rendering depends on: not which shard, nor the jobs' names
+    rendered_as = dataclasses.replace(settings, job_suffix="", shard="shard" if settings.shard else "")
+    key = (str(sql_dir.resolve()), sources, repr(rendered_as), repr(catalog), placement, dblink_schema)
+    with _RENDERING:
+        if key not in _RENDERED:
+            if len(_RENDERED) > 32:
+                _RENDERED.clear()
+            _RENDERED[key] = _render(sql_dir, rendered_as, catalog, placement, dblink_schema)
+        return dict(_RENDERED[key])
+
+
+def _render(sql_dir: Path, settings: Settings, catalog: Catalog, placement: str, dblink_schema: str) -> dict[str, str]:
     env = _environment(sql_dir)
     source = quote_ident(settings.source_schema)
     user = _resolve_snippets(catalog.user, env, source)

@@ -7,11 +7,12 @@
 -- deployment's owner, the dashboard function it names for one of this shard's users, or reads
 -- the sums behind the platform's numbers that this shard keeps for the router to add up.
 
+-- a role is the server's: two shard databases of one server, migrated at once, both make it
 do $role$
 begin
-    if not exists (select from pg_roles where rolname = 'statskit_router') then
-        create role statskit_router login;
-    end if;
+    create role statskit_router login;
+exception when duplicate_object or unique_violation then
+    null;
 end
 $role$;
 

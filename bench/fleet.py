@@ -1,0 +1,179 @@
+"""The fleet against one server: `python -m bench.fleet --users 10000 --markdown docs/performance.md`.
+
+The same synthetic marketplace on one server and split over four shards on two servers (durable
+clusters, as PostgreSQL ships them). Measured in one run: a night on one server against the sum
+of the four shards' nights (each shard's own, one after the other, so none shares a core); each
+shard's night against its users; a dashboard call (user_kpis) through the PL/Proxy router against
+the same call on the shard, under pgbench with 16 clients; migrate of four shards with --parallel 4
+against one shard's migrate.
+"""
+
+import argparse
+import dataclasses
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import psycopg
+
+from bench.__main__ import machine
+from toolkit import api, fleet as fleet_core, render
+from toolkit.cluster import LocalCluster
+from toolkit.demo import create_advised_indexes
+from toolkit.reference import marketplace, shards as reference_shards
+
+SHARDS = 4
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fresh(server, name):
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
+        conn.execute(f"drop database if exists {name} with (force)")
+        conn.execute(f"create database {name}")
+    return server.dsn(name)
+
+
+def load(project, dsn, market, schema_sql):
+    with psycopg.connect(dsn) as conn:
+        conn.execute(schema_sql)
+        marketplace.load(conn, market)
+    with project.deployment(dsn) as app:
+        create_advised_indexes(app.target)
+        app.target.conn.execute("analyze")
+
+
+def night(dsn, catalog, day, rounds=3):
+    """The nightly functions of day D as the first night after a backfill runs them (from
+    history: the range functions keep no sums), D's rows and every kept sum removed first and a
+    checkpoint taken: the median seconds of `rounds`."""
+    times = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            for rollup in (catalog.user, catalog.platform):
+                conn.execute(f"delete from {rollup.table} where date = %s", [day])
+                conn.execute(f"truncate statskit.{rollup.table}_sums, statskit.{rollup.table}_sums_day")
+            conn.execute("checkpoint")
+            started = time.perf_counter()
+            conn.execute("select aggregate_daily_statistics(%s)", [day])
+            conn.execute("select aggregate_user_statistics(null, %s)", [day])
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def pgbench(server, dbname, count, day, seconds):
+    """user_kpis of a random one of `count` users (table bench_users) from 16 clients: (tps, failed)."""
+    script = Path(tempfile.mkdtemp()) / "kpis.sql"
+    script.write_text(f"\\set n random(1, {count})\n"
+                      f"select * from user_kpis((select id from bench_users where n = :n), '{day}');\n")
+    done = subprocess.run(["pgbench", "-n", "-c", "16", "-j", "2", "-T", str(seconds), "-f", str(script),
+                           "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", dbname],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr)
+    tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout).group(1))
+    failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
+    return tps, int(failed.group(1)) if failed else 0
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=10000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--seconds", type=int, default=15, help="each pgbench run")
+    parser.add_argument("--ports", type=int, nargs=2, default=[31916, 31918])
+    parser.add_argument("--markdown", type=Path, help="write the table here, between the FLEET markers")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    servers = [LocalCluster(f"bench-fleet-{port}", port, durable=True) for port in args.ports]
+    for server in servers:
+        server.start()
+    project = api.Project.open(REPO / "sql")
+    last = date(2026, 10, 31)
+    market = marketplace.generate(users=args.users, days=args.days, seed=11, last_day=last)
+    night_day, filled_to = last, last - timedelta(days=1)
+
+    # one server, all the data
+    whole = fresh(servers[0], "bench_fleet_whole")
+    load(project, whole, market, marketplace.reference_schema_sql())
+    with project.deployment(whole) as app:
+        app.migrate()
+        app.backfill(market.first_day, filled_to)
+    one_night = night(whole, project.catalog, night_day)
+
+    # four shards on two servers, and a router
+    dsns = [fresh(servers[i % 2], f"bench_fleet_shard{i}") for i in range(SHARDS)]
+    router = fresh(servers[0], "bench_fleet_router")
+    fleet = fleet_core.Fleet(None, tuple(fleet_core.Shard(i, f"shard{i}", dsn) for i, dsn in enumerate(dsns)),
+                             router=router)
+    with psycopg.connect(whole) as conn:
+        shard_of = fleet_core.placements(conn, fleet, [row[0] for row in market.rows["profiles"]], "uuid")
+    parts = reference_shards.split(market, project.catalog, shard_of, SHARDS)
+    for dsn, part in zip(dsns, parts):
+        load(project, dsn, part, reference_shards.shard_schema_sql())
+    # migrate as the command runs it (each shard opened, its SQL rendered, applied): a fleet of one
+    # shard (a copy of shard 0), then the four at once; then the router
+    alone = fresh(servers[0], "bench_fleet_alone")
+    load(project, alone, parts[0], reference_shards.shard_schema_sql())
+    render._RENDERED.clear()  # each timing renders afresh, as a command does
+    began = time.perf_counter()
+    migrated = project.fleet(fleet_core.Fleet(None, (fleet_core.Shard(0, "alone", alone),))).migrate(parallel=1)
+    one_migrate = time.perf_counter() - began
+    render._RENDERED.clear()
+    began = time.perf_counter()
+    migrated += project.fleet(dataclasses.replace(fleet, router=None)).migrate(parallel=4)
+    fleet_migrate = time.perf_counter() - began
+    shards = project.fleet(fleet)
+    began = time.perf_counter()
+    migrated += shards.migrate(parallel=4)
+    router_migrate = time.perf_counter() - began
+    assert all(o.ok for o in migrated), [str(o.error) for o in migrated if not o.ok]
+    filled = shards.backfill(market.first_day, filled_to, parallel=4)
+    assert all(o.ok for o in filled), [str(o.error) for o in filled if not o.ok]
+    shard_nights = [night(dsn, project.catalog.for_shard(), night_day) for dsn in dsns]
+    shard_users = [len(part.rows["profiles"]) for part in parts]
+
+    # a dashboard call through the router, against the same call on the shard
+    users0 = [row[0] for row in parts[0].rows["profiles"] if row[2].date() <= filled_to]
+    for server, dbname in ((servers[0], "bench_fleet_router"), (servers[0], "bench_fleet_shard0")):
+        with psycopg.connect(server.dsn(dbname), autocommit=True) as conn:
+            conn.execute("drop table if exists bench_users")
+            conn.execute("create table bench_users (n integer primary key, id uuid not null)")
+            with conn.cursor().copy("copy bench_users (n, id) from stdin") as copy:
+                for n, user in enumerate(users0, 1):
+                    copy.write_row((n, user))
+    direct_tps, direct_failed = pgbench(servers[0], "bench_fleet_shard0", len(users0), filled_to, args.seconds)
+    routed_tps, routed_failed = pgbench(servers[0], "bench_fleet_router", len(users0), filled_to, args.seconds)
+
+    total = sum(shard_nights)
+    rows = [
+        ("a night, one server (all users)", f"{one_night:.3f} s", ""),
+        ("the four shards' nights, summed", f"{total:.3f} s", f"{total / one_night:.2f}× one server (goal ≤ 1.3×)"),
+    ] + [(f"shard{i}'s night ({users:,} users, {users / args.users:.0%})", f"{seconds:.3f} s",
+          f"{seconds / total:.0%} of the fleet's work")
+         for i, (users, seconds) in enumerate(zip(shard_users, shard_nights))] + [
+        ("user_kpis on shard0, 16 clients", f"{direct_tps:,.0f} calls/s", f"{direct_failed} failed"),
+        ("user_kpis through the PL/Proxy router", f"{routed_tps:,.0f} calls/s",
+         f"{routed_tps / direct_tps:.2f}× direct (goal ≥ 0.5×), {routed_failed} failed"),
+        ("migrate of one shard", f"{one_migrate:.2f} s", ""),
+        ("migrate --fleet of four, --parallel 4", f"{fleet_migrate:.2f} s",
+         f"{fleet_migrate / one_migrate:.2f}× one shard (goal ≤ 2×)"),
+        ("then migrate --fleet with the router (shards up to date)", f"{router_migrate:.2f} s", ""),
+    ]
+    table = (f"{args.users:,} users × {args.days} days ({market.count():,} source rows), four shards on two "
+             f"durable servers of this machine ({machine()}), run in {time.perf_counter() - started:.0f} s:\n\n"
+             "| what | measured | ratio |\n|---|---:|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows))
+    print(table)
+    if args.markdown:
+        text = args.markdown.read_text()
+        head, rest = text.split("<!-- FLEET:START -->", 1)
+        _, tail = rest.split("<!-- FLEET:END -->", 1)
+        args.markdown.write_text(f"{head}<!-- FLEET:START -->\n{table}<!-- FLEET:END -->{tail}")
+
+
+if __name__ == "__main__":
+    main()
