@@ -522,3 +522,48 @@ def test_a_day_waits_for_every_shard_and_late_data_reaches_the_router(router, se
         with psycopg.connect(session_cluster.dsn("fleet_whole"), autocommit=True) as whole:
             whole.execute("delete from bookings where id = %s", [booking[0]])
         merge()
+
+
+def test_a_fleet_backfill_stopped_by_sigint_leaves_whole_days_and_resumes(deployed, servers, market):
+    """Ctrl-C in a fleet's backfill: every shard's statements cancelled, exit 130 within 5 s, each
+    shard's committed days whole (all its users or none); --resume writes the rest, as the oracle has it."""
+    import signal
+    import subprocess
+    import sys
+    import time as clock
+    for index in range(SHARDS):
+        with psycopg.connect(shard_dsn(servers, index), autocommit=True) as conn:
+            conn.execute("delete from user_statistics_daily where date between %s and %s",
+                         [market.first_day, market.last_day])
+            conn.execute("delete from statskit.backfill_ledger")  # as if never filled
+    args = ["backfill", "--fleet", deployed, "--from", market.first_day, "--to", market.last_day,
+            "--chunk-days", "3", "--jobs", "1", "--parallel", "2", "--only", "users"]
+    run = subprocess.Popen([sys.executable, "-m", "toolkit", *map(str, args)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    for line in run.stdout:
+        if " committed: " in line:
+            break
+    run.send_signal(signal.SIGINT)
+    stopped = clock.monotonic()
+    output = run.stdout.read()
+    assert run.wait(timeout=10) == 130 and clock.monotonic() - stopped < 5, output
+    assert "stopped by SIGINT" in output and "--resume" in output
+    for index in range(SHARDS):
+        with psycopg.connect(shard_dsn(servers, index)) as conn:
+            partial = conn.execute(
+                "select d.day, count(s.user_id), (select count(*) from profiles p where p.created_at::date <= d.day)"
+                " from generate_series(%s::date, %s::date, '1 day') d (day)"
+                " left join user_statistics_daily s on s.date = d.day group by d.day"
+                " having count(s.user_id) not in (0, (select count(*) from profiles p where p.created_at::date <= d.day))",
+                [market.first_day, market.last_day]).fetchall()
+        assert partial == [], f"shard{index} has days with some users only: {partial}"
+    resumed = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args[:-2]), "--resume", "--quiet"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    with psycopg.connect(session_cluster.dsn("fleet_whole")) as whole:
+        expected = expected_user_rows(whole, market.last_day)
+    union = {}
+    for index in range(SHARDS):
+        with psycopg.connect(shard_dsn(servers, index)) as conn:
+            union.update(stored_user_rows(conn, market.last_day))
+    assert differences(expected, union) == []

@@ -294,10 +294,17 @@ class FleetDeployment:
 
     def _router_settings(self, outcomes: Outcomes | None = None) -> Settings:
         """The shards' settings as one server would have them (a shard's own name and jobs aside)."""
-        stored = next((o.value.settings for o in outcomes or [] if o.ok and hasattr(o.value, "settings")), None)
+        stored = next((o.value.settings for o in outcomes or [] if isinstance(o.value, migrate_core.MigratePlan)), None)
+        failures = []
+        for shard in self.fleet.shards if stored is None else ():
+            try:
+                with self.shard(shard) as app:
+                    stored = app.target.settings
+                break
+            except StatskitError as exc:
+                failures.append(f"{shard.name}: {exc}")
         if stored is None:
-            with self.shard(self.fleet.shards[0]) as app:
-                stored = app.target.settings
+            raise StatskitError(f"no shard could be read for the router's settings ({'; '.join(failures)})")
         return dataclasses.replace(stored, shard="", job_suffix="")
 
     def _on_router(self, work, outcomes: Outcomes, done) -> Outcomes:
@@ -374,6 +381,11 @@ class FleetDeployment:
                   for shard, state in states.items()}
         checks += fleet_core.fleet_checks(states, copies)
         if self.router is not None:
-            checks += router_core.checks(self.fleet, self.project.sql_dir, self._router_settings(), catalog,
-                                         {shard: state.last_partial for shard, state in states.items()}, cron_dsn)
+            try:
+                settings = self._router_settings()
+            except StatskitError as exc:
+                checks.append(verify_core.Check("router", "fail", f"not checked: {exc}"))
+            else:
+                checks += router_core.checks(self.fleet, self.project.sql_dir, settings, catalog,
+                                             {shard: state.last_partial for shard, state in states.items()}, cron_dsn)
         return FleetReport([report_only(o) for o in outcomes], checks)
