@@ -23,19 +23,11 @@ import psycopg
 from bench.__main__ import machine
 from toolkit import api, fleet as fleet_core, render
 from toolkit.cluster import LocalCluster
-from toolkit.demo import create_advised_indexes
+from toolkit.demo import create_advised_indexes, fresh_database
 from toolkit.reference import marketplace, shards as reference_shards
 
 SHARDS = 4
 REPO = Path(__file__).resolve().parent.parent
-
-
-def fresh(server, name):
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
-        conn.execute(f"drop database if exists {name} with (force)")
-        conn.execute(f"create database {name}")
-    return server.dsn(name)
 
 
 def load(project, dsn, market, schema_sql):
@@ -98,7 +90,7 @@ def main():
     night_day, filled_to = last, last - timedelta(days=1)
 
     # one server, all the data
-    whole = fresh(servers[0], "bench_fleet_whole")
+    whole = fresh_database(servers[0], "bench_fleet_whole")
     load(project, whole, market, marketplace.reference_schema_sql())
     with project.deployment(whole) as app:
         app.migrate()
@@ -106,8 +98,8 @@ def main():
     one_night = night(whole, project.catalog, night_day)
 
     # four shards on two servers, and a router
-    dsns = [fresh(servers[i % 2], f"bench_fleet_shard{i}") for i in range(SHARDS)]
-    router = fresh(servers[0], "bench_fleet_router")
+    dsns = [fresh_database(servers[i % 2], f"bench_fleet_shard{i}") for i in range(SHARDS)]
+    router = fresh_database(servers[0], "bench_fleet_router")
     fleet = fleet_core.Fleet(None, tuple(fleet_core.Shard(i, f"shard{i}", dsn) for i, dsn in enumerate(dsns)),
                              router=router)
     with psycopg.connect(whole) as conn:
@@ -117,7 +109,7 @@ def main():
         load(project, dsn, part, reference_shards.shard_schema_sql())
     # migrate as the command runs it (each shard opened, its SQL rendered, applied): a fleet of one
     # shard (a copy of shard 0), then the four at once; then the router
-    alone = fresh(servers[0], "bench_fleet_alone")
+    alone = fresh_database(servers[0], "bench_fleet_alone")
     load(project, alone, parts[0], reference_shards.shard_schema_sql())
     render._RENDERED.clear()  # each timing renders afresh, as a command does
     began = time.perf_counter()

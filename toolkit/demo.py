@@ -47,14 +47,19 @@ def create_advised_indexes(target: migrate.Target) -> None:
             sql.Identifier(*table.split(".")), sql.Identifier(name)))
 
 
-def fresh_private_database(cluster: LocalCluster) -> str:
-    """Start the private cluster and (re)create the demo database in it, with no jobs left behind."""
-    cluster.start()
+def fresh_database(cluster: LocalCluster, name: str) -> str:
+    """(Re)create a database of a private cluster, with no jobs of its left behind; its DSN."""
     with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-        admin.execute("select cron.unschedule(jobid) from cron.job where database = %s", [DEMO_DATABASE])
-        admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(DEMO_DATABASE)))
-        admin.execute(sql.SQL("create database {}").format(sql.Identifier(DEMO_DATABASE)))
-    return cluster.dsn(DEMO_DATABASE)
+        admin.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    return cluster.dsn(name)
+
+
+def fresh_private_database(cluster: LocalCluster) -> str:
+    """Start the private cluster and (re)create the demo database in it."""
+    cluster.start()
+    return fresh_database(cluster, DEMO_DATABASE)
 
 
 def check_database(target: migrate.Target, cron_dsn: str | None) -> None:

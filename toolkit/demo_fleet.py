@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import class_row
 
 from . import api, fleet as fleet_core
 from .cluster import DEMO_PORT, LocalCluster
 from .dashboard import MetricValue
 from .dates import yesterday
-from .demo import busiest_users, create_advised_indexes, demo_cluster
+from .demo import busiest_users, create_advised_indexes, demo_cluster, fresh_database
 from .reference import marketplace, shards as reference_shards
 
 SHARDS = 2
@@ -42,21 +41,13 @@ class FleetStory:
     metric_units: dict = field(default_factory=dict)
 
 
-def _fresh(server: LocalCluster, name: str) -> str:
-    with psycopg.connect(server.dsn(), autocommit=True) as admin:
-        admin.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
-        admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
-        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    return server.dsn(name)
-
-
 def run(port: int, users: int, days: int, seed: int, sql_dir, say=lambda message: None) -> FleetStory:
     servers = clusters(port)
     for server in servers:
         server.start()
     project = api.Project.open(sql_dir)
-    dsns = [_fresh(servers[i % 2], name) for i, name in enumerate(DATABASES)]
-    router = _fresh(servers[0], ROUTER_DATABASE)
+    dsns = [fresh_database(servers[i % 2], name) for i, name in enumerate(DATABASES)]
+    router = fresh_database(servers[0], ROUTER_DATABASE)
     lines = [line for dsn in dsns for line in ("[[shards]]", f'dsn = "{dsn}"')]
     path = servers[0].root / "fleet.toml"
     path.write_text("\n".join(lines + ["[router]", f'dsn = "{router}"']) + "\n")

@@ -24,7 +24,7 @@ from .verify import Check
 # Hourly, after the shards' nights (their platform jobs at 00:00 UTC): a day a late shard
 # writes is merged within the hour, and nothing races a shard's job (a day waits for all).
 MERGE_SCHEDULE = "30 * * * *"
-# libpq reads it: the router role's password, put into the cluster's user mapping (never printed)
+# The router role's password on the shards' servers: migrate puts it into the user mappings (never printed)
 PASSWORD_VARIABLE = "STATSKIT_ROUTER_PASSWORD"
 ROUTED = ("user_metric", "user_kpis", "platform_metric", "merge_platform_statistics")
 
@@ -33,7 +33,7 @@ ROUTED = ("user_metric", "user_kpis", "platform_metric", "merge_platform_statist
 class RouterDone:
     """What migrate did on the router."""
 
-    applied: list[str] = field(default_factory=list)  # "cluster", "router.sql", "merge job"
+    applied: list[str] = field(default_factory=list)  # how it reaches the shards, its functions, its job
 
     @property
     def empty(self) -> bool:
@@ -54,6 +54,10 @@ def _options_sql(options: dict[str, str]) -> str:
     return ", ".join(f"{k} {quote_literal(v)}" for k, v in options.items())
 
 
+def _superuser(conn: psycopg.Connection) -> bool:
+    return conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]
+
+
 def _router_login() -> dict[str, str]:
     password = os.environ.get(PASSWORD_VARIABLE)
     return {"user": ROUTER_ROLE, **({"password": password} if password else {})}
@@ -72,7 +76,7 @@ class PlProxy:
         return _servers(conn, f"^{FLEET_CLUSTER}$")
 
     def require(self, conn: psycopg.Connection) -> None:
-        if not conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]:
+        if not _superuser(conn):
             raise StatskitError(
                 f"the router's PL/Proxy functions need a superuser (PL/Proxy is an untrusted language), and "
                 f"{conn.info.user} is not one: use engine = \"dblink\" in the fleet file's [router]; nothing changed")
@@ -104,8 +108,7 @@ class Dblink:
             raise StatskitError(
                 f"dblink is not installed in the router's database {conn.info.dbname}: a superuser (or the "
                 f"service's admin role) runs CREATE EXTENSION dblink there; nothing changed")
-        superuser = conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]
-        if not superuser and not os.environ.get(PASSWORD_VARIABLE):
+        if not _superuser(conn) and not os.environ.get(PASSWORD_VARIABLE):
             raise StatskitError(
                 f"dblink logs a non-superuser into the shards with a password only: set ${PASSWORD_VARIABLE} to "
                 f"{ROUTER_ROLE}'s password on the shards' servers; nothing changed")
@@ -168,6 +171,16 @@ def _merge_command(settings: Settings) -> str:
     return f"select {quote_ident(settings.schema)}.merge_platform_statistics()"
 
 
+def _merge_job_as(cron_conn: psycopg.Connection, conn: psycopg.Connection) -> tuple | None:
+    """(schedule, command, active) of this router database's merge job, None when it has none."""
+    return cron_conn.execute("select schedule, command, active from cron.job where jobname = %s and database = %s",
+                             [merge_job(conn), conn.info.dbname]).fetchone()
+
+
+def _wanted_job(settings: Settings) -> tuple:
+    return (MERGE_SCHEDULE, _merge_command(settings), True)
+
+
 def _connect_cron(conn: psycopg.Connection, dsn: str, cron_dsn: str | None) -> psycopg.Connection:
     """pg_cron's database on the router's server: --cron-dsn, else where migrate found it (kept in
     the router's statskit.settings), else the server's cron.database_name."""
@@ -178,15 +191,12 @@ def _connect_cron(conn: psycopg.Connection, dsn: str, cron_dsn: str | None) -> p
 def _schedule_merge(conn: psycopg.Connection, dsn: str, settings: Settings, cron_dsn: str | None) -> bool:
     """Schedule the merge job unless it is there as wanted, and keep where pg_cron lives; True
     when it was (re)scheduled."""
-    name, command = merge_job(conn), _merge_command(settings)
     with _connect_cron(conn, dsn, cron_dsn) as cron_conn:
         deployment.save_settings(conn, Settings(cron_database=cron_conn.info.dbname))
-        found = cron_conn.execute("select schedule, command, database, active from cron.job where jobname = %s",
-                                  [name]).fetchone()
-        if found == (MERGE_SCHEDULE, command, conn.info.dbname, True):
+        if _merge_job_as(cron_conn, conn) == _wanted_job(settings):
             return False
         cron_conn.execute("select cron.schedule_in_database(%s, %s, %s, %s)",
-                          [name, MERGE_SCHEDULE, command, conn.info.dbname])
+                          [merge_job(conn), MERGE_SCHEDULE, _merge_command(settings), conn.info.dbname])
         return True
 
 
@@ -214,9 +224,8 @@ def checks(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog, shard_da
             functions += ["the routed functions differ from what migrate applied"] if stale and not missing else []
             cluster = _differences(engine.stored(conn), engine.wanted(fleet))
             with _connect_cron(conn, fleet.router, cron_dsn) as cron_conn:
-                job = cron_conn.execute("select schedule, command, active from cron.job where jobname = %s"
-                                        " and database = %s", [merge_job(conn), conn.info.dbname]).fetchone()
-            jobs = ([] if job == (MERGE_SCHEDULE, _merge_command(settings), True) else
+                job = _merge_job_as(cron_conn, conn)
+            jobs = ([] if job == _wanted_job(settings) else
                     [f"job {merge_job(conn)} " + ("missing" if job is None else f"is {job}")])
             last = conn.execute(f"select max(date) from {quote_ident(settings.schema)}.{catalog.platform.table}"
                                 ).fetchone()[0] if not missing else None
