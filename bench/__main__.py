@@ -561,7 +561,7 @@ def main():
     parser.add_argument("--bookings-per-user", type=int, default=20)
     parser.add_argument("--seed", type=float, default=0.42)
     parser.add_argument("--loop-sample", type=int, default=2000, help="users timed one by one, then scaled")
-    parser.add_argument("--port", type=int, default=54916)
+    parser.add_argument("--port", type=int, default=30916)
     parser.add_argument("--backfill-users", type=int, nargs="*", default=[10000],
                         help="sizes (among --users) whose whole period is also backfilled and timed")
     parser.add_argument("--history-users", type=int, default=10000,

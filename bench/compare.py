@@ -159,7 +159,7 @@ def main():
     parser.add_argument("--days", type=int, default=120)
     parser.add_argument("--bookings-per-user", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--port", type=int, default=54916)
+    parser.add_argument("--port", type=int, default=30916)
     args = parser.parse_args()
     cluster = LocalCluster("bench", args.port, durable=False)
     cluster.start()

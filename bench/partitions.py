@@ -163,7 +163,7 @@ def main():
     parser.add_argument("--kpis-users", type=int, nargs="*", default=[],
                         help="sizes of the dashboard at size (30 days, 31 partitions); skips the other measurements")
     parser.add_argument("--seed", type=float, default=0.42)
-    parser.add_argument("--port", type=int, default=54917)
+    parser.add_argument("--port", type=int, default=30918)
     args = parser.parse_args()
     cluster = LocalCluster("bench-durable", args.port, durable=True)
     cluster.start()

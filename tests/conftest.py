@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from pytest_postgresql import factories
 
 from toolkit.reference import marketplace
@@ -18,7 +18,7 @@ from toolkit.migrate import Target, migrate
 
 REPO = Path(__file__).resolve().parent.parent
 SQL_DIR = REPO / "sql"
-TEST_PORT = int(os.environ.get("STATSKIT_TEST_PORT", "54329"))
+TEST_PORT = int(os.environ.get("STATSKIT_TEST_PORT", "30329"))
 # Servers some tests start mid-session, after thousands of client connections, listen below
 # Linux's ephemeral range (32768-60999): a client socket that just used their port would hold
 # it in TIME_WAIT for 60 s and the server could not bind it.
@@ -114,14 +114,24 @@ def migrated_dsn(loaded_dsn):
     return loaded_dsn
 
 
+class CliResult(Result):
+    """A CLI result whose repr carries the command's output, so that a bare
+    `assert run_cli(...).exit_code == 0` that fails shows why."""
+
+    def __repr__(self):
+        return f"<exit {self.exit_code}: {self.output[-2000:]!r}>"
+
+
+def invoke_cli(runner: CliRunner, *args) -> CliResult:
+    result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    result.__class__ = CliResult
+    return result
+
+
 @pytest.fixture
 def run_cli():
     runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
+    return lambda *args: invoke_cli(runner, *args)
 
 
 def npm_install(folder: Path) -> None:

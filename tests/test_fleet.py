@@ -11,8 +11,9 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
-from conftest import SIDE_PORT, SQL_DIR, cluster as session_cluster
+from conftest import SIDE_PORT, SQL_DIR, cluster as session_cluster, invoke_cli
 from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_platform_row, stored_user_rows
 from toolkit import api, compiler, fleet as fleet_core
 from toolkit.backfill import Stopped
@@ -73,11 +74,17 @@ def servers():
     finally:
         del os.environ["STATSKIT_ROUTER_PASSWORD"]
         second.destroy()
+        databases = [*DATABASES, *ROUTERS.values(), *SECURED, *SECURED_ROUTERS.values()]
         with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
-            conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)",
-                         [DATABASES + list(ROUTERS.values())])
-            for name in DATABASES + ["fleet_whole", *ROUTERS.values()]:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [databases])
+            for name in databases + ["fleet_whole"]:
                 conn.execute(f"drop database if exists {name} with (force)")
+            # the secured fleet's roles, once nothing of theirs is left
+            conn.execute("drop role if exists fleet_dashboard")
+            for role in ("statskit_reader", "statskit_writer"):
+                if conn.execute("select from pg_roles where rolname = %s", [role]).fetchone():
+                    conn.execute(f"drop owned by {role}")
+                    conn.execute(f"drop role {role}")
 
 
 def shard_server(servers, index):
@@ -164,11 +171,8 @@ def deployed(fleet_file, market, run_cli_module):
 
 @pytest.fixture(scope="module")
 def run_cli_module():
-    from click.testing import CliRunner
-    from toolkit.cli import cli
-
     runner = CliRunner()
-    return lambda *args: runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return lambda *args: invoke_cli(runner, *args)
 
 
 def test_the_split_puts_every_row_where_the_layout_says(fleet_file, market, servers):
@@ -357,9 +361,6 @@ def test_fleet_options_that_cannot_apply_are_refused(tmp_path, run_cli):
     assert suffix.exit_code == 1 and "--job-suffix" in suffix.output
     full = run_cli("migrate", "--fleet", path, "--cron-dsn", "host=elsewhere dbname=postgres")
     assert full.exit_code == 2 and "--cron-dsn" in full.output and "each shard" in full.output
-    path.write_text('[[shards]]\ndsn = "dbname=a"\n[router]\ndsn = "dbname=r"\n')
-    secured = run_cli("migrate", "--fleet", path, "--roles", "--row-security", "auth.uid()")
-    assert secured.exit_code == 2 and "--row-security is not applied through a fleet's router" in secured.output
     missing = run_cli("migrate", "--fleet", tmp_path / "nope.toml")
     assert missing.exit_code == 2 and "cannot read the fleet file" in missing.output
 
@@ -524,13 +525,17 @@ def test_a_day_waits_for_every_shard_and_late_data_reaches_the_router(router, se
         merge()
 
 
-def test_a_fleet_backfill_stopped_by_sigint_leaves_whole_days_and_resumes(deployed, servers, market):
-    """Ctrl-C in a fleet's backfill: every shard's statements cancelled, exit 130 within 5 s, each
+@pytest.mark.parametrize("stop, seed", [("SIGINT", 1), ("SIGTERM", 2), ("SIGTERM", 3)])
+def test_a_fleet_backfill_stopped_by_a_signal_leaves_whole_days_and_resumes(deployed, servers, market, stop, seed):
+    """Ctrl-C or a service manager's SIGTERM in a fleet's backfill, after a seeded number of
+    committed chunks: every shard's statements cancelled, exit 128 + the signal within 5 s, each
     shard's committed days whole (all its users or none); --resume writes the rest, as the oracle has it."""
+    import random
     import signal
     import subprocess
     import sys
     import time as clock
+    signum, chunks = getattr(signal, stop), random.Random(seed).randint(1, 4)
     for index in range(SHARDS):
         with psycopg.connect(shard_dsn(servers, index), autocommit=True) as conn:
             conn.execute("delete from user_statistics_daily where date between %s and %s",
@@ -541,13 +546,14 @@ def test_a_fleet_backfill_stopped_by_sigint_leaves_whole_days_and_resumes(deploy
     run = subprocess.Popen([sys.executable, "-m", "toolkit", *map(str, args)], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     for line in run.stdout:
-        if " committed: " in line:
+        chunks -= " committed: " in line
+        if not chunks:
             break
-    run.send_signal(signal.SIGINT)
+    run.send_signal(signum)
     stopped = clock.monotonic()
     output = run.stdout.read()
-    assert run.wait(timeout=10) == 130 and clock.monotonic() - stopped < 5, output
-    assert "stopped by SIGINT" in output and "--resume" in output
+    assert run.wait(timeout=10) == 128 + signum and clock.monotonic() - stopped < 5, output
+    assert f"stopped by {stop}" in output and "--resume" in output
     for index in range(SHARDS):
         with psycopg.connect(shard_dsn(servers, index)) as conn:
             partial = conn.execute(
@@ -567,3 +573,159 @@ def test_a_fleet_backfill_stopped_by_sigint_leaves_whole_days_and_resumes(deploy
         with psycopg.connect(shard_dsn(servers, index)) as conn:
             union.update(stored_user_rows(conn, market.last_day))
     assert differences(expected, union) == []
+
+
+# A second, smaller fleet: three shards (not a power of two) placed by the application's own
+# function, deployed with the statskit roles and row security, behind a router of each engine.
+SECURED = [f"fleet_secured{i}" for i in range(3)]
+SECURED_ROUTERS = {"plproxy": "fleet_secured_router", "dblink": "fleet_secured_router_dblink"}
+EXPRESSION = "current_setting('app.user_id', true)::uuid"
+PLACEMENT_SQL = """create or replace function public.tenant_shard(p_user uuid) returns integer
+language sql immutable as $$ select get_byte(uuid_send(p_user), 0) % 3 $$"""
+
+
+@pytest.fixture(scope="module")
+def secured_fleet(deployed, servers, market, tmp_path_factory, run_cli_module):
+    """{engine: (fleet file, router DSN)} of the three-shard fleet, migrated and backfilled
+    beside the first fleet (whose shards' jobs have the default names on the same servers)."""
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    with psycopg.connect(session_cluster.dsn("fleet_whole"), autocommit=True) as conn:
+        conn.execute(PLACEMENT_SQL)
+        fleet = fleet_core.Fleet(None, tuple(fleet_core.Shard(i, f"shard{i}", "") for i in range(3)), "public.tenant_shard")
+        shard_of = fleet_core.placements(conn, fleet, [row[0] for row in market.rows["profiles"]], "uuid")
+    lines = ['placement = "public.tenant_shard"']
+    for index, (name, part) in enumerate(zip(SECURED, reference_shards.split(market, catalog, shard_of, 3))):
+        server = shard_server(servers, index)
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("select cron.unschedule(jobid) from cron.job where database = %s", [name])
+            conn.execute(f"drop database if exists {name} with (force)")
+            conn.execute(f"create database {name} owner {OWNER}")
+        with psycopg.connect(as_owner(server, name)) as conn:
+            conn.execute(reference_shards.shard_schema_sql())
+            conn.execute(PLACEMENT_SQL)
+            marketplace.load(conn, part)
+        lines += ["[[shards]]", f'name = "secured{index}"', f'dsn = "{as_owner(server, name)}"']
+    folder, fleets = tmp_path_factory.mktemp("secured"), {}
+    for engine, name in SECURED_ROUTERS.items():
+        with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+            conn.execute(f"create database {name} owner {OWNER if engine == 'dblink' else 'postgres'}")
+        with psycopg.connect(session_cluster.dsn(name), autocommit=True) as conn:
+            conn.execute(PLACEMENT_SQL)  # the router routes by it too
+            if engine == "dblink":
+                conn.execute("create extension dblink")
+        dsn = as_owner(session_cluster, name) if engine == "dblink" else session_cluster.dsn(name)
+        path = folder / f"{engine}.toml"
+        path.write_text("\n".join(lines + ["[router]", f'dsn = "{dsn}"', f'engine = "{engine}"']) + "\n")
+        migrate = ("migrate", "--fleet", path, "--cron-dsn", CRON_DATABASE, "--roles", "--row-security", EXPRESSION)
+        if engine == "plproxy":  # the first fleet's shards took the default job names on these servers
+            path.write_text(re.sub(r'name = "secured\d"\n', "", path.read_text()))
+            taken = run_cli_module(*migrate)
+            assert taken.exit_code == 1 and "name = ... under its [[shards]] in the fleet file" in taken.output
+            assert "nothing changed" in taken.output and "--job-suffix" not in taken.output, taken.output
+            path.write_text("\n".join(lines + ["[router]", f'dsn = "{dsn}"', f'engine = "{engine}"']) + "\n")
+        if engine == "dblink":  # the wrapper's use is the admin role's to grant, and migrate says so
+            refused = run_cli_module(*migrate)
+            assert refused.exit_code == 1 and "GRANT USAGE ON FOREIGN DATA WRAPPER dblink_fdw TO fleet_owner" in (
+                refused.output), refused.output
+            with psycopg.connect(session_cluster.dsn(name), autocommit=True) as conn:
+                conn.execute(f"grant usage on foreign data wrapper dblink_fdw to {OWNER}")
+        done = run_cli_module(*migrate)
+        assert done.exit_code == 0, done.output
+        fleets[engine] = (path, dsn)
+    filled = run_cli_module("backfill", "--fleet", fleets["plproxy"][0], "--from", market.last_day - timedelta(days=7),
+                            "--to", market.last_day, "--quiet")
+    assert filled.exit_code == 0, filled.output
+    with psycopg.connect(fleets["dblink"][1], autocommit=True) as conn:  # its own merge of what was filled
+        conn.execute("select merge_platform_statistics()")
+    for server in servers:  # a dashboard's login, a reader on the shards (for one server's answers)
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("drop role if exists fleet_dashboard")
+            conn.execute("create role fleet_dashboard login in role statskit_reader")
+    return fleets  # the servers fixture drops it all
+
+
+def secured_users(servers):
+    """A user of each of the three shards."""
+    users = []
+    for index in range(3):
+        with psycopg.connect(as_owner(shard_server(servers, index), SECURED[index])) as conn:
+            users.append(conn.execute("select id from profiles order by id limit 1").fetchone()[0])
+    return users
+
+
+def as_dashboard(dsn, viewer):
+    conn = psycopg.connect(re.sub(r"user=\w+", "user=fleet_dashboard", dsn), autocommit=True)
+    if viewer:
+        conn.execute("select set_config('app.user_id', %s, false)", [str(viewer)])
+    return conn
+
+
+@pytest.mark.parametrize("engine", list(SECURED_ROUTERS))
+def test_row_security_through_the_router_answers_as_the_users_shard_does(secured_fleet, servers, market, engine,
+                                                                        run_cli_module):
+    """A dashboard session on the router, its user set by the policy's setting, gets what the same
+    session gets from one server under the policy: its own numbers, every other user's hidden.
+    The three users are each on another shard, by the application's placement function."""
+    router = secured_fleet[engine][1]
+    users = list(enumerate(secured_users(servers)))
+    day = market.last_day
+    queries = [("select * from user_kpis(%s, %s, 'week')", lambda user: [user, day]),
+               ("select * from user_metric(%s, 'total_earnings', %s)", lambda user: [user, day])]
+    compared = 0
+    for viewer in (users[0][1], users[2][1], None):
+        for index, user in users:
+            shard = as_owner(shard_server(servers, index), SECURED[index])
+            with as_dashboard(shard, viewer) as direct, as_dashboard(router, viewer) as routed:
+                for query, args in queries:
+                    expected = direct.execute(query, args(user)).fetchall()
+                    assert routed.execute(query, args(user)).fetchall() == expected, (viewer, user, query)
+                    compared += 1
+                    assert any(row[-5] is not None for row in expected) == (user == viewer)  # the value column
+    assert compared == 18
+    with as_dashboard(router, users[0][1]) as routed:
+        with pytest.raises(psycopg.Error, match="unknown user"):
+            routed.execute("select * from user_kpis('00000000-0000-0000-0000-000000000000', %s)", [day]).fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # no viewer of the caller's choosing
+            routed.execute("select * from statskit.proxied_user_kpis(%s, %s, %s, 'day')",
+                           [users[1][1], users[1][1], day]).fetchall()
+    from test_plpgsql_check import plpgsql_findings
+    assert plpgsql_findings(shard_server(servers, 0).dsn(SECURED[0]),
+                            also=("statskit.routed_user_kpis_for(uuid, uuid, date, text)",)) == {}
+
+
+def test_the_router_serves_shards_at_the_old_and_the_new_version_during_a_fleet_migrate(
+        secured_fleet, servers, market, tmp_path, run_cli_module):
+    """A release that adds a metric reaches shard0 first: the router answers every user meanwhile,
+    verify names the shards behind, and migrate --fleet brings them and the router up."""
+    import shutil
+    from test_catalog_growth import NEW_METRIC, add_migration
+    sql = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, sql)
+    add_migration(sql / "catalog.toml", "0002_payments_made", "Add payments_made")
+    (sql / "catalog.toml").write_text((sql / "catalog.toml").read_text() + NEW_METRIC)
+    path, router = secured_fleet["plproxy"]
+    first_only = tmp_path / "shard0.toml"  # the fleet file up to its first shard: a migrate one shard into
+    first_only.write_text(path.read_text().split("[[shards]]")[0] + "[[shards]]" + path.read_text().split("[[shards]]")[1])
+    assert run_cli_module("migrate", "--fleet", first_only, "--sql-dir", sql).exit_code == 0
+    users, day = secured_users(servers), market.last_day
+
+    def answers(index, metric="total_earnings"):
+        shard = as_owner(shard_server(servers, index), SECURED[index])
+        with as_dashboard(shard, users[index]) as direct, as_dashboard(router, users[index]) as routed:
+            for query in ("select * from user_kpis(%s, %s)", f"select * from user_metric(%s, '{metric}', %s)"):
+                expected = direct.execute(query, [users[index], day]).fetchall()
+                assert expected and routed.execute(query, [users[index], day]).fetchall() == expected
+
+    for index in range(3):
+        answers(index)
+    answers(0, "payments_made")  # the new metric, from the shard that has it
+    behind = run_cli_module("verify", "--fleet", path, "--sql-dir", sql, "--only", "migrations")
+    status, detail = check_line(behind.output, "fleet:deployment")
+    assert behind.exit_code == 1 and status == "fail" and "secured1" in detail and "secured2" in detail, behind.output
+    upgraded = run_cli_module("migrate", "--fleet", path, "--sql-dir", sql)
+    assert upgraded.exit_code == 0, upgraded.output
+    for index in range(3):
+        answers(index, "payments_made")
+    verified = run_cli_module("verify", "--fleet", path, "--sql-dir", sql, "--only", "functions,migrations")
+    assert verified.exit_code == 0, verified.output

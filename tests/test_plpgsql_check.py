@@ -5,12 +5,12 @@ import psycopg
 from toolkit.render import FUNCTIONS, signature
 
 
-def plpgsql_findings(dsn: str, key_type: str = "uuid") -> dict:
-    """What plpgsql_check says of every deployed function (in public) and of capture's one writer
-    of the change log, with all its warnings."""
+def plpgsql_findings(dsn: str, key_type: str = "uuid", also: tuple[str, ...] = ()) -> dict:
+    """What plpgsql_check says of every deployed function (in public), of capture's one writer
+    of the change log and of the functions `also` names, with all its warnings."""
     findings = {}
     functions = [signature("public", name, key_type) for name in FUNCTIONS]
-    functions.append(f"statskit.log_changes({key_type}[], timestamptz[])")
+    functions += [f"statskit.log_changes({key_type}[], timestamptz[])", *also]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("create extension if not exists plpgsql_check")
         for function in functions:

@@ -26,7 +26,7 @@ from . import clients, dashboard, deployment, docs, project as project_files, ve
 from . import db, fleet as fleet_core, router as router_core
 from . import migrate as migrate_core
 from .catalog import Catalog, UserKey, load_catalog
-from .errors import StatskitError, UsageError
+from .errors import StatskitError
 from .settings import Settings
 from .render import PACKAGED_SQL_DIR, RENDERED_GLOBS, default_sql_dir, render_all, stale_files, write_rendered
 
@@ -110,9 +110,6 @@ class Project:
             raise StatskitError("a fleet names each shard's jobs after the shard (its name in the fleet file)",
                                 field="job_suffix")
         loaded = fleet if isinstance(fleet, fleet_core.Fleet) else fleet_core.load(fleet)
-        if settings.get("row_security") and loaded.router:
-            raise UsageError("is not applied through a fleet's router yet: its session setting does not travel "
-                             "through PL/Proxy, so the router would show every user's rows", field="row_security")
         return FleetDeployment(self, loaded, settings)
 
 

@@ -425,7 +425,7 @@ def demo(ctx, users, days, seed, port, dsn, as_fleet, cron_dsn, cron, sql_dir):
 
     \b
     Examples:
-      statskit demo                      # private cluster on port 54915
+      statskit demo                      # private cluster on port 30915
       statskit demo --users 5000 --days 120 --seed 7
       statskit demo --fleet              # two shards on two servers and a router
       statskit demo shell                # psql into the demo database

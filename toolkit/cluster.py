@@ -17,7 +17,9 @@ import psycopg
 
 from .errors import StatskitError
 
-DEMO_PORT = 54915
+# Ports of statskit's own servers sit below Linux's ephemeral range (32768-60999), where no
+# client socket can hold them: the demo's, the benchmarks' (30916-30918) and the tests' (30329, 31329-31334).
+DEMO_PORT = 30915
 CRON_DATABASE = "postgres"
 SUPERUSER = "postgres"
 
@@ -141,7 +143,9 @@ class LocalCluster:
         if not self.running():
             if port_in_use(self.port):
                 raise StatskitError(f"port {self.port} is taken by another server; choose another with --port")
-            result = self._run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60")
+            # the port given, whatever the one a cluster made by an older release wrote in its postgresql.conf
+            result = self._run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60",
+                               "-o", f"-p {self.port}")
             self._check(result, "starting PostgreSQL")
         self._wait_ready()
         if self.with_cron:

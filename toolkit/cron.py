@@ -173,9 +173,12 @@ def plan_jobs(cron_conn: psycopg.Connection, settings: Settings, database: str) 
     existing = {}
     for job in registered_jobs(cron_conn, [w.name for w in wanted]):
         if job.database != database:
+            # a shard's jobs carry its name: two fleets' shards of one server may share one
+            remedy = ("a shard name of its own (name = ... under its [[shards]] in the fleet file)" if settings.shard
+                      else "{job_suffix}")
             raise StatskitError(
                 f"pg_cron job {job.jobname!r} already belongs to database {job.database!r} (user {job.username!r}); "
-                f"nothing changed. Give this database its own jobs with {{job_suffix}}"
+                f"nothing changed. Give this database its own jobs with {remedy}"
             )
         existing[job.jobname] = job
     todo = []

@@ -148,7 +148,7 @@ def _sharding_section(catalog: Catalog) -> str:
         "- N shard databases, listed in the fleet file in placement order. User u lives on shard\n"
         f"  `hashtext(u::text) & (N - 1)`, N a power of two (PL/Proxy's own rule), unless the fleet file names\n"
         f"  the application's function (`placement = \"schema.name\"`, of a `{users.key_type}` key, returning the\n"
-        "  shard's index from 0).\n"
+        "  shard's index from 0, for any N; it exists on every shard and on the router).\n"
         f"- A shard holds the `{users.name}` rows of its own users, and every row of the other tables that counts\n"
         "  for one of them: a row is on the shard of each user below (the *home* is the one it belongs to).\n"
         "  A row that counts for users of two shards is on both, equal on each: keeping the copies equal is\n"

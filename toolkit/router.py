@@ -69,8 +69,10 @@ class PlProxy:
     name = "plproxy"
 
     def wanted(self, fleet: Fleet) -> dict[str, dict[str, str]]:
-        return {FLEET_CLUSTER: {f"p{s.index}": psycopg.conninfo.make_conninfo(**_shard_address(s))
-                                for s in fleet.shards}}
+        partitions = {f"p{s.index}": psycopg.conninfo.make_conninfo(**_shard_address(s)) for s in fleet.shards}
+        # The application's placement returns the shard's index itself, for any number of shards:
+        # PL/Proxy maps it to partition index % N, where its hash mapping needs N a power of two.
+        return {FLEET_CLUSTER: {**partitions, **({"modular_mapping": "1"} if fleet.placement else {})}}
 
     def stored(self, conn: psycopg.Connection) -> dict[str, dict[str, str]]:
         return _servers(conn, f"^{FLEET_CLUSTER}$")
@@ -108,6 +110,11 @@ class Dblink:
             raise StatskitError(
                 f"dblink is not installed in the router's database {conn.info.dbname}: a superuser (or the "
                 f"service's admin role) runs CREATE EXTENSION dblink there; nothing changed")
+        if not conn.execute("select has_foreign_data_wrapper_privilege('dblink_fdw', 'usage')").fetchone()[0]:
+            raise StatskitError(
+                f"{conn.info.user} may not use dblink's foreign data wrapper in {conn.info.dbname}: a superuser "
+                f"(or the service's admin role) runs GRANT USAGE ON FOREIGN DATA WRAPPER dblink_fdw TO "
+                f"{conn.info.user} there; nothing changed")
         if not _superuser(conn) and not os.environ.get(PASSWORD_VARIABLE):
             raise StatskitError(
                 f"dblink logs a non-superuser into the shards with a password only: set ${PASSWORD_VARIABLE} to "

@@ -7,7 +7,7 @@
 -- deployment's owner, the dashboard function it names for one of this shard's users, or reads
 -- the sums behind the platform's numbers that this shard keeps for the router to add up.
 
--- a role is the server's: two shard databases of one server, migrated at once, both make it
+-- statskit_router is the server's: two databases of one server, migrated at once, both create it
 do $role$
 begin
     create role statskit_router login;
