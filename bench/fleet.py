@@ -3,15 +3,14 @@
 The same synthetic marketplace on one server and split over four shards on two servers (durable
 clusters, as PostgreSQL ships them). Measured in one run: a night on one server against the sum
 of the four shards' nights (each shard's own, one after the other, so none shares a core); each
-shard's night against its users; a dashboard call (user_kpis) through the PL/Proxy router against
-the same call on the shard, under pgbench with 16 clients; migrate of four shards with --parallel 4
+shard's night against its users; a dashboard call (user_kpis) through the PL/Proxy router and
+through the dblink router against the same call on the shard, under pgbench with 16 clients; migrate of four shards with --parallel 4
 against one shard's migrate.
 """
 
 import argparse
 import dataclasses
 import re
-import statistics
 import subprocess
 import tempfile
 import time
@@ -39,10 +38,10 @@ def load(project, dsn, market, schema_sql):
         app.target.conn.execute("analyze")
 
 
-def night(dsn, catalog, day, rounds=3):
+def night(dsn, catalog, day, rounds=5):
     """The nightly functions of day D as the first night after a backfill runs them (from
     history: the range functions keep no sums), D's rows and every kept sum removed first and a
-    checkpoint taken: the median seconds of `rounds`."""
+    checkpoint taken: the median seconds of `rounds`, (platform, users)."""
     times = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         for _ in range(rounds):
@@ -52,9 +51,11 @@ def night(dsn, catalog, day, rounds=3):
             conn.execute("checkpoint")
             started = time.perf_counter()
             conn.execute("select aggregate_daily_statistics(%s)", [day])
+            platform = time.perf_counter() - started
             conn.execute("select aggregate_user_statistics(null, %s)", [day])
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            times.append((time.perf_counter() - started, platform))
+    total, platform = sorted(times)[len(times) // 2]  # the median round
+    return platform, total - platform
 
 
 def pgbench(server, dbname, count, day, seconds):
@@ -72,25 +73,16 @@ def pgbench(server, dbname, count, day, seconds):
     return tps, int(failed.group(1)) if failed else 0
 
 
-def main():
-    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=10000)
-    parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--seconds", type=int, default=15, help="each pgbench run")
-    parser.add_argument("--ports", type=int, nargs=2, default=[31916, 31918])
-    parser.add_argument("--markdown", type=Path, help="write the table here, between the FLEET markers")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    servers = [LocalCluster(f"bench-fleet-{port}", port, durable=True) for port in args.ports]
-    for server in servers:
-        server.start()
+def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_fleet") -> tuple[list, int]:
+    """Everything the table shows, on `servers` (two; shard i on server i % 2): (rows of
+    (what, measured, ratio), source rows)."""
     project = api.Project.open(REPO / "sql")
     last = date(2026, 10, 31)
-    market = marketplace.generate(users=args.users, days=args.days, seed=11, last_day=last)
+    market = marketplace.generate(users=users, days=days, seed=11, last_day=last)
     night_day, filled_to = last, last - timedelta(days=1)
 
     # one server, all the data
-    whole = fresh_database(servers[0], "bench_fleet_whole")
+    whole = fresh_database(servers[0], f"{prefix}_whole")
     load(project, whole, market, marketplace.reference_schema_sql())
     with project.deployment(whole) as app:
         app.migrate()
@@ -98,8 +90,8 @@ def main():
     one_night = night(whole, project.catalog, night_day)
 
     # four shards on two servers, and a router
-    dsns = [fresh_database(servers[i % 2], f"bench_fleet_shard{i}") for i in range(SHARDS)]
-    router = fresh_database(servers[0], "bench_fleet_router")
+    dsns = [fresh_database(servers[i % 2], f"{prefix}_shard{i}") for i in range(SHARDS)]
+    router = fresh_database(servers[0], f"{prefix}_router")
     fleet = fleet_core.Fleet(None, tuple(fleet_core.Shard(i, f"shard{i}", dsn) for i, dsn in enumerate(dsns)),
                              router=router)
     with psycopg.connect(whole) as conn:
@@ -109,7 +101,7 @@ def main():
         load(project, dsn, part, reference_shards.shard_schema_sql())
     # migrate as the command runs it (each shard opened, its SQL rendered, applied): a fleet of one
     # shard (a copy of shard 0), then the four at once; then the router
-    alone = fresh_database(servers[0], "bench_fleet_alone")
+    alone = fresh_database(servers[0], f"{prefix}_alone")
     load(project, alone, parts[0], reference_shards.shard_schema_sql())
     render._RENDERED.clear()  # each timing renders afresh, as a command does
     began = time.perf_counter()
@@ -129,34 +121,64 @@ def main():
     shard_nights = [night(dsn, project.catalog.for_shard(), night_day) for dsn in dsns]
     shard_users = [len(part.rows["profiles"]) for part in parts]
 
-    # a dashboard call through the router, against the same call on the shard
+    # the same fleet behind a dblink router, as on a managed service
+    dblink_router = fresh_database(servers[0], f"{prefix}_router_dblink")
+    with psycopg.connect(dblink_router, autocommit=True) as conn:
+        conn.execute("create extension dblink")
+    routed = project.fleet(dataclasses.replace(fleet, router=dblink_router, router_engine="dblink")).migrate(parallel=4)
+    assert all(o.ok for o in routed), [str(o.error) for o in routed if not o.ok]
+
+    # a dashboard call through each router, against the same call on the shard
     users0 = [row[0] for row in parts[0].rows["profiles"] if row[2].date() <= filled_to]
-    for server, dbname in ((servers[0], "bench_fleet_router"), (servers[0], "bench_fleet_shard0")):
-        with psycopg.connect(server.dsn(dbname), autocommit=True) as conn:
+    routers = {"PL/Proxy": f"{prefix}_router", "dblink": f"{prefix}_router_dblink"}
+    for dbname in [f"{prefix}_shard0", *routers.values()]:
+        with psycopg.connect(servers[0].dsn(dbname), autocommit=True) as conn:
             conn.execute("drop table if exists bench_users")
             conn.execute("create table bench_users (n integer primary key, id uuid not null)")
             with conn.cursor().copy("copy bench_users (n, id) from stdin") as copy:
                 for n, user in enumerate(users0, 1):
                     copy.write_row((n, user))
-    direct_tps, direct_failed = pgbench(servers[0], "bench_fleet_shard0", len(users0), filled_to, args.seconds)
-    routed_tps, routed_failed = pgbench(servers[0], "bench_fleet_router", len(users0), filled_to, args.seconds)
+    direct_tps, direct_failed = pgbench(servers[0], f"{prefix}_shard0", len(users0), filled_to, seconds)
+    routed = {engine: pgbench(servers[0], name, len(users0), filled_to, seconds) for engine, name in routers.items()}
 
-    total = sum(shard_nights)
+    def split(platform, user):
+        return f"platform {platform:.3f} s + users {user:.3f} s"
+
+    total = sum(map(sum, shard_nights))
+    summed = [sum(n[0] for n in shard_nights), sum(n[1] for n in shard_nights)]
     rows = [
-        ("a night, one server (all users)", f"{one_night:.3f} s", ""),
-        ("the four shards' nights, summed", f"{total:.3f} s", f"{total / one_night:.2f}× one server (goal ≤ 1.3×)"),
-    ] + [(f"shard{i}'s night ({users:,} users, {users / args.users:.0%})", f"{seconds:.3f} s",
-          f"{seconds / total:.0%} of the fleet's work")
-         for i, (users, seconds) in enumerate(zip(shard_users, shard_nights))] + [
+        ("a night, one server (all users)", f"{sum(one_night):.3f} s", split(*one_night)),
+        ("the four shards' nights, summed", f"{total:.3f} s", f"{total / sum(one_night):.2f}× one server "
+         f"(goal ≤ 1.3×): {split(*summed)}, {summed[0] / one_night[0]:.2f}× and {summed[1] / one_night[1]:.2f}×"),
+    ] + [(f"shard{i}'s night ({count:,} users, {count / users:.0%})", f"{sum(took):.3f} s",
+          f"{sum(took) / total:.0%} of the fleet's work")
+         for i, (count, took) in enumerate(zip(shard_users, shard_nights))] + [
         ("user_kpis on shard0, 16 clients", f"{direct_tps:,.0f} calls/s", f"{direct_failed} failed"),
-        ("user_kpis through the PL/Proxy router", f"{routed_tps:,.0f} calls/s",
-         f"{routed_tps / direct_tps:.2f}× direct (goal ≥ 0.5×), {routed_failed} failed"),
+    ] + [(f"user_kpis through the {engine} router", f"{tps:,.0f} calls/s",
+          f"{tps / direct_tps:.2f}× direct (goal ≥ 0.5×), {failed} failed")
+         for engine, (tps, failed) in routed.items()] + [
         ("migrate of one shard", f"{one_migrate:.2f} s", ""),
         ("migrate --fleet of four, --parallel 4", f"{fleet_migrate:.2f} s",
          f"{fleet_migrate / one_migrate:.2f}× one shard (goal ≤ 2×)"),
         ("then migrate --fleet with the router (shards up to date)", f"{router_migrate:.2f} s", ""),
     ]
-    table = (f"{args.users:,} users × {args.days} days ({market.count():,} source rows), four shards on two "
+    return rows, market.count()
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=10000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--seconds", type=int, default=15, help="each pgbench run")
+    parser.add_argument("--ports", type=int, nargs=2, default=[31916, 31918])
+    parser.add_argument("--markdown", type=Path, help="write the table here, between the FLEET markers")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    servers = [LocalCluster(f"bench-fleet-{port}", port, durable=True) for port in args.ports]
+    for server in servers:
+        server.start()
+    rows, source_rows = measure(servers, args.users, args.days, args.seconds)
+    table = (f"{args.users:,} users × {args.days} days ({source_rows:,} source rows), four shards on two "
              f"durable servers of this machine ({machine()}), run in {time.perf_counter() - started:.0f} s:\n\n"
              "| what | measured | ratio |\n|---|---:|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows))
     print(table)

@@ -103,3 +103,25 @@ def test_partitions_bench_measures_both_layouts():
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             for period in layouts:
                 admin.execute(f"drop database if exists bench_layout_{period} with (force)")
+
+
+def test_the_fleet_bench_measures_every_row_it_reports():
+    """bench.fleet at a tiny size, its four shards and two routers on the session's server."""
+    import psycopg
+
+    from bench import fleet
+    try:
+        rows, source_rows = fleet.measure([cluster, cluster], users=200, days=10, seconds=1, prefix="smoke_fleet")
+        measured = {what: (value, ratio) for what, value, ratio in rows}
+        assert source_rows > 0 and len(rows) == 12
+        assert float(measured["the four shards' nights, summed"][0].split()[0]) > 0
+        for engine in ("PL/Proxy", "dblink"):  # every call answered through each router
+            value, ratio = measured[f"user_kpis through the {engine} router"]
+            assert float(value.split()[0].replace(",", "")) > 0 and ratio.endswith(", 0 failed"), (engine, ratio)
+    finally:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            names = [name for (name,) in admin.execute(
+                "select datname from pg_database where datname like 'smoke\\_fleet\\_%'").fetchall()]
+            admin.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [names])
+            for name in names:
+                admin.execute(f"drop database {name} with (force)")
