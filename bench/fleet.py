@@ -11,6 +11,7 @@ against one shard's migrate.
 import argparse
 import dataclasses
 import re
+import statistics
 import subprocess
 import tempfile
 import time
@@ -38,24 +39,44 @@ def load(project, dsn, market, schema_sql):
         app.target.conn.execute("analyze")
 
 
-def night(dsn, catalog, day, rounds=5):
-    """The nightly functions of day D as the first night after a backfill runs them (from
-    history: the range functions keep no sums), D's rows and every kept sum removed first and a
-    checkpoint taken: the median seconds of `rounds`, (platform, users)."""
-    times = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+def night(conn, catalog, day, stepped=False) -> tuple[float, float]:
+    """One night of day D, (platform, users) seconds: as the first night after a backfill runs it
+    (from history: the range functions keep no sums), or `stepped` from the sums of D - 1 as
+    every night after that (D - 1 run first, untimed); the days' rows and every kept sum removed
+    first and a checkpoint taken."""
+    for rollup in (catalog.user, catalog.platform):
+        conn.execute(f"delete from {rollup.table} where date between %s and %s", [day - timedelta(days=1), day])
+        conn.execute(f"truncate statskit.{rollup.table}_sums, statskit.{rollup.table}_sums_day")
+    if stepped:
+        run_night(conn, day - timedelta(days=1))
+    conn.execute("checkpoint")
+    started = time.perf_counter()
+    platform = run_night(conn, day)
+    return platform, time.perf_counter() - started - platform
+
+
+def nights(databases, day, stepped, rounds=5) -> list[tuple[float, float]]:
+    """Each database's (dsn, catalog) night, in rounds that visit every database in turn (so
+    that whatever else the machine does falls on all alike): the median round of each."""
+    times = [[] for _ in databases]
+    connections = [psycopg.connect(dsn, autocommit=True) for dsn, _ in databases]
+    try:
         for _ in range(rounds):
-            for rollup in (catalog.user, catalog.platform):
-                conn.execute(f"delete from {rollup.table} where date = %s", [day])
-                conn.execute(f"truncate statskit.{rollup.table}_sums, statskit.{rollup.table}_sums_day")
-            conn.execute("checkpoint")
-            started = time.perf_counter()
-            conn.execute("select aggregate_daily_statistics(%s)", [day])
-            platform = time.perf_counter() - started
-            conn.execute("select aggregate_user_statistics(null, %s)", [day])
-            times.append((time.perf_counter() - started, platform))
-    total, platform = sorted(times)[len(times) // 2]  # the median round
-    return platform, total - platform
+            for taken, conn, (_, catalog) in zip(times, connections, databases):
+                taken.append(night(conn, catalog, day, stepped))
+    finally:
+        for conn in connections:
+            conn.close()
+    return [sorted(taken, key=sum)[len(taken) // 2] for taken in times]
+
+
+def run_night(conn, day) -> float:
+    """The platform's and the users' nightly functions of day; the platform's seconds."""
+    started = time.perf_counter()
+    conn.execute("select aggregate_daily_statistics(%s)", [day])
+    platform = time.perf_counter() - started
+    conn.execute("select aggregate_user_statistics(null, %s)", [day])
+    return platform
 
 
 def pgbench(server, dbname, count, day, seconds):
@@ -87,7 +108,6 @@ def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_f
     with project.deployment(whole) as app:
         app.migrate()
         app.backfill(market.first_day, filled_to)
-    one_night = night(whole, project.catalog, night_day)
 
     # four shards on two servers, and a router
     dsns = [fresh_database(servers[i % 2], f"{prefix}_shard{i}") for i in range(SHARDS)]
@@ -118,7 +138,12 @@ def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_f
     assert all(o.ok for o in migrated), [str(o.error) for o in migrated if not o.ok]
     filled = shards.backfill(market.first_day, filled_to, parallel=4)
     assert all(o.ok for o in filled), [str(o.error) for o in filled if not o.ok]
-    shard_nights = [night(dsn, project.catalog.for_shard(), night_day) for dsn in dsns]
+    databases = [(whole, project.catalog)] + [(dsn, project.catalog.for_shard()) for dsn in dsns]
+    for dsn, _ in databases:  # nothing left for autovacuum to do while the nights are timed
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("vacuum analyze")
+    one_night, *shard_nights = nights(databases, night_day, stepped=False)
+    one_step, *shard_steps = nights(databases, night_day, stepped=True)
     shard_users = [len(part.rows["profiles"]) for part in parts]
 
     # the same fleet behind a dblink router, as on a managed service
@@ -138,21 +163,33 @@ def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_f
             with conn.cursor().copy("copy bench_users (n, id) from stdin") as copy:
                 for n, user in enumerate(users0, 1):
                     copy.write_row((n, user))
-    direct_tps, direct_failed = pgbench(servers[0], f"{prefix}_shard0", len(users0), filled_to, seconds)
-    routed = {engine: pgbench(servers[0], name, len(users0), filled_to, seconds) for engine, name in routers.items()}
+    # three rounds, each of the three in turn, a third of `seconds` each: the median rate of each,
+    # and every failed call
+    targets = {"direct": f"{prefix}_shard0", **routers}
+    runs = {name: [] for name in targets}
+    for _ in range(3):
+        for name, dbname in targets.items():
+            runs[name].append(pgbench(servers[0], dbname, len(users0), filled_to, max(1, seconds // 3)))
+    rates = {name: (statistics.median(tps for tps, _ in taken), sum(failed for _, failed in taken))
+             for name, taken in runs.items()}
+    (direct_tps, direct_failed), routed = rates.pop("direct"), rates
 
     def split(platform, user):
         return f"platform {platform:.3f} s + users {user:.3f} s"
 
-    total = sum(map(sum, shard_nights))
-    summed = [sum(n[0] for n in shard_nights), sum(n[1] for n in shard_nights)]
-    rows = [
-        ("a night, one server (all users)", f"{sum(one_night):.3f} s", split(*one_night)),
-        ("the four shards' nights, summed", f"{total:.3f} s", f"{total / sum(one_night):.2f}× one server "
-         f"(goal ≤ 1.3×): {split(*summed)}, {summed[0] / one_night[0]:.2f}× and {summed[1] / one_night[1]:.2f}×"),
-    ] + [(f"shard{i}'s night ({count:,} users, {count / users:.0%})", f"{sum(took):.3f} s",
-          f"{sum(took) / total:.0%} of the fleet's work")
-         for i, (count, took) in enumerate(zip(shard_users, shard_nights))] + [
+    def against(one, shards, what, plural):
+        summed = [sum(n[0] for n in shards), sum(n[1] for n in shards)]
+        return [(f"{what}, one server (all users)", f"{sum(one):.3f} s", split(*one)),
+                (f"the four shards' {plural}, summed", f"{sum(summed):.3f} s",
+                 f"{sum(summed) / sum(one):.2f}× one server (goal ≤ 1.3×): {split(*summed)}, "
+                 f"{summed[0] / one[0]:.2f}× and {summed[1] / one[1]:.2f}×")]
+
+    total = sum(map(sum, shard_steps))
+    rows = against(one_step, shard_steps, "stepped night", "stepped nights") + against(
+        one_night, shard_nights, "night from history", "nights from history") + [
+        (f"shard{i}'s stepped night ({count:,} users, {count / users:.0%})", f"{sum(took):.3f} s",
+         f"{sum(took) / total:.0%} of the fleet's work")
+        for i, (count, took) in enumerate(zip(shard_users, shard_steps))] + [
         ("user_kpis on shard0, 16 clients", f"{direct_tps:,.0f} calls/s", f"{direct_failed} failed"),
     ] + [(f"user_kpis through the {engine} router", f"{tps:,.0f} calls/s",
           f"{tps / direct_tps:.2f}× direct (goal ≥ 0.5×), {failed} failed")

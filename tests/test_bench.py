@@ -113,8 +113,8 @@ def test_the_fleet_bench_measures_every_row_it_reports():
     try:
         rows, source_rows = fleet.measure([cluster, cluster], users=200, days=10, seconds=1, prefix="smoke_fleet")
         measured = {what: (value, ratio) for what, value, ratio in rows}
-        assert source_rows > 0 and len(rows) == 12
-        assert float(measured["the four shards' nights, summed"][0].split()[0]) > 0
+        assert source_rows > 0 and len(rows) == 14
+        assert float(measured["the four shards' stepped nights, summed"][0].split()[0]) > 0
         for engine in ("PL/Proxy", "dblink"):  # every call answered through each router
             value, ratio = measured[f"user_kpis through the {engine} router"]
             assert float(value.split()[0].replace(",", "")) > 0 and ratio.endswith(", 0 failed"), (engine, ratio)

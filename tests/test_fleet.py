@@ -74,6 +74,8 @@ def servers():
     finally:
         del os.environ["STATSKIT_ROUTER_PASSWORD"]
         second.destroy()
+        hba = session_cluster.datadir / "pg_hba.conf"  # the session's server trusts every login again
+        hba.write_text(hba.read_text().replace(ROUTER_HBA, ""))
         databases = [*DATABASES, *ROUTERS.values(), *SECURED, *SECURED_ROUTERS.values()]
         with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
             conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [databases])
@@ -85,6 +87,7 @@ def servers():
                 if conn.execute("select from pg_roles where rolname = %s", [role]).fetchone():
                     conn.execute(f"drop owned by {role}")
                     conn.execute(f"drop role {role}")
+            conn.execute("select pg_reload_conf()")
 
 
 def shard_server(servers, index):
@@ -287,6 +290,8 @@ def test_a_stopped_server_fails_only_its_shards(router, servers, run_cli_module)
     engine, deployed, dsn = router
     users_of = first_users(servers)
     second = servers[1]
+    kept = psycopg.connect(dsn, autocommit=True)  # a pooled dashboard session, across the restart
+    assert len(kept.execute("select * from user_kpis(%s, '2026-03-31')", [users_of[1]]).fetchall()) == 6
     second.stop()
     try:
         verified = run_cli_module("verify", "--fleet", deployed, "--only", "schema")
@@ -310,6 +315,12 @@ def test_a_stopped_server_fails_only_its_shards(router, servers, run_cli_module)
                     assert len(conn.execute("select * from user_kpis(%s, '2026-03-31')", [user]).fetchall()) == 6
     finally:
         second.start()
+    with kept:  # its connection to the restarted shard was lost
+        if engine == "plproxy":  # PL/Proxy fails the call that finds it so and makes a new one for the next
+            with pytest.raises(psycopg.Error, match=r"\[fleet_shard1\] REMOTE FATAL"):
+                kept.execute("select * from user_kpis(%s, '2026-03-31')", [users_of[1]]).fetchall()
+        # dblink's routed functions make a new one at once
+        assert len(kept.execute("select * from user_kpis(%s, '2026-03-31')", [users_of[1]]).fetchall()) == 6
     assert run_cli_module("migrate", "--fleet", deployed).exit_code == 0
 
 
@@ -407,7 +418,8 @@ def test_a_shards_and_the_routers_functions_pass_plpgsql_check(router, servers):
     assert plpgsql_findings(shard_server(servers, 0).dsn(DATABASES[0])) == {}
     functions = ["public.merge_platform_statistics()", "public.platform_metric(text, date, text)"]
     if router[0] == "dblink":
-        functions.append("statskit.shard_partials()")
+        functions += ["statskit.shard_partials()", "statskit.shard_connection(text, boolean)",
+                      "public.user_metric(uuid, text, date, text)", "public.user_kpis(uuid, date, text)"]
     with psycopg.connect(session_cluster.dsn(ROUTERS[router[0]]), autocommit=True) as conn:
         conn.execute("create extension if not exists plpgsql_check")
         findings = {function: conn.execute("select level, lineno, message from plpgsql_check_function_tb("
@@ -580,6 +592,18 @@ def test_a_fleet_backfill_stopped_by_a_signal_leaves_whole_days_and_resumes(depl
 SECURED = [f"fleet_secured{i}" for i in range(3)]
 SECURED_ROUTERS = {"plproxy": "fleet_secured_router", "dblink": "fleet_secured_router_dblink"}
 EXPRESSION = "current_setting('app.user_id', true)::uuid"
+# what docs/scaling.md gives the admin to run on a dblink router under row security
+DBLINK_TO_OWNER_ONLY = """do $$
+declare
+    f regprocedure;
+begin
+    for f in select objid from pg_depend where classid = 'pg_proc'::regclass and deptype = 'e'
+             and refobjid = (select oid from pg_extension where extname = 'dblink') loop
+        execute format('revoke execute on function %s from public', f);
+        execute format('grant execute on function %s to OWNER', f);
+    end loop;
+end
+$$"""
 PLACEMENT_SQL = """create or replace function public.tenant_shard(p_user uuid) returns integer
 language sql immutable as $$ select get_byte(uuid_send(p_user), 0) % 3 $$"""
 
@@ -630,6 +654,10 @@ def secured_fleet(deployed, servers, market, tmp_path_factory, run_cli_module):
                 refused.output), refused.output
             with psycopg.connect(session_cluster.dsn(name), autocommit=True) as conn:
                 conn.execute(f"grant usage on foreign data wrapper dblink_fdw to {OWNER}")
+            public = run_cli_module(*migrate)  # and, under row security, dblink's functions to the owner only
+            assert public.exit_code == 1 and "PUBLIC may not execute dblink's functions" in public.output, public.output
+            with psycopg.connect(session_cluster.dsn(name), autocommit=True) as conn:
+                conn.execute(DBLINK_TO_OWNER_ONLY.replace("OWNER", OWNER))
         done = run_cli_module(*migrate)
         assert done.exit_code == 0, done.output
         fleets[engine] = (path, dsn)

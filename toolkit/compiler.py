@@ -132,10 +132,15 @@ def rows_from(source: Source, named: bool) -> str:
     return f"{source.name}_rows as {source.alias}" if named else source.from_sql
 
 
-def day_tests(source: Source, only: str | None) -> list[str]:
+def day_tests(source: Source, only: str | None, own: str | None = None) -> list[str]:
     """What narrows a source's rows in the one-day sums: its `scan` test (raw timestamps, before
-    any day is computed) and `only` (a condition on its user, {key})."""
-    return ([source.scan] if source.scan else []) + ([only.replace("{key}", source.user_key)] if only else [])
+    any day is computed), `only` (a condition on its user, {key}) and, on a fleet's shard, `own`
+    (its user is one of the shard's: the rows a shard holds for another shard's users count for
+    none of its own, so they are dropped before any day is computed)."""
+    tests = [only] if only else []
+    tests += [own] if own and source.user_key else []
+    tests = ([source.scan] if source.scan else []) + [test.replace("{key}", source.user_key) for test in tests]
+    return [f"({test})" for test in tests] if len(tests) > 1 else tests  # and-ed: each whole
 
 
 # -- change rows: what each source row adds on the day it enters, and takes back when it leaves

@@ -27,6 +27,14 @@ MERGE_SCHEDULE = "30 * * * *"
 # The router role's password on the shards' servers: migrate puts it into the user mappings (never printed)
 PASSWORD_VARIABLE = "STATSKIT_ROUTER_PASSWORD"
 ROUTED = ("user_metric", "user_kpis", "platform_metric", "merge_platform_statistics")
+# How many of the dblink extension's functions PUBLIC may execute
+PUBLIC_DBLINK_SQL = """
+select count(*) from pg_depend d join pg_proc p on p.oid = d.objid
+where d.classid = 'pg_proc'::regclass and d.deptype = 'e'
+  and d.refobjid = (select oid from pg_extension where extname = 'dblink')
+  and exists (select from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+              where a.grantee = 0 and a.privilege_type = 'EXECUTE')
+"""
 
 
 @dataclass
@@ -77,7 +85,7 @@ class PlProxy:
     def stored(self, conn: psycopg.Connection) -> dict[str, dict[str, str]]:
         return _servers(conn, f"^{FLEET_CLUSTER}$")
 
-    def require(self, conn: psycopg.Connection) -> None:
+    def require(self, conn: psycopg.Connection, settings: Settings) -> None:
         if not _superuser(conn):
             raise StatskitError(
                 f"the router's PL/Proxy functions need a superuser (PL/Proxy is an untrusted language), and "
@@ -105,7 +113,7 @@ class Dblink:
     def stored(self, conn: psycopg.Connection) -> dict[str, dict[str, str]]:
         return _servers(conn, "^statskit_shard[0-9]+$")
 
-    def require(self, conn: psycopg.Connection) -> None:
+    def require(self, conn: psycopg.Connection, settings: Settings) -> None:
         if self.schema(conn) is None:
             raise StatskitError(
                 f"dblink is not installed in the router's database {conn.info.dbname}: a superuser (or the "
@@ -115,6 +123,12 @@ class Dblink:
                 f"{conn.info.user} may not use dblink's foreign data wrapper in {conn.info.dbname}: a superuser "
                 f"(or the service's admin role) runs GRANT USAGE ON FOREIGN DATA WRAPPER dblink_fdw TO "
                 f"{conn.info.user} there; nothing changed")
+        if settings.row_security and conn.execute(PUBLIC_DBLINK_SQL).fetchone()[0]:
+            raise StatskitError(
+                f"under row security, PUBLIC may not execute dblink's functions in {conn.info.dbname}: with them a "
+                f"dashboard role could use the connections to the shards its session keeps and name another user; "
+                f"an admin revokes them from PUBLIC and grants them to {conn.info.user} (docs/scaling.md, \"Row "
+                f"security through the router\"); nothing changed")
         if not _superuser(conn) and not os.environ.get(PASSWORD_VARIABLE):
             raise StatskitError(
                 f"dblink logs a non-superuser into the shards with a password only: set ${PASSWORD_VARIABLE} to "
@@ -135,6 +149,7 @@ class Dblink:
 
 
 ENGINES = {engine.name: engine for engine in (PlProxy(), Dblink())}
+
 
 
 def _servers(conn: psycopg.Connection, pattern: str) -> dict[str, dict[str, str]]:
@@ -159,7 +174,7 @@ def deploy(fleet: Fleet, sql_dir, settings: Settings, catalog: Catalog, cron_dsn
     wanted = engine.wanted(fleet)
     with db.connect(fleet.router, autocommit=True) as conn:
         with conn.transaction():
-            engine.require(conn)
+            engine.require(conn, settings)
             text = rendered_sql(fleet, conn, sql_dir, settings, catalog)
             conn.execute(deployment.CHECKSUMS_SQL)
             if engine.stored(conn) != wanted:

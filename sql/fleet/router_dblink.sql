@@ -6,7 +6,8 @@
 --
 -- The dashboard's functions run as their owner (security definer), so that dblink uses the
 -- owner's user mapping, which logs into each shard as statskit_router with its password: the
--- dashboard's own roles need EXECUTE only. Needs: the dblink extension (a superuser, or the
+-- dashboard's own roles need EXECUTE only (and, under row security, must not execute dblink's
+-- functions, which could use the connections a session keeps). Needs: the dblink extension (a superuser, or the
 -- service's admin role, creates it) and USAGE on its foreign data wrapper dblink_fdw.
 
 create schema if not exists "statskit";
@@ -30,6 +31,28 @@ as $function$
     select 'statskit_shard' || (hashtext(p_user_id::text) & ("statskit".fleet_size() - 1))
 $function$;
 
+-- This session's connection to the shard, opened by its first call there and kept: a dashboard
+-- session (a pool's) makes many calls, and a new connection costs far more than the call. With
+-- p_renew a lost one (the shard restarted) is replaced.
+create or replace function "statskit".shard_connection(p_server text, p_renew boolean default false)
+returns text
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $function$
+begin
+    if p_server = any (coalesce("public".dblink_get_connections(), '{}')) then
+        if not p_renew then
+            return p_server;
+        end if;
+        perform "public".dblink_disconnect(p_server);
+    end if;
+    perform "public".dblink_connect(p_server, p_server);
+    return p_server;
+end;
+$function$;
+
+revoke execute on function "statskit".shard_connection(text, boolean) from public;
+
 create or replace function "public".user_metric(
     p_user_id uuid,
     p_metric text,
@@ -37,14 +60,23 @@ create or replace function "public".user_metric(
     p_compare text default 'day'
 )
 returns table (value numeric, previous_value numeric, change numeric, change_pct numeric, trend text)
-language sql
-stable
+language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $function$
-    select * from "public".dblink("statskit".shard_server(p_user_id), format(
+declare
+    v_server constant text := "statskit".shard_server(p_user_id);
+    v_query constant text := format(
         'select * from "statskit".routed_user_metric(%L::uuid, %L, %L::date, %L)',
-        p_user_id, p_metric, p_date, p_compare)) as routed (value numeric, previous_value numeric, change numeric, change_pct numeric, trend text)
+        p_user_id, p_metric, p_date, p_compare);
+begin
+    return query select * from "public".dblink("statskit".shard_connection(v_server), v_query)
+        as routed (value numeric, previous_value numeric, change numeric, change_pct numeric, trend text);
+exception when connection_exception then
+    -- the connection this session kept was lost: once more, on a new one
+    return query select * from "public".dblink("statskit".shard_connection(v_server, true), v_query)
+        as routed (value numeric, previous_value numeric, change numeric, change_pct numeric, trend text);
+end;
 $function$;
 
 create or replace function "public".user_kpis(
@@ -53,14 +85,23 @@ create or replace function "public".user_kpis(
     p_compare text default 'day'
 )
 returns table (metric text, value numeric, previous_value numeric, change numeric, change_pct numeric, trend text)
-language sql
-stable
+language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $function$
-    select * from "public".dblink("statskit".shard_server(p_user_id), format(
+declare
+    v_server constant text := "statskit".shard_server(p_user_id);
+    v_query constant text := format(
         'select * from "statskit".routed_user_kpis(%L::uuid, %L::date, %L)',
-        p_user_id, p_date, p_compare)) as routed (metric text, value numeric, previous_value numeric, change numeric, change_pct numeric, trend text)
+        p_user_id, p_date, p_compare);
+begin
+    return query select * from "public".dblink("statskit".shard_connection(v_server), v_query)
+        as routed (metric text, value numeric, previous_value numeric, change numeric, change_pct numeric, trend text);
+exception when connection_exception then
+    -- the connection this session kept was lost: once more, on a new one
+    return query select * from "public".dblink("statskit".shard_connection(v_server, true), v_query)
+        as routed (metric text, value numeric, previous_value numeric, change numeric, change_pct numeric, trend text);
+end;
 $function$;
 
 -- every shard's partial rows, one set per shard (a shard that cannot be reached fails the call)
