@@ -433,6 +433,11 @@ def home_rows(table: SourceTable, tables: dict[str, SourceTable], users: UserTab
     return f"(select h.* from {source}.{table.name} h where exists (select from {home}))"
 
 
+def own_user(users: UserTable, source: str) -> str:
+    """A shard's test that a source row's user ({key}) is one of its own: has its row in the user table."""
+    return f"exists (select from {source}.{users.name} own where own.{users.key} = {{key}})"
+
+
 def home_tables(table: SourceTable, tables: dict[str, SourceTable], users: UserTable) -> list[str]:
     """The tables home_rows reads besides `table` itself."""
     if table.name == users.name:

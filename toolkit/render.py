@@ -186,8 +186,7 @@ def _render(sql_dir: Path, settings: Settings, catalog: Catalog, placement: str,
         "key_types": {s.name: catalog.key_types(s) for r in (catalog.user, catalog.platform) for s in r.sources if s.partition},
         # a fleet: the sums behind the platform that a shard keeps, and what its router calls
         "partials": catalog.platform if settings.shard else catalog.platform.partials(),
-        "own_user": (f"exists (select from {source}.{catalog.users.name} own where own.{catalog.users.key} = {{key}})"
-                     if settings.shard else None),
+        "own_user": compiler.own_user(catalog.users, source) if settings.shard else None,
         "router_role": ROUTER_ROLE,
         "cluster": FLEET_CLUSTER,
         "placement": placement,
