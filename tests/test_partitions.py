@@ -202,6 +202,46 @@ def test_backfill_makes_the_partitions_it_needs_while_readers_go_on(migrated_dsn
             assert differences(expected_user_rows(conn, day), stored_user_rows(conn, day)) == []
 
 
+def test_two_maintainers_at_once_make_each_partition_once(migrated_dsn):
+    """The nightly partitions job, a migrate and a backfill may all make partitions at once (two
+    migrates at once did): one waits for the other and finds the partition it made, where both
+    would otherwise create it and the second fail on a duplicate name."""
+    settings = Settings()
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        january = next(p for p in partitions.partitions(conn, settings, "user_statistics_daily")
+                       if p.first_day == date(2026, 1, 1))
+        conn.execute(f"drop table {january.name}")
+    other = psycopg.connect(migrated_dsn)  # another maintainer, half-way through making it
+    other.execute("select pg_advisory_xact_lock(hashtext('public.statistics partitions'), 0)")
+    other.execute(f"create table {january.name} (like user_statistics_daily including defaults including constraints)")
+    other.execute(f"alter table user_statistics_daily attach partition {january.name}"
+                  " for values from ('2026-01-01') to ('2026-02-01')")
+    errors = []
+
+    def maintain():
+        with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+            try:
+                partitions.maintain(conn, settings, date(2026, 1, 15))
+            except psycopg.Error as exc:
+                errors.append(exc)
+
+    second = threading.Thread(target=maintain)
+    second.start()
+    with psycopg.connect(migrated_dsn, autocommit=True) as watcher:
+        for _ in range(100):  # until the second waits for the first
+            if watcher.execute("select count(*) from pg_locks where locktype = 'advisory' and not granted").fetchone()[0]:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the second maintainer did not wait for the first")
+    other.commit()
+    other.close()
+    second.join(timeout=30)
+    assert errors == []
+    with psycopg.connect(migrated_dsn) as conn:
+        assert partitions.missing_periods(conn, settings, "user_statistics_daily", date(2026, 1, 15)) == []
+
+
 def test_partitions_carry_their_tables_owner_grants_and_policies(loaded_dsn, run_cli):
     deployed = run_cli("migrate", "--dsn", loaded_dsn, "--roles",
                        "--row-security", "nullif(current_setting('app.user_id', true), '')::uuid")

@@ -49,6 +49,9 @@ begin
         end if;
         v_start := pg_catalog.date_trunc('month', least(coalesce(p_first, v_today), v_today))::date;
         while v_start <= pg_catalog.date_trunc('month', greatest(coalesce(p_last, v_today), v_today)) + 2 * interval '1 months' loop
+            -- one maintainer at a time (the job, a migrate, a backfill, two migrates at once): a
+            -- partition another made meanwhile is seen below, not made twice
+            perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('public.statistics partitions'), 0);
             if not exists (
                 select from (
                     select c.oid::pg_catalog.regclass::text as partition,
