@@ -639,15 +639,14 @@ def secured_fleet(deployed, servers, market, tmp_path_factory, run_cli_module):
             if engine == "dblink":
                 conn.execute("create extension dblink")
         dsn = as_owner(session_cluster, name) if engine == "dblink" else session_cluster.dsn(name)
-        path = folder / f"{engine}.toml"
-        path.write_text("\n".join(lines + ["[router]", f'dsn = "{dsn}"', f'engine = "{engine}"']) + "\n")
+        path, text = folder / f"{engine}.toml", "\n".join(lines + ["[router]", f'dsn = "{dsn}"', f'engine = "{engine}"']) + "\n"
         migrate = ("migrate", "--fleet", path, "--cron-dsn", CRON_DATABASE, "--roles", "--row-security", EXPRESSION)
         if engine == "plproxy":  # the first fleet's shards took the default job names on these servers
-            path.write_text(re.sub(r'name = "secured\d"\n', "", path.read_text()))
+            path.write_text(re.sub(r'name = "secured\d"\n', "", text))
             taken = run_cli_module(*migrate)
             assert taken.exit_code == 1 and "name = ... under its [[shards]] in the fleet file" in taken.output
             assert "nothing changed" in taken.output and "--job-suffix" not in taken.output, taken.output
-            path.write_text("\n".join(lines + ["[router]", f'dsn = "{dsn}"', f'engine = "{engine}"']) + "\n")
+        path.write_text(text)
         if engine == "dblink":  # the wrapper's use is the admin role's to grant, and migrate says so
             refused = run_cli_module(*migrate)
             assert refused.exit_code == 1 and "GRANT USAGE ON FOREIGN DATA WRAPPER dblink_fdw TO fleet_owner" in (
@@ -690,8 +689,7 @@ def as_dashboard(dsn, viewer):
 
 
 @pytest.mark.parametrize("engine", list(SECURED_ROUTERS))
-def test_row_security_through_the_router_answers_as_the_users_shard_does(secured_fleet, servers, market, engine,
-                                                                        run_cli_module):
+def test_row_security_through_the_router_answers_as_the_users_shard_does(secured_fleet, servers, market, engine):
     """A dashboard session on the router, its user set by the policy's setting, gets what the same
     session gets from one server under the policy: its own numbers, every other user's hidden.
     The three users are each on another shard, by the application's placement function."""
@@ -734,7 +732,8 @@ def test_the_router_serves_shards_at_the_old_and_the_new_version_during_a_fleet_
     (sql / "catalog.toml").write_text((sql / "catalog.toml").read_text() + NEW_METRIC)
     path, router = secured_fleet["plproxy"]
     first_only = tmp_path / "shard0.toml"  # the fleet file up to its first shard: a migrate one shard into
-    first_only.write_text(path.read_text().split("[[shards]]")[0] + "[[shards]]" + path.read_text().split("[[shards]]")[1])
+    head, first, *_ = path.read_text().split("[[shards]]")
+    first_only.write_text(f"{head}[[shards]]{first}")
     assert run_cli_module("migrate", "--fleet", first_only, "--sql-dir", sql).exit_code == 0
     users, day = secured_users(servers), market.last_day
 
