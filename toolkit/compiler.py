@@ -132,14 +132,28 @@ def rows_from(source: Source, named: bool) -> str:
     return f"{source.name}_rows as {source.alias}" if named else source.from_sql
 
 
+def until_test(source: Source) -> str | None:
+    """Whether a row of the source can count on a day up to the last one a function computes
+    (v_until is the end of that day): a row changes its sums on no day before the earliest of
+    its `changes_on` timestamps, and on none at all without one, so the rows created later are
+    dropped on their raw timestamps before any day is computed. A window or group source
+    (`partition`) names its partition table's columns instead: its own SQL narrows its rows by
+    v_until where that is exact (None here)."""
+    if source.partition:
+        return None
+    return f"{_least([f'{source.alias}.{column}' for column, _ in source.changes_on])} < v_until"
+
+
 def day_tests(source: Source, only: str | None, own: str | None = None) -> list[str]:
-    """What narrows a source's rows in the one-day sums: its `scan` test (raw timestamps, before
-    any day is computed), `only` (a condition on its user, {key}) and, on a fleet's shard, `own`
-    (its user is one of the shard's: the rows a shard holds for another shard's users count for
-    none of its own, so they are dropped before any day is computed)."""
+    """What narrows a source's rows in the one-day sums: its `scan` test (the rows that can count
+    on D itself) or else its until_test, both on raw timestamps before any day is computed;
+    `only` (a condition on its user, {key}) and, on a fleet's shard, `own` (its user is one of
+    the shard's: the rows a shard holds for another shard's users count for none of its own, so
+    they are dropped before any day is computed)."""
     tests = [only] if only else []
     tests += [own] if own and source.user_key else []
-    tests = ([source.scan] if source.scan else []) + [test.replace("{key}", source.user_key) for test in tests]
+    first = [source.scan] if source.scan else [until] if (until := until_test(source)) else []
+    tests = first + [test.replace("{key}", source.user_key) for test in tests]
     return [f"({test})" for test in tests] if len(tests) > 1 else tests  # and-ed: each whole
 
 

@@ -55,6 +55,7 @@ set plan_cache_mode = force_custom_plan
 as $function$
 declare
     v_time_zone constant text := 'UTC';
+    v_until constant timestamptz := (p_date + 1)::timestamp at time zone v_time_zone;
     v_from_0 constant timestamptz := p_date::timestamp at time zone 'UTC';
     v_to_0 constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
     v_from_1 constant timestamptz := (p_date - 1)::timestamp at time zone 'UTC';
@@ -265,6 +266,8 @@ begin
             count(*) filter (where p.role = 'agent' and p.created_on <= p_date) as total_agents
         from (
             select * from profile_days_rows as p
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where p.created_at < v_until
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as p
         where p.created_on <= p_date -- rows that enter later count on no day up to D
@@ -275,6 +278,8 @@ begin
             count(*) filter (where l.published_on <= p_date and (l.archived_on > p_date or l.archived_on is null)) as active_listings
         from (
             select * from listing_days_rows as l
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where least(l.published_at, l.archived_at) < v_until
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as l
         where l.published_on <= p_date -- rows that enter later count on no day up to D
@@ -317,6 +322,8 @@ begin
             count(*) filter (where r.created_on <= p_date) as ratings
         from (
             select * from review_days_rows as r
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where r.created_at < v_until
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
         where r.created_on <= p_date -- rows that enter later count on no day up to D

@@ -18,6 +18,7 @@ set jit = off
 as $function$
 declare
     v_time_zone constant text := 'UTC';
+    v_until constant timestamptz := (p_last + 1)::timestamp at time zone v_time_zone;
     v_rows integer;
 begin
     if p_first is null or p_last is null then
@@ -58,6 +59,7 @@ begin
             ('day after created_on', p.created_on + 1)
         ) as change (event, day)
         where change.day <= p_last
+          and p.created_at < v_until
         group by 1
     ),
     listing_days as (
@@ -76,6 +78,7 @@ begin
             ('archived_on', case when l.archived_on > l.published_on then l.archived_on when l.archived_on <= l.published_on then l.published_on end)
         ) as change (event, day)
         where change.day <= p_last
+          and least(l.published_at, l.archived_at) < v_until
         group by 1
     ),
     booking_days as (
@@ -102,6 +105,7 @@ begin
             ('day after cancelled_on', b.cancelled_on + 1)
         ) as change (event, day)
         where change.day <= p_last
+          and least(b.created_at, b.completed_at, b.cancelled_at) < v_until
         group by 1
     ),
     transaction_days as (
@@ -119,6 +123,7 @@ begin
             ('day after created_on', t.created_on + 1)
         ) as change (event, day)
         where change.day <= p_last
+          and t.created_at < v_until
         group by 1
     ),
     review_days as (
@@ -137,6 +142,7 @@ begin
             ('day after created_on', r.created_on + 1)
         ) as change (event, day)
         where change.day <= p_last
+          and r.created_at < v_until
         group by 1
     ),
     message_days as (
@@ -153,6 +159,7 @@ begin
             ('day after created_on', m.created_on + 1)
         ) as change (event, day)
         where change.day <= p_last
+          and m.created_at < v_until
         group by 1
     ),
     referral_days as (
@@ -169,6 +176,7 @@ begin
             ('day after converted_on', r.converted_on + 1)
         ) as change (event, day)
         where change.day <= p_last
+          and r.converted_at < v_until
         group by 1
     ),
 

@@ -18,6 +18,7 @@ set jit = off
 as $function$
 declare
     v_time_zone constant text := 'UTC';
+    v_until constant timestamptz := (p_date + 1)::timestamp at time zone v_time_zone;
     v_rows integer;
 begin
     if p_user_id is null then
@@ -45,6 +46,7 @@ begin
                  from "public".transactions t
              ) as t
         where t.user_id = p_user_id
+          and least(t.created_at, t.available_at) < v_until
           and t.created_on <= p_date
         group by t.user_id
     ),
@@ -79,6 +81,7 @@ begin
                  ) as b
              ) as b
         where b.user_id = p_user_id
+          and least(b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start) < v_until
           and least(b.completed_on, b.confirmed_on, b.created_on, b.cancelled_on) <= p_date
         group by b.user_id
     ),
@@ -98,7 +101,7 @@ begin
                         least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
                               (b.completed_at at time zone v_time_zone)::date + 30) as active_until
                  from "public".bookings b
-                 where b.completed_at is not null
+                 where b.completed_at < v_until
                  window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
              ) as pair
         where pair.tutor_id = p_user_id
@@ -117,6 +120,7 @@ begin
                  from "public".reviews r
              ) as r
         where r.reviewee_id = p_user_id
+          and r.created_at < v_until
           and r.created_on <= p_date
         group by r.reviewee_id
     ),
@@ -134,6 +138,7 @@ begin
                  from "public".listings l
              ) as l
         where l.tutor_id = p_user_id
+          and least(l.created_at, l.published_at, l.archived_at) < v_until
           and least(l.published_on, l.created_on) <= p_date
         group by l.tutor_id
     ),
@@ -148,6 +153,7 @@ begin
                  join "public".listings l on l.id = v.listing_id
              ) as v
         where v.tutor_id = p_user_id
+          and v.viewed_at < v_until
           and v.viewed_on <= p_date
         group by v.tutor_id
     ),
@@ -162,6 +168,7 @@ begin
                  join "public".listings l on l.id = b.listing_id
              ) as b
         where b.tutor_id = p_user_id
+          and b.created_at < v_until
           and b.created_on <= p_date
         group by b.tutor_id
     ),
@@ -177,6 +184,7 @@ begin
                  from "public".messages m
              ) as m
         where m.recipient_id = p_user_id
+          and least(m.created_at, m.read_at) < v_until
           and m.created_on <= p_date
         group by m.recipient_id
     ),
@@ -190,9 +198,11 @@ begin
                  from (
                      select m.sender_id as user_id, m.conversation_id, m.created_at
                      from "public".messages m
+                     where m.created_at < v_until
                      union all
                      select m.recipient_id, m.conversation_id, m.created_at
                      from "public".messages m
+                     where m.created_at < v_until
                  ) as side
                  group by side.user_id, side.conversation_id
              ) as conversation
@@ -214,6 +224,7 @@ begin
                  from "public".referrals r
              ) as r
         where r.referrer_id = p_user_id
+          and least(r.created_at, r.converted_at) < v_until
           and least(r.created_on, greatest(r.created_on, r.converted_on), r.converted_on) <= p_date
         group by r.referrer_id
     ),
@@ -229,6 +240,7 @@ begin
                         (c.computed_at at time zone v_time_zone)::date as computed_on,
                         lead((c.computed_at at time zone v_time_zone)::date) over (partition by c.user_id order by c.computed_at, c.id) as next_on
                  from "public".caas_scores c
+                 where c.computed_at < v_until
              ) as c
         where c.user_id = p_user_id
           and c.computed_on <= p_date

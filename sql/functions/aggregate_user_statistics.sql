@@ -15,7 +15,7 @@
 -- only the sums D changed.
 do $sums$
 begin
-    if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums 933b28e8' then
+    if obj_description(to_regclass('"statskit".user_statistics_daily_sums'), 'pg_class') is distinct from 'statskit sums f5f50eb4' then
         drop table if exists "statskit".user_statistics_daily_sums_day;
         drop table if exists "statskit".user_statistics_daily_sums;
         create table "statskit".user_statistics_daily_sums (
@@ -52,7 +52,7 @@ begin
             profile_completeness numeric not null,
             caas_rows integer not null
         ) with (fillfactor = 50);
-        comment on table "statskit".user_statistics_daily_sums is 'statskit sums 933b28e8';
+        comment on table "statskit".user_statistics_daily_sums is 'statskit sums f5f50eb4';
         create table "statskit".user_statistics_daily_sums_day (
             one_row boolean primary key default true check (one_row),
             date date not null
@@ -78,6 +78,7 @@ set work_mem = '64MB'
 as $function$
 declare
     v_time_zone constant text := 'UTC';
+    v_until constant timestamptz := (p_date + 1)::timestamp at time zone v_time_zone;
     v_today constant date := (now() at time zone v_time_zone)::date;
     v_from_0 constant timestamptz := p_date::timestamp at time zone 'UTC';
     v_to_0 constant timestamptz := (p_date + 1)::timestamp at time zone 'UTC';
@@ -195,7 +196,7 @@ begin
                least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
                      (b.completed_at at time zone v_time_zone)::date + 30) as active_until
         from "public".bookings b
-        where b.completed_at is not null
+        where b.completed_at < v_until
         window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
     ),
     review_days_rows as not materialized (
@@ -230,9 +231,11 @@ begin
         from (
             select m.sender_id as user_id, m.conversation_id, m.created_at
             from "public".messages m
+            where m.created_at < v_until
             union all
             select m.recipient_id, m.conversation_id, m.created_at
             from "public".messages m
+            where m.created_at < v_until
         ) as side
         group by side.user_id, side.conversation_id
     ),
@@ -247,6 +250,7 @@ begin
                (c.computed_at at time zone v_time_zone)::date as computed_on,
                lead((c.computed_at at time zone v_time_zone)::date) over (partition by c.user_id order by c.computed_at, c.id) as next_on
         from "public".caas_scores c
+        where c.computed_at < v_until
     ),
 
     transaction_days_on_d as (
@@ -520,7 +524,9 @@ begin
             sum(case t.kind when 'payment' then t.amount when 'refund' then -t.amount end) filter (where t.created_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_spent
         from (
             select * from transaction_days_rows as t
-            where v_from_history or t.user_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (least(t.created_at, t.available_at) < v_until)
+              and (v_from_history or t.user_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as t
         where t.created_on <= p_date -- rows that enter later count on no day up to D
@@ -539,7 +545,9 @@ begin
             sum(b.duration_minutes) filter (where b.completed_on between date_trunc('month', p_date::timestamp)::date and p_date) as monthly_minutes
         from (
             select * from booking_days_rows as b
-            where v_from_history or b.user_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (least(b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start) < v_until)
+              and (v_from_history or b.user_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
         where least(b.completed_on, b.confirmed_on, b.created_on, b.cancelled_on) <= p_date -- rows that enter later count on no day up to D
@@ -570,7 +578,9 @@ begin
             count(*) filter (where r.rating = 5 and r.created_on <= p_date) as five_star_reviews
         from (
             select * from review_days_rows as r
-            where v_from_history or r.reviewee_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (r.created_at < v_until)
+              and (v_from_history or r.reviewee_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
         where r.created_on <= p_date -- rows that enter later count on no day up to D
@@ -584,7 +594,9 @@ begin
             count(*) filter (where l.created_on <= p_date) as total_listings
         from (
             select * from listing_days_rows as l
-            where v_from_history or l.tutor_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (least(l.created_at, l.published_at, l.archived_at) < v_until)
+              and (v_from_history or l.tutor_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as l
         where least(l.published_on, l.created_on) <= p_date -- rows that enter later count on no day up to D
@@ -597,7 +609,9 @@ begin
             count(*) filter (where v.viewed_on between p_date - 29 and p_date) as listing_views
         from (
             select * from listing_view_days_rows as v
-            where v_from_history or v.tutor_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (v.viewed_at < v_until)
+              and (v_from_history or v.tutor_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as v
         where v.viewed_on <= p_date -- rows that enter later count on no day up to D
@@ -610,7 +624,9 @@ begin
             count(*) filter (where b.created_on <= p_date) as listing_bookings
         from (
             select * from listing_booking_days_rows as b
-            where v_from_history or b.tutor_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (b.created_at < v_until)
+              and (v_from_history or b.tutor_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as b
         where b.created_on <= p_date -- rows that enter later count on no day up to D
@@ -623,7 +639,9 @@ begin
             count(*) filter (where m.created_on <= p_date and (m.read_on > p_date or m.read_on is null)) as unread_messages
         from (
             select * from received_message_days_rows as m
-            where v_from_history or m.recipient_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (least(m.created_at, m.read_at) < v_until)
+              and (v_from_history or m.recipient_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as m
         where m.created_on <= p_date -- rows that enter later count on no day up to D
@@ -651,7 +669,9 @@ begin
             sum(r.commission) filter (where r.converted_on <= p_date) as referral_earnings
         from (
             select * from referral_days_rows as r
-            where v_from_history or r.referrer_id = any (v_fresh)
+            -- only the rows that can count by D: a test of their raw timestamps, before any day is computed
+            where (least(r.created_at, r.converted_at) < v_until)
+              and (v_from_history or r.referrer_id = any (v_fresh))
             offset 0 -- a fence: each day is computed once per row, not once for each sum reading it
         ) as r
         where least(r.created_on, greatest(r.created_on, r.converted_on), r.converted_on) <= p_date -- rows that enter later count on no day up to D

@@ -31,6 +31,7 @@ set work_mem = '256MB'
 as $function$
 declare
     v_time_zone constant text := 'UTC';
+    v_until constant timestamptz := (p_last + 1)::timestamp at time zone v_time_zone;
     v_rows integer;
 begin
     if p_first is null or p_last is null then
@@ -76,6 +77,7 @@ begin
             ('available_on', case when t.available_on > t.created_on then t.available_on when t.available_on <= t.created_on then t.created_on end)
         ) as change (event, day)
         where change.day <= p_last
+          and least(t.created_at, t.available_at) < v_until
           and (t.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -120,6 +122,7 @@ begin
             ('cancelled_on', b.cancelled_on)
         ) as change (event, day)
         where change.day <= p_last
+          and least(b.created_at, b.confirmed_at, b.cancelled_at, b.completed_at, b.session_start) < v_until
           and (b.user_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -140,7 +143,7 @@ begin
                         least(lead((b.completed_at at time zone v_time_zone)::date) over pair_order,
                               (b.completed_at at time zone v_time_zone)::date + 30) as active_until
                  from "public".bookings b
-                 where b.completed_at is not null
+                 where b.completed_at < v_until
                  window pair_order as (partition by b.tutor_id, b.client_id order by b.completed_at)
              ) as pair
         cross join lateral (values
@@ -168,6 +171,7 @@ begin
             ('created_on', r.created_on)
         ) as change (event, day)
         where change.day <= p_last
+          and r.created_at < v_until
           and (r.reviewee_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -191,6 +195,7 @@ begin
             ('created_on', l.created_on)
         ) as change (event, day)
         where change.day <= p_last
+          and least(l.created_at, l.published_at, l.archived_at) < v_until
           and (l.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -210,6 +215,7 @@ begin
             ('30 days after viewed_on', v.viewed_on + 30)
         ) as change (event, day)
         where change.day <= p_last
+          and v.viewed_at < v_until
           and (v.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -228,6 +234,7 @@ begin
             ('created_on', b.created_on)
         ) as change (event, day)
         where change.day <= p_last
+          and b.created_at < v_until
           and (b.tutor_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -248,6 +255,7 @@ begin
             ('read_on', case when m.read_on > m.created_on then m.read_on when m.read_on <= m.created_on then m.created_on end)
         ) as change (event, day)
         where change.day <= p_last
+          and least(m.created_at, m.read_at) < v_until
           and (m.recipient_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -262,9 +270,11 @@ begin
                  from (
                      select m.sender_id as user_id, m.conversation_id, m.created_at
                      from "public".messages m
+                     where m.created_at < v_until
                      union all
                      select m.recipient_id, m.conversation_id, m.created_at
                      from "public".messages m
+                     where m.created_at < v_until
                  ) as side
                  group by side.user_id, side.conversation_id
              ) as conversation
@@ -295,6 +305,7 @@ begin
             ('converted_on', r.converted_on)
         ) as change (event, day)
         where change.day <= p_last
+          and least(r.created_at, r.converted_at) < v_until
           and (r.referrer_id = any (p_users) or p_users is null)
         group by 1, 2
     ),
@@ -311,6 +322,7 @@ begin
                         (c.computed_at at time zone v_time_zone)::date as computed_on,
                         lead((c.computed_at at time zone v_time_zone)::date) over (partition by c.user_id order by c.computed_at, c.id) as next_on
                  from "public".caas_scores c
+                 where c.computed_at < v_until
              ) as c
         cross join lateral (values
             ('computed_on', c.computed_on),
