@@ -12,10 +12,12 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from conftest import deploy
+from conftest import SQL_DIR, deploy
 from spec_oracle import differences, expected_user_rows, stored_user_rows
 from toolkit import backfill as backfill_core
+from toolkit.catalog import load_catalog
 from toolkit.cli import cli
+from toolkit.settings import Settings
 
 FIRST, LAST = date(2026, 3, 1), date(2026, 3, 31)
 
@@ -106,6 +108,41 @@ def test_plan_cuts_a_range_into_a_chunk_per_job_and_skips_committed_days():
     assert progress.summary() == "4 of 10 days committed, through 2026-01-04"
     progress.committed["users"].add(date(2026, 1, 7))
     assert progress.summary() == "5 of 10 days committed (2026-01-01..2026-01-04, 2026-01-07)"
+
+
+def test_chunks_of_equal_cost_cut_a_range_where_its_later_days_cost_more():
+    # day n of January costs n (users join over time): the later chunk is shorter, and no cut
+    # would make the costlier of the two cheaper
+    def cost(first, last):
+        return sum(range(first.day, last.day + 1))
+    request = backfill_core.Request(date(2026, 1, 1), date(2026, 1, 30), jobs=2)
+    units = backfill_core.plan_units(request, {}, cost)
+    assert [(u.table, u.chunk) for u in units] == [
+        ("users", (date(2026, 1, 1), date(2026, 1, 21))), ("platform", (date(2026, 1, 1), date(2026, 1, 21))),
+        ("users", (date(2026, 1, 22), date(2026, 1, 30))), ("platform", (date(2026, 1, 22), date(2026, 1, 30)))]
+    worst = max(cost(*u.chunk) for u in units)
+    assert all(max(cost(date(2026, 1, 1), date(2026, 1, cut)), cost(date(2026, 1, cut + 1), date(2026, 1, 30))) >= worst
+               for cut in range(1, 30))
+    # no chunk longer than --chunk-days, whatever the costs
+    capped = backfill_core.plan_units(dataclasses.replace(request, chunk_days=12), {}, cost)
+    assert [u.chunk for u in capped if u.table == "users"] == [
+        (date(2026, 1, 1), date(2026, 1, 12)), (date(2026, 1, 13), date(2026, 1, 23)), (date(2026, 1, 24), date(2026, 1, 30))]
+
+
+def test_a_chunks_cost_is_the_rows_it_writes_and_the_history_it_reads(loaded_dsn):
+    """history_cost against a count made in SQL: the user-days of a chunk's own days, plus
+    HISTORY_READ_COST of the user-days lived up to its last day (each day one more)."""
+    first, last = date(2026, 2, 10), date(2026, 2, 20)
+    with psycopg.connect(loaded_dsn) as conn:
+        cost = backfill_core.history_cost(conn, load_catalog(SQL_DIR / "catalog.toml"), Settings(), last)
+        lived = """select coalesce(sum((select count(*) from profiles p where (p.created_at at time zone 'UTC')::date <= d)
+                                      + 1), 0)::float
+                   from generate_series((select min(created_at at time zone 'UTC')::date from profiles), %s::date,
+                                        interval '1 day') d where d >= %s"""
+        everything = conn.execute(lived, [last, date(1970, 1, 1)]).fetchone()[0]
+        own = conn.execute(lived, [last, first]).fetchone()[0]
+    assert own > 0 and everything > own
+    assert cost(first, last) == pytest.approx(own + backfill_core.HISTORY_READ_COST * everything)
 
 
 def test_range_functions_follow_the_configured_time_zone(loaded_dsn):

@@ -154,17 +154,57 @@ def day_runs(days: list[date]) -> list[tuple[date, date]]:
     return [(a, b) for a, b in runs]
 
 
-def plan_units(request: Request, committed: dict[str, set[date]]) -> list[Unit]:
+# What a chunk of days costs, in rows of the user table written: its own rows, plus one pass over
+# the sources' history up to its last day, which grows with the user-days lived by then. On the
+# bench (10,000 users, 120 days) a user-day of history read costs about 0.4 of a row written: a
+# chunk of the first 60 days took 3.0 s, one of the last 60 days 7.5 s, all 120 days 9.9 s.
+HISTORY_READ_COST = 0.4
+
+ChunkCost = Callable[[date, date], float]
+
+
+def equal_days(first: date, last: date) -> float:
+    """The cost of a chunk when nothing tells the days apart (one user's rows): its days."""
+    return (last - first).days + 1
+
+
+def history_cost(conn: psycopg.Connection, catalog: Catalog, settings, last: date) -> ChunkCost:
+    """What each chunk of days up to `last` costs to write, estimated from the users the user
+    table had on each day (the rows a day holds, and the activity its history holds), so that
+    chunks of equal cost, not of equal days, keep every job busy to the end: users join over
+    time, and a later chunk both writes more rows and reads more history."""
+    users = catalog.users
+    joined = dict(conn.execute(
+        f"select (u.{users.created_at} at time zone %s)::date as day, count(*)"
+        f" from {quote_ident(settings.source_schema)}.{users.name} u group by 1", [settings.time_zone]).fetchall())
+    start = min((day for day in joined if day <= last), default=last)
+    written, lived, total = {}, 0.0, 0
+    for n in range((last - start).days + 1):
+        day = start + timedelta(days=n)
+        total += joined.get(day, 0)
+        lived += total + 1  # a day costs a little even without users (its platform row, a statement)
+        written[day] = lived
+
+    def cost(first: date, last: date) -> float:
+        before = written.get(first - timedelta(days=1), 0.0)
+        return written.get(last, 0.0) - before + HISTORY_READ_COST * written.get(last, 0.0)
+    return cost
+
+
+def plan_units(request: Request, committed: dict[str, set[date]], cost: ChunkCost = equal_days) -> list[Unit]:
     """Chunks of the days not yet committed, each table's in day order, tables side by side.
 
-    With several jobs, chunks are cut short enough that every job has one: a day range of
-    120 days with 2 jobs is two chunks of 60, written at once.
+    With several jobs, a range is cut into at least one chunk per job, of about equal cost
+    (history_cost; days, without it): a day range of 120 days with 2 jobs is two chunks, written
+    at once, the later one shorter. No chunk is longer than chunk_days.
     """
     todo = {table: [d for d in days_between(request.first, request.last) if d not in committed.get(table, set())]
             for table in request.tables}
     longest = max((len(days) for days in todo.values()), default=0)
     size = max(1, min(request.chunk_days, math.ceil(longest / max(1, request.jobs))))
-    by_table = {table: [Unit(chunk, table) for run in day_runs(days) for chunk in chunks(*run, size)]
+    by_table = {table: [Unit(chunk, table) for run in day_runs(days)
+                        for chunk in balanced_chunks(*run, math.ceil(((run[1] - run[0]).days + 1) / size),
+                                                     request.chunk_days, cost)]
                 for table, days in todo.items()}
     units = []
     for n in range(max((len(u) for u in by_table.values()), default=0)):
@@ -177,13 +217,26 @@ def days_between(first: date, last: date) -> list[date]:
     return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
-def chunks(first: date, last: date, size: int) -> list[tuple[date, date]]:
-    out, start = [], first
-    while start <= last:
-        end = min(last, start + timedelta(days=size - 1))
-        out.append((start, end))
-        start = end + timedelta(days=1)
-    return out
+def balanced_chunks(first: date, last: date, count: int, longest: int, cost: ChunkCost) -> list[tuple[date, date]]:
+    """[first, last] in `count` chunks of consecutive days, none longer than `longest` days,
+    the costliest as cheap as it can be: the smallest cost limit for which chunks filled up to
+    it, in day order, number no more than `count`."""
+    def filled(limit: float) -> list[tuple[date, date]]:
+        out, start = [], first
+        while start <= last:
+            end = start
+            while (end < last and (end - start).days + 1 < longest
+                   and cost(start, end + timedelta(days=1)) <= limit):
+                end += timedelta(days=1)
+            out.append((start, end))
+            start = end + timedelta(days=1)
+        return out
+
+    low, high = 0.0, cost(first, last)
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if len(filled(middle)) <= count else (middle, high)
+    return filled(high)
 
 
 def check_request(target: Target, request: Request) -> tuple[Request, str | None]:
@@ -245,7 +298,9 @@ def backfill(target: Target, request: Request,
         if request.resume:
             progress.committed = _finished_days(run_conn, request)
             progress.days_skipped = progress.days_done
-        units = plan_units(request, progress.committed)
+        cost = equal_days if request.user_id is not None else history_cost(
+            run_conn, target.catalog, settings, request.last)
+        units = plan_units(request, progress.committed, cost)
         _run(target, request, units, progress, report, notify, cancel)
         _settle(run_conn)
         if request.user_id is None:  # every user's rows of these days are now computed with every metric

@@ -538,11 +538,12 @@ def demo_destroy(ctx):
 @click.option("--only", type=click.Choice(["users", "platform"]), help="Write only one of the two tables.")
 @click.option("--resume", is_flag=True, help="Skip chunks of days an earlier run already finished.")
 @click.option("--chunk-days", type=click.IntRange(1, 3660), default=backfill_core.Request.chunk_days, show_default=True,
-              help="Days per transaction: a kill loses at most one chunk. Each chunk reads the sources' "
-                   "whole history once, so fewer, longer chunks finish sooner.")
+              help="Most days per transaction: a kill loses at most one chunk. Each chunk reads the "
+                   "sources' history up to its last day once, so fewer, longer chunks finish sooner.")
 @click.option("--jobs", type=click.IntRange(1, 32), default=min(2, os.cpu_count() or 1), show_default=True,
               help="Connections writing side by side, each its own chunks of days (a range shorter than "
-                   "--jobs chunks is cut into --jobs chunks).")
+                   "--jobs chunks is cut into --jobs chunks of about equal cost, estimated from the users "
+                   "each day has: the later chunks, with more users and more history, get fewer days).")
 @click.option("--quiet", is_flag=True, help="Print no progress; notes (a clamped range, a wait for another "
               "writer) still go to stderr.")
 @sql_dir_option
