@@ -233,7 +233,7 @@ def balanced_chunks(first: date, last: date, count: int, longest: int, cost: Chu
         return out
 
     low, high = 0.0, cost(first, last)
-    for _ in range(60):
+    for _ in range(60):  # halvings: the limit ends closer to the best than any one day costs
         middle = (low + high) / 2
         low, high = (low, middle) if len(filled(middle)) <= count else (middle, high)
     return filled(high)
