@@ -168,8 +168,8 @@ def equal_days(first: date, last: date) -> float:
     return (last - first).days + 1
 
 
-def history_cost(conn: psycopg.Connection, catalog: Catalog, settings, last: date) -> ChunkCost:
-    """What each chunk of days up to `last` costs to write, estimated from the users the user
+def history_cost(conn: psycopg.Connection, catalog: Catalog, settings, last_day: date) -> ChunkCost:
+    """What each chunk of days up to `last_day` costs to write, estimated from the users the user
     table had on each day (the rows a day holds, and the activity its history holds), so that
     chunks of equal cost, not of equal days, keep every job busy to the end: users join over
     time, and a later chunk both writes more rows and reads more history."""
@@ -177,17 +177,17 @@ def history_cost(conn: psycopg.Connection, catalog: Catalog, settings, last: dat
     joined = dict(conn.execute(
         f"select (u.{users.created_at} at time zone %s)::date as day, count(*)"
         f" from {quote_ident(settings.source_schema)}.{users.name} u group by 1", [settings.time_zone]).fetchall())
-    start = min((day for day in joined if day <= last), default=last)
-    written, lived, total = {}, 0.0, 0
-    for n in range((last - start).days + 1):
+    start = min((day for day in joined if day <= last_day), default=last_day)
+    lived_by, lived, users_then = {}, 0.0, 0  # user-days lived from the first user's day up to each day
+    for n in range((last_day - start).days + 1):
         day = start + timedelta(days=n)
-        total += joined.get(day, 0)
-        lived += total + 1  # a day costs a little even without users (its platform row, a statement)
-        written[day] = lived
+        users_then += joined.get(day, 0)
+        lived += users_then + 1  # a day costs a little even without users (its platform row, a statement)
+        lived_by[day] = lived
 
     def cost(first: date, last: date) -> float:
-        before = written.get(first - timedelta(days=1), 0.0)
-        return written.get(last, 0.0) - before + HISTORY_READ_COST * written.get(last, 0.0)
+        written = lived_by.get(last, 0.0) - lived_by.get(first - timedelta(days=1), 0.0)
+        return written + HISTORY_READ_COST * lived_by.get(last, 0.0)
     return cost
 
 
