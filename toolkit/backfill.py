@@ -203,7 +203,7 @@ def plan_units(request: Request, committed: dict[str, set[date]], cost: ChunkCos
     longest = max((len(days) for days in todo.values()), default=0)
     size = max(1, min(request.chunk_days, math.ceil(longest / max(1, request.jobs))))
     by_table = {table: [Unit(chunk, table) for run in day_runs(days)
-                        for chunk in balanced_chunks(*run, math.ceil(((run[1] - run[0]).days + 1) / size),
+                        for chunk in balanced_chunks(*run, math.ceil(equal_days(*run) / size),
                                                      request.chunk_days, cost)]
                 for table, days in todo.items()}
     units = []
