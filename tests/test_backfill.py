@@ -97,8 +97,8 @@ def test_plan_cuts_a_range_into_a_chunk_per_job_and_skips_committed_days():
     request = backfill_core.Request(date(2026, 1, 1), date(2026, 1, 10), jobs=2)
     units = backfill_core.plan_units(request, {})
     assert [(u.table, u.chunk) for u in units] == [
-        ("users", (date(2026, 1, 1), date(2026, 1, 5))), ("platform", (date(2026, 1, 1), date(2026, 1, 5))),
-        ("users", (date(2026, 1, 6), date(2026, 1, 10))), ("platform", (date(2026, 1, 6), date(2026, 1, 10)))]
+        ("platform", (date(2026, 1, 1), date(2026, 1, 10))),
+        ("users", (date(2026, 1, 1), date(2026, 1, 5))), ("users", (date(2026, 1, 6), date(2026, 1, 10)))]
     committed = {"users": {date(2026, 1, n) for n in range(1, 5)}, "platform": {date(2026, 1, n) for n in range(1, 11)}}
     resumed = backfill_core.plan_units(dataclasses.replace(request, chunk_days=2), committed)
     assert [(u.table, u.chunk) for u in resumed] == [
@@ -110,31 +110,57 @@ def test_plan_cuts_a_range_into_a_chunk_per_job_and_skips_committed_days():
     assert progress.summary() == "5 of 10 days committed (2026-01-01..2026-01-04, 2026-01-07)"
 
 
+def day_cost(first, last):
+    """Day n of January costs n: users join over time."""
+    return sum(range(first.day, last.day + 1))
+
+
+def worst_of_two(cut, beside=0):
+    """The costlier job when January 1..30 is cut after `cut` and the second chunk's job also
+    writes something costing `beside`."""
+    return max(day_cost(date(2026, 1, 1), date(2026, 1, cut)), day_cost(date(2026, 1, cut + 1), date(2026, 1, 30)) + beside)
+
+
 def test_chunks_of_equal_cost_cut_a_range_where_its_later_days_cost_more():
-    # day n of January costs n (users join over time): the later chunk is shorter, and no cut
-    # would make the costlier of the two cheaper
-    def cost(first, last):
-        return sum(range(first.day, last.day + 1))
+    # the later chunk is shorter, and no cut would make the costlier of the two cheaper
     request = backfill_core.Request(date(2026, 1, 1), date(2026, 1, 30), jobs=2)
-    units = backfill_core.plan_units(request, {}, cost)
+    units = backfill_core.plan_units(request, {}, backfill_core.ChunkCosts(day_cost))
     assert [(u.table, u.chunk) for u in units] == [
-        ("users", (date(2026, 1, 1), date(2026, 1, 21))), ("platform", (date(2026, 1, 1), date(2026, 1, 21))),
-        ("users", (date(2026, 1, 22), date(2026, 1, 30))), ("platform", (date(2026, 1, 22), date(2026, 1, 30)))]
-    worst = max(cost(*u.chunk) for u in units)
-    assert all(max(cost(date(2026, 1, 1), date(2026, 1, cut)), cost(date(2026, 1, cut + 1), date(2026, 1, 30))) >= worst
-               for cut in range(1, 30))
-    # no chunk longer than --chunk-days, whatever the costs
-    capped = backfill_core.plan_units(dataclasses.replace(request, chunk_days=12), {}, cost)
-    assert [u.chunk for u in capped if u.table == "users"] == [
-        (date(2026, 1, 1), date(2026, 1, 12)), (date(2026, 1, 13), date(2026, 1, 23)), (date(2026, 1, 24), date(2026, 1, 30))]
+        ("platform", (date(2026, 1, 1), date(2026, 1, 30))),
+        ("users", (date(2026, 1, 1), date(2026, 1, 21))), ("users", (date(2026, 1, 22), date(2026, 1, 30)))]
+    assert all(worst_of_two(cut) >= worst_of_two(21) for cut in range(1, 30))
+    # no chunk longer than --chunk-days, whatever the costs; the platform's chunks join the users'
+    capped = backfill_core.plan_units(dataclasses.replace(request, chunk_days=12), {}, backfill_core.ChunkCosts(day_cost))
+    assert [(u.table, u.chunk) for u in capped] == [
+        ("platform", (date(2026, 1, 1), date(2026, 1, 12))), ("platform", (date(2026, 1, 13), date(2026, 1, 23))),
+        ("platform", (date(2026, 1, 24), date(2026, 1, 30))),
+        ("users", (date(2026, 1, 1), date(2026, 1, 12))), ("users", (date(2026, 1, 13), date(2026, 1, 23))),
+        ("users", (date(2026, 1, 24), date(2026, 1, 30)))]
+
+
+def test_the_platforms_one_chunk_is_written_beside_a_lighter_last_chunk_of_users():
+    """The platform's pass costs as much whatever its days, so it is not cut for the jobs: the job
+    that writes it first then writes the users' last chunk, lighter by as much, and neither job
+    waits for the other at the end."""
+    request = backfill_core.Request(date(2026, 1, 1), date(2026, 1, 30), jobs=2)
+    costs = backfill_core.ChunkCosts(day_cost, platform=lambda first, last: 40.0)
+    units = backfill_core.plan_units(request, {}, costs)
+    assert [u.table for u in units] == ["platform", "users", "users"] and units[0].chunk == (request.first, request.last)
+    cut = units[1].chunk[1].day
+    assert cut > 21 and all(worst_of_two(other, 40) >= worst_of_two(cut, 40) for other in range(1, 30))
+    # a platform of several chunks spreads over the jobs: nothing is set beside one chunk of users
+    longer = dataclasses.replace(request, chunk_days=12)
+    assert [u.chunk for u in backfill_core.plan_units(longer, {}, costs)] == [
+        u.chunk for u in backfill_core.plan_units(longer, {}, backfill_core.ChunkCosts(day_cost))]
 
 
 def test_a_chunks_cost_is_the_rows_it_writes_and_the_history_it_reads(loaded_dsn):
-    """history_cost against a count made in SQL: the user-days of a chunk's own days, plus
-    HISTORY_READ_COST of the user-days lived up to its last day (each day one more)."""
+    """history_costs against a count made in SQL: a users' chunk costs the user-days of its own
+    days, plus HISTORY_READ_COST of the user-days lived up to its last day (each day one more);
+    a platform's chunk PLATFORM_READ_COST of them."""
     first, last = date(2026, 2, 10), date(2026, 2, 20)
     with psycopg.connect(loaded_dsn) as conn:
-        cost = backfill_core.history_cost(conn, load_catalog(SQL_DIR / "catalog.toml"), Settings(), last)
+        costs = backfill_core.history_costs(conn, load_catalog(SQL_DIR / "catalog.toml"), Settings(), last)
         lived = """select coalesce(sum((select count(*) from profiles p where (p.created_at at time zone 'UTC')::date <= d)
                                       + 1), 0)::float
                    from generate_series((select min(created_at at time zone 'UTC')::date from profiles), %s::date,
@@ -142,7 +168,8 @@ def test_a_chunks_cost_is_the_rows_it_writes_and_the_history_it_reads(loaded_dsn
         everything = conn.execute(lived, [last, date(1970, 1, 1)]).fetchone()[0]
         own = conn.execute(lived, [last, first]).fetchone()[0]
     assert own > 0 and everything > own
-    assert cost(first, last) == pytest.approx(own + backfill_core.HISTORY_READ_COST * everything)
+    assert costs.users(first, last) == pytest.approx(own + backfill_core.HISTORY_READ_COST * everything)
+    assert costs.platform(first, last) == pytest.approx(backfill_core.PLATFORM_READ_COST * everything)
 
 
 def test_range_functions_follow_the_configured_time_zone(loaded_dsn):
@@ -263,8 +290,9 @@ def test_sigkill_mid_run_then_rerun_equals_one_clean_run(migrated_dsn, run_cli):
     process.wait()
     process.stdout.close()
     assert all(line.startswith("chunk ") for line in lines)
-    partial = snapshot(migrated_dsn)
-    assert 3 <= len(partial[1]) < 31
+    with psycopg.connect(migrated_dsn) as conn:  # the platform's days go first: it is the users' that stop
+        user_days = conn.execute("select count(distinct date) from user_statistics_daily").fetchone()[0]
+    assert 3 <= user_days < 31
     resumed = run_cli("backfill", "--from", FIRST, "--to", LAST, "--chunk-days", "1", "--resume", "--dsn", migrated_dsn)
     assert resumed.exit_code == 0 and "days committed earlier skipped" in resumed.output
     assert snapshot(migrated_dsn) == clean

@@ -541,9 +541,10 @@ def demo_destroy(ctx):
               help="Most days per transaction: a kill loses at most one chunk. Each chunk reads the "
                    "sources' history up to its last day once, so fewer, longer chunks finish sooner.")
 @click.option("--jobs", type=click.IntRange(1, 32), default=min(2, os.cpu_count() or 1), show_default=True,
-              help="Connections writing side by side, each its own chunks of days (a range shorter than "
-                   "--jobs chunks is cut into --jobs chunks of about equal cost, estimated from the users "
-                   "each day has: the later chunks, with more users and more history, get fewer days).")
+              help="Connections writing side by side, each its own chunks of days (the users' days of a range "
+                   "shorter than --jobs chunks are cut into --jobs chunks of about equal cost, estimated from the "
+                   "users each day has: the later chunks, with more users and more history, get fewer days; the "
+                   "platform's days, a row each, are not cut for the jobs).")
 @click.option("--quiet", is_flag=True, help="Print no progress; notes (a clamped range, a wait for another "
               "writer) still go to stderr.")
 @sql_dir_option
