@@ -228,9 +228,9 @@ def plan_units(request: Request, committed: dict[str, set[date]], costs: ChunkCo
     runs = day_runs(users)
     one_platform_chunk = platform == users and len(runs) == 1 and len(users) <= request.chunk_days
     beside = costs.platform(*runs[0]) if one_platform_chunk else 0.0
-    user_chunks = [chunk for n, run in enumerate(runs)
+    user_chunks = [chunk for run in runs
                    for chunk in balanced_chunks(*run, math.ceil(equal_days(*run) / size), request.chunk_days,
-                                                costs.users, beside if n == len(runs) - 1 else 0.0)]
+                                                costs.users, beside)]
     if platform == users:
         platform_chunks = joined_chunks(user_chunks, request.chunk_days)
     else:  # resumed where the tables stopped apart, or the platform alone
@@ -316,9 +316,9 @@ def backfill(target: Target, request: Request,
 
     report(progress, days) is called with each run of days (first, last) once it is committed in
     every table; notify(message) with what a careful operator wants to hear on the way: a range
-    clamped to yesterday, another writer making us wait, a unit retried. Setting `cancel` (from a signal handler, an
-    orchestrator's worker thread) cancels the statements in flight. The first error, or the
-    cancel, stops every connection and raises Stopped, which says what is committed.
+    clamped to yesterday, another writer making us wait, a unit retried. Setting `cancel` (from a
+    signal handler, an orchestrator's worker thread) cancels the statements in flight. The first
+    error, or the cancel, stops every connection and raises Stopped, which says what is committed.
     """
     cancel = cancel or threading.Event()
     request, note = check_request(target, request)
