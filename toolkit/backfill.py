@@ -380,10 +380,10 @@ def _run(target: Target, request: Request, units: list[Unit], progress: Progress
             while unit := next_unit():
                 written = _write_with_retries(conn, settings, target.catalog.users.key_type, request, unit, notify)
                 with guard:
-                    whole_before = set(progress.committed_days)
                     progress.rows_written += written
                     progress.committed.setdefault(unit.table, set()).update(unit.days)
-                    for run in day_runs(sorted(set(progress.committed_days) - whole_before)):
+                    whole = set(progress.committed_days)  # of the unit's days, none was whole before it
+                    for run in day_runs([day for day in unit.days if day in whole]):
                         report(progress, run)
         finally:
             with guard:  # no cancel for a connection whose job is over (the target's goes on being used)
