@@ -4,12 +4,14 @@ The same synthetic marketplace on one server and split over four shards on two s
 clusters, as PostgreSQL ships them). Measured in one run: a night on one server against the sum
 of the four shards' nights (each shard's own, one after the other, so none shares a core); each
 shard's night against its users; a dashboard call (user_kpis) through the PL/Proxy router and
-through the dblink router against the same call on the shard, under pgbench with 16 clients; migrate of four shards with --parallel 4
-against one shard's migrate.
+through the dblink router against the same call on the shard, under pgbench with 16 clients, and
+the CPU a call costs each backend on its way from one client; migrate of four shards with
+--parallel 4 against one shard's migrate.
 """
 
 import argparse
 import dataclasses
+import os
 import re
 import statistics
 import subprocess
@@ -25,6 +27,7 @@ from toolkit import api, fleet as fleet_core, render
 from toolkit.cluster import LocalCluster
 from toolkit.demo import create_advised_indexes, fresh_database
 from toolkit.reference import marketplace, shards as reference_shards
+from toolkit.settings import ROUTER_ROLE
 
 SHARDS = 4
 REPO = Path(__file__).resolve().parent.parent
@@ -94,9 +97,34 @@ def pgbench(server, dbname, count, day, seconds):
     return tps, int(failed.group(1)) if failed else 0
 
 
-def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_fleet") -> tuple[list, int]:
+def cpu_seconds(pid: int) -> float:
+    """A local backend's CPU time so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_call(server, dbname, shard_dbname, count, day, calls=2000) -> tuple[float, float]:
+    """user_kpis of `calls` users in turn from one client: the CPU µs a call costs the backend
+    it is made on, and the shard's backends that serve that backend (none for a call made on the
+    shard itself). Unlike a rate under load, what else the machine does hardly moves it."""
+    query = "select * from user_kpis((select id from bench_users where n = %s), %s)"
+    with psycopg.connect(server.dsn(dbname), autocommit=True) as conn, \
+            psycopg.connect(server.dsn(shard_dbname), autocommit=True) as shard:
+        conn.execute(query, [1, day]).fetchall()  # a router's connection to the shard is open
+        serving = [pid for (pid,) in shard.execute(
+            "select pid from pg_stat_activity where datname = current_database() and usename = %s", [ROUTER_ROLE])]
+        before = cpu_seconds(conn.info.backend_pid), sum(map(cpu_seconds, serving))
+        for i in range(calls):
+            conn.execute(query, [i % count + 1, day]).fetchall()
+        after = cpu_seconds(conn.info.backend_pid), sum(map(cpu_seconds, serving))
+    return tuple((b - a) / calls * 1e6 for a, b in zip(before, after))
+
+
+def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_fleet",
+            rounds: int = 5) -> tuple[list, int]:
     """Everything the table shows, on `servers` (two; shard i on server i % 2): (rows of
-    (what, measured, ratio), source rows)."""
+    (what, measured, ratio), source rows); each dashboard call's rate from `rounds` pgbench runs
+    of `seconds`."""
     project = api.Project.open(REPO / "sql")
     last = date(2026, 10, 31)
     market = marketplace.generate(users=users, days=days, seed=11, last_day=last)
@@ -163,16 +191,19 @@ def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_f
             with conn.cursor().copy("copy bench_users (n, id) from stdin") as copy:
                 for n, user in enumerate(users0, 1):
                     copy.write_row((n, user))
-    # three rounds, each of the three in turn, a third of `seconds` each: the median rate of each,
-    # and every failed call
+    # rounds of the three in turn (what else the machine does falls on all alike): the median rate
+    # of each, and every failed call
     targets = {"direct": f"{prefix}_shard0", **routers}
     runs = {name: [] for name in targets}
-    for _ in range(3):
+    for _ in range(rounds):
         for name, dbname in targets.items():
-            runs[name].append(pgbench(servers[0], dbname, len(users0), filled_to, max(1, seconds // 3)))
+            runs[name].append(pgbench(servers[0], dbname, len(users0), filled_to, seconds))
     rates = {name: (statistics.median(tps for tps, _ in taken), sum(failed for _, failed in taken))
              for name, taken in runs.items()}
     (direct_tps, direct_failed), routed = rates.pop("direct"), rates
+    cpu = {name: cpu_per_call(servers[0], dbname, targets["direct"], len(users0), filled_to)
+           for name, dbname in targets.items()}
+    direct_cpu = cpu.pop("direct")[0]
 
     def split(platform, user):
         return f"platform {platform:.3f} s + users {user:.3f} s"
@@ -194,6 +225,11 @@ def measure(servers, users: int, days: int, seconds: int, prefix: str = "bench_f
     ] + [(f"user_kpis through the {engine} router", f"{tps:,.0f} calls/s",
           f"{tps / direct_tps:.2f}× direct (goal ≥ 0.5×), {failed} failed")
          for engine, (tps, failed) in routed.items()] + [
+        ("user_kpis on shard0, one client: CPU per call", f"{direct_cpu:.0f} µs", ""),
+    ] + [(f"user_kpis through the {engine} router, one client: CPU per call",
+          f"{router:.0f} µs + {shard:.0f} µs on the shard",
+          f"{direct_cpu / (router + shard):.2f}× direct's (what a rate on shared cores can be)")
+         for engine, (router, shard) in cpu.items()] + [
         ("migrate of one shard", f"{one_migrate:.2f} s", ""),
         ("migrate --fleet of four, --parallel 4", f"{fleet_migrate:.2f} s",
          f"{fleet_migrate / one_migrate:.2f}× one shard (goal ≤ 2×)"),
@@ -206,7 +242,8 @@ def main():
     parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=10000)
     parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--seconds", type=int, default=15, help="each pgbench run")
+    parser.add_argument("--seconds", type=int, default=5, help="each pgbench run")
+    parser.add_argument("--rounds", type=int, default=5, help="pgbench runs of each dashboard target, in turn")
     parser.add_argument("--ports", type=int, nargs=2, default=[31916, 31918])
     parser.add_argument("--markdown", type=Path, help="write the table here, between the FLEET markers")
     args = parser.parse_args()
@@ -214,7 +251,7 @@ def main():
     servers = [LocalCluster(f"bench-fleet-{port}", port, durable=True) for port in args.ports]
     for server in servers:
         server.start()
-    rows, source_rows = measure(servers, args.users, args.days, args.seconds)
+    rows, source_rows = measure(servers, args.users, args.days, args.seconds, rounds=args.rounds)
     table = (f"{args.users:,} users × {args.days} days ({source_rows:,} source rows), four shards on two "
              f"durable servers of this machine ({machine()}), run in {time.perf_counter() - started:.0f} s:\n\n"
              "| what | measured | ratio |\n|---|---:|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows))

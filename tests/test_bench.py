@@ -1,5 +1,7 @@
 """A tiny run of the benchmark, so bench/ keeps working; its numbers are not judged, its counts are."""
 
+import re
+
 from bench.__main__ import (UPDATE_SHAPES, backfill_markdown, bench_backfill, bench_capture, bench_history, bench_size,
                              bench_updates, capture_markdown, history_markdown, markdown, updates_markdown)
 import pytest
@@ -111,13 +113,17 @@ def test_the_fleet_bench_measures_every_row_it_reports():
 
     from bench import fleet
     try:
-        rows, source_rows = fleet.measure([cluster, cluster], users=200, days=10, seconds=1, prefix="smoke_fleet")
+        rows, source_rows = fleet.measure([cluster, cluster], users=200, days=10, seconds=1, prefix="smoke_fleet", rounds=1)
         measured = {what: (value, ratio) for what, value, ratio in rows}
-        assert source_rows > 0 and len(rows) == 14
+        assert source_rows > 0 and len(rows) == 17
         assert float(measured["the four shards' stepped nights, summed"][0].split()[0]) > 0
         for engine in ("PL/Proxy", "dblink"):  # every call answered through each router
             value, ratio = measured[f"user_kpis through the {engine} router"]
             assert float(value.split()[0].replace(",", "")) > 0 and ratio.endswith(", 0 failed"), (engine, ratio)
+            # the CPU of a call through it: the router's backend's and the shard's that serves it
+            router, shard = re.fullmatch(r"(\d+) µs \+ (\d+) µs on the shard", measured[
+                f"user_kpis through the {engine} router, one client: CPU per call"][0]).groups()
+            assert int(router) > 0 and int(shard) > 0, (engine, router, shard)
     finally:
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             names = [name for (name,) in admin.execute(

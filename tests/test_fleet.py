@@ -316,9 +316,13 @@ def test_a_stopped_server_fails_only_its_shards(router, servers, run_cli_module)
     finally:
         second.start()
     with kept:  # its connection to the restarted shard was lost
-        if engine == "plproxy":  # PL/Proxy fails the call that finds it so and makes a new one for the next
-            with pytest.raises(psycopg.Error, match=r"\[fleet_shard1\] REMOTE FATAL"):
+        if engine == "plproxy":
+            # PL/Proxy may fail the call that finds the kept connection lost, and makes a new one
+            # for the next (in some runs here it found it closed before the call: no failure)
+            try:
                 kept.execute("select * from user_kpis(%s, '2026-03-31')", [users_of[1]]).fetchall()
+            except psycopg.Error as exc:
+                assert "[fleet_shard1] REMOTE FATAL" in str(exc)
         # dblink's routed functions make a new one at once
         assert len(kept.execute("select * from user_kpis(%s, '2026-03-31')", [users_of[1]]).fetchall()) == 6
     assert run_cli_module("migrate", "--fleet", deployed).exit_code == 0

@@ -145,9 +145,13 @@ def test_a_rendering_is_reused_only_where_it_cannot_differ(sql_copy):
     from toolkit import render
     from toolkit.catalog import load_catalog
     catalog = load_catalog(sql_copy / "catalog.toml").for_shard()
-    named = render._render(sql_copy, Settings(shard="shard7", job_suffix="seven"), catalog, render.HASH_PLACEMENT, "public")
-    assert named == render._render(sql_copy, Settings(shard="x", job_suffix=""), catalog, render.HASH_PLACEMENT, "public")
+    shape = (render.HASH_PLACEMENT, "public", render.REVIEWED_SHARD_COUNT)
+    named = render._render(sql_copy, Settings(shard="shard7", job_suffix="seven"), catalog, *shape)
+    assert named == render._render(sql_copy, Settings(shard="x", job_suffix=""), catalog, *shape)
     assert render_all(sql_copy, Settings(shard="shard7", job_suffix="seven"), catalog) == named
+    # a dblink router routes by its fleet's shard count, rendered in
+    four = render_all(sql_copy, Settings(shard="shard7"), catalog, shard_count=4)["fleet/router_dblink.sql"]
+    assert four != named["fleet/router_dblink.sql"] and "select 4\n" in four
     template = sql_copy / "templates" / "functions" / "user_kpis.sql.j2"
     template.write_text(template.read_text().replace("-- user_kpis:", "-- user_kpis (edited):"))
     assert "(edited)" in render_all(sql_copy)["functions/user_kpis.sql"]

@@ -29,6 +29,9 @@ ROUTER_FILE = "fleet/router.sql"
 ROUTER_ENGINE_FILES = {"plproxy": "fleet/router_plproxy.sql", "dblink": "fleet/router_dblink.sql"}
 # PL/Proxy's RUN ON for the default placement: hashtext(u::text) & (N - 1), the mask PL/Proxy's own
 HASH_PLACEMENT = "hashtext(p_user_id::text)"
+# The copy of a router's SQL in sql/fleet/ is of a fleet of this many shards (the demo's); migrate
+# --fleet renders it for the fleet file's count
+REVIEWED_SHARD_COUNT = 2
 
 
 @dataclass(frozen=True)
@@ -130,26 +133,28 @@ _RENDERING = threading.Lock()
 
 
 def render_all(sql_dir: Path, settings: Settings = Settings(), catalog: Catalog | None = None,
-               placement: str = HASH_PLACEMENT, dblink_schema: str = "public") -> dict[str, str]:
+               placement: str = HASH_PLACEMENT, dblink_schema: str = "public",
+               shard_count: int = REVIEWED_SHARD_COUNT) -> dict[str, str]:
     """Return {relative path under sql/: text} for every migration and function file, and a
     fleet's router's: its user calls run on the shard `placement` names (PL/Proxy's RUN ON; the
     hash, which PL/Proxy masks, or the application's function of p_user_id), and with the dblink
-    engine through the extension's functions in `dblink_schema`."""
+    engine through the extension's functions in `dblink_schema`, over `shard_count` shards."""
     catalog = catalog or load_catalog(sql_dir / "catalog.toml")
     templates = sorted((sql_dir / "templates").rglob("*.j2"))
     sources = hashlib.sha256(b"".join(str(p).encode() + p.read_bytes() for p in templates)).hexdigest()
     # what the rendering depends on: not which shard, nor the jobs' names
     rendered_as = dataclasses.replace(settings, job_suffix="", shard="shard" if settings.shard else "")
-    key = (str(sql_dir.resolve()), sources, repr(rendered_as), repr(catalog), placement, dblink_schema)
+    key = (str(sql_dir.resolve()), sources, repr(rendered_as), repr(catalog), placement, dblink_schema, shard_count)
     with _RENDERING:
         if key not in _RENDERED:
             if len(_RENDERED) > 32:
                 _RENDERED.clear()
-            _RENDERED[key] = _render(sql_dir, rendered_as, catalog, placement, dblink_schema)
+            _RENDERED[key] = _render(sql_dir, rendered_as, catalog, placement, dblink_schema, shard_count)
         return dict(_RENDERED[key])
 
 
-def _render(sql_dir: Path, settings: Settings, catalog: Catalog, placement: str, dblink_schema: str) -> dict[str, str]:
+def _render(sql_dir: Path, settings: Settings, catalog: Catalog, placement: str, dblink_schema: str,
+            shard_count: int) -> dict[str, str]:
     env = _environment(sql_dir)
     source = quote_ident(settings.source_schema)
     user = _resolve_snippets(catalog.user, env, source)
@@ -193,6 +198,7 @@ def _render(sql_dir: Path, settings: Settings, catalog: Catalog, placement: str,
         "shard_index": f"{placement} & ({quote_ident(STATSKIT_SCHEMA)}.fleet_size() - 1)"
                        if placement == HASH_PLACEMENT else placement,
         "dblink_schema": quote_ident(dblink_schema),
+        "shard_count": shard_count,
     }
     out = {}
     try:

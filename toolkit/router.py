@@ -161,7 +161,7 @@ def rendered_sql(fleet: Fleet, conn: psycopg.Connection, sql_dir, settings: Sett
     """The engine's file, fleet/router.sql, and one server's platform_metric, which reads the
     router's platform table."""
     placement = f"{fleet.placement}(p_user_id)" if fleet.placement else HASH_PLACEMENT
-    rendered = render_all(sql_dir, settings, catalog, placement, Dblink.schema(conn) or "public")
+    rendered = render_all(sql_dir, settings, catalog, placement, Dblink.schema(conn) or "public", len(fleet.shards))
     return "\n".join(rendered[f] for f in (ROUTER_ENGINE_FILES[fleet.router_engine], ROUTER_FILE,
                                            "functions/platform_metric.sql"))
 
