@@ -4,6 +4,8 @@ made by pytest-postgresql from a template."""
 
 import os
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import psycopg
@@ -132,6 +134,25 @@ def invoke_cli(runner: CliRunner, *args) -> CliResult:
 def run_cli():
     runner = CliRunner()
     return lambda *args: invoke_cli(runner, *args)
+
+
+def extract_release(revision: str, folder: Path) -> Path:
+    """A previous release's toolkit/ and sql/, from git, in `folder`, runnable beside this one;
+    the test is skipped in a clone without that commit (a shallow one)."""
+    if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{revision}^{{commit}}"], capture_output=True).returncode:
+        pytest.skip(f"this clone lacks commit {revision} (a shallow clone): no previous release to upgrade from")
+    archive = folder / "release.tar"
+    subprocess.run(["git", "-C", REPO, "archive", "-o", archive, revision, "toolkit", "sql"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder)
+    return folder
+
+
+def run_previous(release: Path, *args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The previous release's CLI, as its users ran it (with only `env` beside PATH)."""
+    code = f"import sys; sys.path.insert(0, {str(release)!r}); from toolkit.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=release, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", **(env or {})})
 
 
 def npm_install(folder: Path) -> None:

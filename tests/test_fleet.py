@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from conftest import SIDE_PORT, SQL_DIR, cluster as session_cluster, invoke_cli
+from conftest import SIDE_PORT, SQL_DIR, cluster as session_cluster, extract_release, invoke_cli, run_previous
 from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_platform_row, stored_user_rows
 from toolkit import api, compiler, fleet as fleet_core
 from toolkit.backfill import Stopped
@@ -760,3 +760,79 @@ def test_the_router_serves_shards_at_the_old_and_the_new_version_during_a_fleet_
         answers(index, "payments_made")
     verified = run_cli_module("verify", "--fleet", path, "--sql-dir", sql, "--only", "functions,migrations")
     assert verified.exit_code == 0, verified.output
+
+
+# The last release that landed, whose dblink router counted the fleet's servers in every call
+FLEET_RELEASE = "9031d62"
+UPGRADED = ["upgraded_shard0", "upgraded_shard1", "upgraded_router"]  # a shard on each server; the router
+
+
+def fleet_rows(dsns):
+    """Every row the fleet stores, as it is (ids and updated_at included): each shard's user rows
+    and partial sums, then the router's platform rows."""
+    rows = []
+    for dsn in dsns[:-1]:
+        with psycopg.connect(dsn) as conn:
+            rows += [conn.execute(f"select to_jsonb(s) from {table} s order by 1").fetchall()
+                     for table in ("user_statistics_daily", "platform_statistics_daily_partials")]
+    with psycopg.connect(dsns[-1]) as conn:
+        rows.append(conn.execute("select to_jsonb(s) from platform_statistics_daily s order by 1").fetchall())
+    return rows
+
+
+def test_a_fleet_the_previous_release_deployed_upgrades_with_its_rows_unchanged(servers, market, tmp_path,
+                                                                                run_cli_module):
+    """Two shards and a dblink router (as on a managed service) deployed, backfilled and merged by
+    the previous release's CLI, then plain `migrate --fleet` of this one: every row the fleet
+    stores is unchanged, the router's functions are re-applied, verify --fleet passes, and the
+    router answers each shard's users as the shard itself does."""
+    release = extract_release(FLEET_RELEASE, tmp_path)
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    homes = [servers[0], servers[1], session_cluster]
+    dsns = [as_owner(server, name) for server, name in zip(homes, UPGRADED)]
+    with psycopg.connect(session_cluster.dsn()) as conn:
+        fleet = fleet_core.Fleet(None, tuple(fleet_core.Shard(i, f"upgraded{i}", "") for i in range(2)))
+        shard_of = fleet_core.placements(conn, fleet, [row[0] for row in market.rows["profiles"]], "uuid")
+    try:
+        for server, name in zip(homes, UPGRADED):
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                conn.execute(f"drop database if exists {name} with (force)")
+                conn.execute(f"create database {name} owner {OWNER}")
+        for dsn, part in zip(dsns, reference_shards.split(market, catalog, shard_of, 2)):
+            with psycopg.connect(dsn) as conn:
+                conn.execute(reference_shards.shard_schema_sql())
+                marketplace.load(conn, part)
+        with psycopg.connect(session_cluster.dsn(UPGRADED[-1]), autocommit=True) as conn:
+            conn.execute("create extension dblink")
+            conn.execute(f"grant usage on foreign data wrapper dblink_fdw to {OWNER}")
+        path = tmp_path / "upgraded.toml"
+        path.write_text("".join(f'[[shards]]\nname = "upgraded{i}"\ndsn = "{dsn}"\n' for i, dsn in enumerate(dsns[:2]))
+                        + f'[router]\ndsn = "{dsns[-1]}"\nengine = "dblink"\n')
+        login = {"STATSKIT_ROUTER_PASSWORD": ROUTER_PASSWORD}
+        for args in (("migrate", "--fleet", path, "--cron-dsn", CRON_DATABASE),
+                     ("backfill", "--fleet", path, "--from", market.first_day, "--to", market.last_day, "--quiet")):
+            done = run_previous(release, *args, env=login)
+            assert done.returncode == 0, done.stdout + done.stderr
+        before = fleet_rows(dsns)
+        assert len(before[-1]) == (market.last_day - market.first_day).days + 1  # every day merged
+
+        upgraded = run_cli_module("migrate", "--fleet", path)
+        assert upgraded.exit_code == 0, upgraded.output
+        assert "routed functions and platform table (fleet/dblink router)" in upgraded.output
+        assert fleet_rows(dsns) == before
+        verified = run_cli_module("verify", "--fleet", path, "--from", market.last_day - timedelta(days=6),
+                                  "--to", market.last_day)
+        assert verified.exit_code == 0, verified.output
+        for dsn in dsns[:2]:  # ten users of each shard: a router routing by another count misses some
+            with psycopg.connect(dsn) as shard, psycopg.connect(dsns[-1]) as router:
+                for (user,) in shard.execute("select id from profiles order by id limit 10").fetchall():
+                    call = "select * from user_kpis(%s, %s)"
+                    assert router.execute(call, [user, market.last_day]).fetchall() == \
+                        shard.execute(call, [user, market.last_day]).fetchall()
+    finally:
+        for server in servers:
+            with psycopg.connect(server.dsn(CRON_DATABASE), autocommit=True) as conn:
+                conn.execute("select cron.unschedule(jobid) from cron.job where database = any(%s)", [UPGRADED])
+        for server, name in zip(homes, UPGRADED):
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                conn.execute(f"drop database if exists {name} with (force)")

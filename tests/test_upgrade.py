@@ -4,9 +4,6 @@ under a live reader and the nightly job, the functions whose signature changed a
 verify passes, its backfill ledger still serves --resume, and the conversion rolls back."""
 
 import re
-import subprocess
-import sys
-import tarfile
 import threading
 import time
 from datetime import date
@@ -14,7 +11,7 @@ from datetime import date
 import psycopg
 import pytest
 
-from conftest import REPO
+from conftest import extract_release, run_previous
 from spec_oracle import differences, expected_user_rows, stored_user_rows
 
 # Releases a deployment is upgraded from, each with the older signatures migrate drops there:
@@ -39,22 +36,9 @@ FIRST, LAST, NEXT = date(2026, 1, 1), date(2026, 3, 31), date(2026, 4, 1)
 
 @pytest.fixture(scope="module", params=list(RELEASES))
 def previous_release(request, tmp_path_factory):
-    """A previous release's toolkit/ and sql/, from git, runnable beside this one: (revision, folder)."""
+    """A previous release's toolkit/ and sql/, runnable beside this one: (revision, folder)."""
     revision = request.param
-    if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{revision}^{{commit}}"], capture_output=True).returncode:
-        pytest.skip(f"this clone lacks commit {revision} (a shallow clone): no previous release to upgrade from")
-    folder = tmp_path_factory.mktemp(f"release-{revision}")
-    archive = folder / "release.tar"
-    subprocess.run(["git", "-C", REPO, "archive", "-o", archive, revision, "toolkit", "sql"], check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(folder)
-    return revision, folder
-
-
-def run_previous(release, *args):
-    code = f"import sys; sys.path.insert(0, {str(release)!r}); from toolkit.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=release, capture_output=True,
-                          text=True, env={"PATH": "/usr/bin:/bin"})
+    return revision, extract_release(revision, tmp_path_factory.mktemp(f"release-{revision}"))
 
 
 def stored(dsn):
