@@ -94,6 +94,30 @@ def shard_server(servers, index):
     return servers[index % 2]
 
 
+def owned_database(server, name, owner=OWNER):
+    """`name` on `server`, made afresh and owned by `owner`."""
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute(f"drop database if exists {name} with (force)")
+        conn.execute(f"create database {name} owner {owner}")
+
+
+def shard_database(server, name, part):
+    """A shard database of the owner's, holding its part of the split marketplace."""
+    owned_database(server, name)
+    with psycopg.connect(as_owner(server, name)) as conn:
+        conn.execute(reference_shards.shard_schema_sql())
+        marketplace.load(conn, part)
+
+
+def dblink_router_database(name):
+    """A router database of the owner's on the session's server, prepared as a managed service's
+    admin role would: the dblink extension, and its wrapper's use."""
+    owned_database(session_cluster, name)
+    with psycopg.connect(session_cluster.dsn(name), autocommit=True) as conn:
+        conn.execute("create extension dblink")
+        conn.execute(f"grant usage on foreign data wrapper dblink_fdw to {OWNER}")
+
+
 @pytest.fixture(scope="module")
 def fleet_file(servers, market, tmp_path_factory):
     """The four shard databases holding the split marketplace, the unsplit one, and the fleet file."""
@@ -111,22 +135,14 @@ def fleet_file(servers, market, tmp_path_factory):
     lines = []
     for index, (name, part) in enumerate(zip(DATABASES, parts)):
         server = shard_server(servers, index)
-        with psycopg.connect(server.dsn(), autocommit=True) as conn:
-            conn.execute(f"drop database if exists {name} with (force)")
-            conn.execute(f"create database {name} owner {OWNER}")
-        with psycopg.connect(as_owner(server, name)) as conn:
-            conn.execute(reference_shards.shard_schema_sql())
-            marketplace.load(conn, part)
+        shard_database(server, name, part)
         lines += ["[[shards]]", f'dsn = "{as_owner(server, name)}"']
     folder = tmp_path_factory.mktemp("fleet")
     for engine, name in ROUTERS.items():
-        with psycopg.connect(session_cluster.dsn(), autocommit=True) as conn:
-            conn.execute(f"drop database if exists {name} with (force)")
-            conn.execute(f"create database {name} owner {OWNER if engine == 'dblink' else 'postgres'}")
-        if engine == "dblink":  # as a managed service's admin role would: the extension, and its wrapper's use
-            with psycopg.connect(session_cluster.dsn(name), autocommit=True) as conn:
-                conn.execute("create extension dblink")
-                conn.execute(f"grant usage on foreign data wrapper dblink_fdw to {OWNER}")
+        if engine == "dblink":
+            dblink_router_database(name)
+        else:
+            owned_database(session_cluster, name, "postgres")
         (folder / f"{engine}.toml").write_text("\n".join(
             lines + ["[router]", f'dsn = "{router_dsn(engine)}"', f'engine = "{engine}"']) + "\n")
     (folder / "fleet.toml").write_text((folder / "plproxy.toml").read_text())
@@ -794,17 +810,9 @@ def test_a_fleet_the_previous_release_deployed_upgrades_with_its_rows_unchanged(
         fleet = fleet_core.Fleet(None, tuple(fleet_core.Shard(i, f"upgraded{i}", "") for i in range(2)))
         shard_of = fleet_core.placements(conn, fleet, [row[0] for row in market.rows["profiles"]], "uuid")
     try:
-        for server, name in zip(homes, UPGRADED):
-            with psycopg.connect(server.dsn(), autocommit=True) as conn:
-                conn.execute(f"drop database if exists {name} with (force)")
-                conn.execute(f"create database {name} owner {OWNER}")
-        for dsn, part in zip(dsns, reference_shards.split(market, catalog, shard_of, 2)):
-            with psycopg.connect(dsn) as conn:
-                conn.execute(reference_shards.shard_schema_sql())
-                marketplace.load(conn, part)
-        with psycopg.connect(session_cluster.dsn(UPGRADED[-1]), autocommit=True) as conn:
-            conn.execute("create extension dblink")
-            conn.execute(f"grant usage on foreign data wrapper dblink_fdw to {OWNER}")
+        for server, name, part in zip(homes, UPGRADED, reference_shards.split(market, catalog, shard_of, 2)):
+            shard_database(server, name, part)
+        dblink_router_database(UPGRADED[-1])
         path = tmp_path / "upgraded.toml"
         path.write_text("".join(f'[[shards]]\nname = "upgraded{i}"\ndsn = "{dsn}"\n' for i, dsn in enumerate(dsns[:2]))
                         + f'[router]\ndsn = "{dsns[-1]}"\nengine = "dblink"\n')
