@@ -9,7 +9,6 @@ it rewrote. Every ratio compares numbers measured in the same run on the same da
 import argparse
 import os
 import platform
-import re
 import statistics
 import time
 from datetime import date, timedelta
@@ -71,14 +70,13 @@ def generated_database(cluster, dbname, users, days, bookings_per_user, seed, fi
 
 
 def step_indexes(conn, tables=None):
-    """Create the indexes migrate advises for the nightly step (of `tables`, or all): those no
-    index leads with yet. Return their names."""
+    """Create the indexes migrate advises for the nightly step (of `tables`, or all), as it advises
+    them: those no index leads with yet. Return their names."""
     names = []
-    advised = deployment.missing_step_indexes(conn, load_catalog(REPO / "sql" / "catalog.toml"), Settings())
-    for table, column in (re.fullmatch(r"public\.(\w+)\((\w+)\)", c).groups() for c in advised):
-        if tables is None or table in tables:
-            names.append(f"{table}_{column}_step_idx")
-            conn.execute(f"create index {names[-1]} on {table} ({column})")
+    for index in deployment.missing_step_indexes(conn, load_catalog(REPO / "sql" / "catalog.toml"), Settings()):
+        if tables is None or index.table in tables:
+            names.append(f"{index.table}_{index.column}_step_idx")
+            conn.execute(index.statement(names[-1], concurrently=False))
     conn.execute("analyze")
     return names
 
@@ -239,9 +237,40 @@ def bench_backfill(cluster, users, days, day_by_day=True, rounds=3):
     return row
 
 
+# The footprint's states, in the order each slice runs them: capture off and no step indexes,
+# capture on, capture on with the step indexes migrate advises for the table.
+FOOTPRINT_STATES = ("off", "on", "indexed")
+SINGLE_ROW_SLICES = 20  # single-row statements run in this many slices per state, the states in turn
+
+
+def footprint(conn, table, slices, measure):
+    """{state: [seconds of each slice]} of `measure(slice)` in each of FOOTPRINT_STATES, the states
+    in turn within each slice, each slice starting one state further (the indexes made before the
+    slice and dropped after it). A durable commit is most of a single-row statement, and this
+    disk's commit latency drifts by ±20% from one tenth of a second to the next, and a checkpoint
+    slows a second of them: slices short, interleaved and rotated weigh the drift, and whatever a
+    state's predecessor leaves, on each alike, and the median slice (single_row_seconds) leaves
+    a slow second out."""
+    timings = {state: [] for state in FOOTPRINT_STATES}
+    for number in range(slices):
+        for state in FOOTPRINT_STATES[number % 3:] + FOOTPRINT_STATES[:number % 3]:
+            conn.execute(f"alter table {table} {'disable' if state == 'off' else 'enable'} trigger user")
+            created = step_indexes(conn, [table]) if state == "indexed" else []
+            timings[state].append(measure(number))
+            for name in created:
+                conn.execute(f"drop index {name}")
+    conn.execute(f"alter table {table} enable trigger user")
+    return timings
+
+
+def single_row_seconds(slices):
+    """The time of all the slices' statements, from the median slice."""
+    return statistics.median(slices) * len(slices)
+
+
 def bench_capture(cluster, users, rounds=3):
-    """Change capture on the filled database of bench_backfill: what the triggers cost the
-    application's writes (capture on ÷ off, alternating rounds, medians), and what a late import
+    """Change capture on the filled database of bench_backfill: what the triggers and the step's
+    indexes cost the application's writes (against neither, interleaved), and what a late import
     costs the next nightly run (aggregate_*_changes) against recomputing every user over the
     same days."""
     dsn = cluster.dsn(f"bench_{users}")
@@ -273,26 +302,17 @@ def bench_capture(cluster, users, rounds=3):
             next_id += count
             return seconds
 
+        # The nightly step's advised indexes on bookings (five timestamps, three of them partial),
+        # with capture on, against the same writes with neither: what following migrate's advice
+        # costs the application. Single-row: 2,000 statements in slices; bulk: the median of rounds.
         for label, count, single in (("single", 2000, True), ("bulk", 50000, False)):
             for days_back in (0, 100):
-                timings = {"on": [], "off": []}
-                for _ in range(rounds):
-                    for state in ("off", "on"):
-                        conn.execute(f"alter table bookings {'enable' if state == 'on' else 'disable'} trigger user")
-                        timings[state].append(insert_bookings(count, days_back, single))
-                conn.execute("alter table bookings enable trigger user")
-                key = f"{label}_{days_back}"
-                row[f"{key}_off_s"] = statistics.median(timings["off"])
-                row[f"{key}_on_s"] = statistics.median(timings["on"])
-        # The nightly step's advised indexes on bookings (five timestamps), with capture on, against
-        # the same writes with neither: what following migrate's advice costs the application.
-        created = step_indexes(conn, ["bookings"])
-        for label, count, single in (("single", 2000, True), ("bulk", 50000, False)):
-            for days_back in (0, 100):
-                row[f"{label}_{days_back}_indexed_s"] = statistics.median(
-                    insert_bookings(count, days_back, single) for _ in range(rounds))
-        for name in created:
-            conn.execute(f"drop index {name}")
+                per_slice = count // SINGLE_ROW_SLICES if single else count
+                timings = footprint(conn, "bookings", SINGLE_ROW_SLICES if single else rounds,
+                                    lambda _: insert_bookings(per_slice, days_back, single))
+                for state, seconds in timings.items():
+                    row[f"{label}_{days_back}_{state}_s"] = (single_row_seconds(seconds) if single
+                                                            else statistics.median(seconds))
 
         first, last = conn.execute("select min(date), max(date) from user_statistics_daily").fetchone()
         late_first = max(first, last - timedelta(days=89))
@@ -339,8 +359,9 @@ UPDATE_SHAPES = {
 def bench_updates(cluster, users, count=2000, rounds=3):
     """What the application's updates of old rows (created over 30 days before today) cost with
     statskit's footprint: capture off and no step indexes, capture on, capture on with the step
-    indexes of the table; each shape as `count` single-row statements and as one statement of
-    `count` rows; the medians of `rounds`, and the share of the table's updates that were HOT."""
+    indexes of the table; each shape as `count` single-row statements (in slices, interleaved: see
+    footprint) and as one statement of `count` rows (the median of `rounds`), and the share of the
+    table's updates that were HOT."""
     dsn = cluster.dsn(f"bench_{users}")
     rows = []
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -354,38 +375,37 @@ def bench_updates(cluster, users, count=2000, rounds=3):
                 return conn.execute("select n_tup_upd, n_tup_hot_upd from pg_stat_user_tables where relid = %s::regclass",
                                     [table]).fetchone()
 
-            def run(single):
+            def run(keys, single):
                 before = updates()
                 started = time.perf_counter()
                 if single:
-                    for key in ids:
+                    for key in keys:
                         conn.execute(f"update {table} set {change} where id = %s", [key])
                 else:
-                    conn.execute(f"update {table} set {change} where id = any (%s)", [ids])
+                    conn.execute(f"update {table} set {change} where id = any (%s)", [keys])
                 seconds = time.perf_counter() - started
                 after = updates()
                 conn.execute("set session_replication_role = replica")  # undone without logging it
-                conn.execute(f"update {table} set {undo} where id = any (%s)", [ids])
+                conn.execute(f"update {table} set {undo} where id = any (%s)", [keys])
                 conn.execute("reset session_replication_role")
                 conn.execute(f"vacuum {table}")
                 conn.execute("truncate statskit.user_changes, statskit.platform_changes")
-                return seconds, (after[1] - before[1]) / max(1, after[0] - before[0])
+                return seconds, after[1] - before[1], after[0] - before[0]
 
             for single in (True, False):
                 row = {"users": users, "shape": shape, "table": table, "single": single, "count": len(ids)}
-                run(single)  # a first round leaves free space on the pages, as a table in use has
-                timings = {"off": [], "on": [], "indexed": []}
-                for _ in range(rounds):  # the states alternate, so a slower disk for a while hits each
-                    for state in timings:
-                        conn.execute(f"alter table {table} {'disable' if state == 'off' else 'enable'} trigger user")
-                        created = step_indexes(conn, [table]) if state == "indexed" else []
-                        timings[state].append(run(single))
-                        for name in created:
-                            conn.execute(f"drop index {name}")
-                conn.execute(f"alter table {table} enable trigger user")
+                run(ids, single)  # a first round leaves free space on the pages, as a table in use has
+                if single:  # each slice its own rows, the same in every state
+                    size = len(ids) // SINGLE_ROW_SLICES
+                    row["count"] = size * SINGLE_ROW_SLICES
+                    timings = footprint(conn, table, SINGLE_ROW_SLICES,
+                                        lambda n: run(ids[n * size:(n + 1) * size], True))
+                else:
+                    timings = footprint(conn, table, rounds, lambda _: run(ids, False))
                 for state, measured in timings.items():
-                    row[f"{state}_s"] = statistics.median(t for t, _ in measured)
-                    row[f"{state}_hot"] = statistics.median(h for _, h in measured)
+                    seconds = [t for t, _, _ in measured]
+                    row[f"{state}_s"] = single_row_seconds(seconds) if single else statistics.median(seconds)
+                    row[f"{state}_hot"] = sum(hot for _, hot, _ in measured) / max(1, sum(n for _, _, n in measured))
                 rows.append(row)
                 print(row, flush=True)
     return rows

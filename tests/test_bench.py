@@ -32,13 +32,13 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         assert captured["late100_logged"] == 100 and captured["late100_written"] > 0
         assert captured["bulk_0_on_s"] > 0 and captured["single_100_indexed_s"] > 0
         assert "| 300 | one insert of 50,000 rows | today |" in capture_markdown([captured])
-        updated = bench_updates(cluster, users=300, count=20, rounds=1)
+        updated = bench_updates(cluster, users=300, count=40, rounds=1)
         assert {r["shape"] for r in updated} == set(UPDATE_SHAPES) and all(r["indexed_s"] > 0 for r in updated)
         # a status no index reads stays HOT; a completion is indexed once the step indexes are there
         status = next(r for r in updated if r["shape"] == "status only" and not r["single"])
         completion = next(r for r in updated if r["shape"] == "completion" and not r["single"])
         assert status["indexed_hot"] > 0.5 and completion["indexed_hot"] < 0.5 <= completion["on_hot"]
-        assert "| 300 | read receipt (messages) | 20 single-row |" in updates_markdown(updated)
+        assert "| 300 | read receipt (messages) | 40 single-row |" in updates_markdown(updated)
         history = bench_history(cluster, users=200, bookings_per_day=20 / 15, seed=0.5, histories=(15, 30))
         assert [h["days"] for h in history] == [15, 30]
         assert all(h["rows"] > 0 and h["history_s"] > 0 and h["step_s"] > 0 and h["indexed_s"] > 0 for h in history)

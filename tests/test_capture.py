@@ -8,7 +8,10 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from conftest import cron_connection
+from conftest import SQL_DIR, cron_connection
+from toolkit.catalog import load_catalog
+from toolkit.render import CAPTURE_FILE, render_all
+from toolkit.settings import Settings
 from spec_oracle import (differences, expected_platform_row, expected_user_rows, stored_platform_row,
                          stored_user_rows)
 
@@ -141,9 +144,10 @@ def test_todays_ordinary_writes_log_nothing(rolled_up):
 
 def test_updates_that_move_nothing_before_today_never_enter_the_handler(rolled_up):
     """A status change, a completion or a read receipt today of a row created long ago logs
-    nothing, and returns before the exception handler (whose subtransaction costs every
-    statement) and before the owner lookups it guards: with the table those lookups read gone,
-    such updates raise no capture warning, while a backdated change still reaches the handler."""
+    nothing, and calls no capture function at all (the update trigger's condition is false), so
+    neither the exception handler (whose subtransaction would cost every statement) nor the owner
+    lookups it guards run: with the table those lookups read gone, such updates raise no capture
+    warning, while a backdated change still reaches the handler."""
     with psycopg.connect(rolled_up) as conn:  # a new session: the capture functions plan afresh
         notices = []
         conn.add_notice_handler(lambda diag: notices.append(diag.message_primary))
@@ -158,6 +162,39 @@ def test_updates_that_move_nothing_before_today_never_enter_the_handler(rolled_u
         conn.execute("update bookings set cancelled_at = '2026-03-10 12:00+00' where id = %s", [booking])
         assert any(n.startswith("statskit: change capture on public.bookings failed") for n in notices), notices
         conn.rollback()
+
+
+def test_only_updates_that_move_a_statistic_before_today_call_the_capture_function(rolled_up):
+    """The update trigger is a row trigger with a condition: counted by PostgreSQL's own function
+    statistics, today's events call no function, each backdated row calls it once."""
+    with psycopg.connect(rolled_up) as conn:
+        conn.execute("set track_functions = 'pl'")
+        calls = ("select coalesce(sum(calls), 0) from pg_stat_xact_user_functions"
+                 " where schemaname = 'statskit' and funcname = 'capture_bookings'")
+        pending = [r[0] for r in conn.execute("select id from bookings where completed_at is null and cancelled_at is null"
+                                              " and created_at < '2026-03-01' order by id limit 3")]
+        assert len(pending) == 3
+        conn.execute("update bookings set status = 'confirmed' where id = any (%s)", [pending])
+        conn.execute("update bookings set completed_at = now(), status = 'completed' where id = any (%s)", [pending])
+        assert conn.execute(calls).fetchone()[0] == 0 and log_size(conn) == (0, 0)
+        conn.execute("update bookings set completed_at = '2026-03-10 12:00+00' where id = any (%s)", [pending[:2]])
+        assert conn.execute(calls).fetchone()[0] == 2 and log_size(conn)[0] > 0
+        conn.rollback()
+
+
+def test_the_update_trigger_is_made_again_only_when_its_condition_changes(rolled_up):
+    def update_trigger(conn):
+        return conn.execute("select t.oid, pg_get_triggerdef(t.oid) from pg_trigger t"
+                            " where t.tgrelid = 'bookings'::regclass and t.tgname = 'statskit_capture_update'").fetchone()
+
+    with psycopg.connect(rolled_up, autocommit=True) as conn:
+        made, definition = update_trigger(conn)
+        assert "FOR EACH ROW WHEN" in definition and "'UTC'" in definition
+        conn.execute(render_all(SQL_DIR, Settings(), load_catalog(SQL_DIR / "catalog.toml"))[CAPTURE_FILE])
+        assert update_trigger(conn)[0] == made  # the same condition: no lock taken on bookings
+        conn.execute(render_all(SQL_DIR, Settings(time_zone="Europe/Paris"), load_catalog(SQL_DIR / "catalog.toml"))[CAPTURE_FILE])
+        remade, definition = update_trigger(conn)
+        assert remade != made and "'Europe/Paris'" in definition
 
 
 @pytest.mark.parametrize("fault", ["log table gone", "log locked"])

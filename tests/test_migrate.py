@@ -208,6 +208,17 @@ def test_missing_lookup_indexes_are_advised_not_refused(dsn, run_cli):
     step = re.search(r"note: no index leads with (.*): the nightly step reads each day's rows through them", result.output)
     assert step and "public.messages(conversation_id)" in step[1] and "public.bookings(completed_at)" in step[1]
     assert "public.bookings(listing_id)" not in step[1]  # named once, with the one-user lookups
+    # each advised as the statement to run, with what it costs the application's writes; partial
+    # where the column is nullable (a booking's completion: only completed bookings enter it)
+    assert ("\n  create index concurrently on public.bookings (completed_at) where completed_at is not null;  -- "
+            "an entry for each row once it has a value; an UPDATE that sets or moves it is not HOT\n") in result.output
+    assert ("\n  create index concurrently on public.messages (conversation_id);  -- an entry for each row inserted\n"
+            in result.output)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create index on bookings (completed_at) where completed_at is not null")
+        conn.execute("create index on bookings (cancelled_at) where status = 'cancelled'")  # not the advised one
+    again = run_cli("migrate", "--dsn", dsn).output
+    assert "on public.bookings (completed_at)" not in again and "on public.bookings (cancelled_at)" in again
     assert run_cli("migrate", "--dsn", dsn, "--no-capture").output.count("nightly step") == 0  # no capture, no step
 
 

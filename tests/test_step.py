@@ -10,6 +10,9 @@ import psycopg
 import pytest
 
 from conftest import SQL_DIR, deploy
+from toolkit import deployment
+from toolkit.catalog import load_catalog
+from toolkit.settings import Settings
 from spec_oracle import differences, expected_platform_row, expected_user_rows, stored_platform_row, stored_user_rows
 
 
@@ -61,6 +64,35 @@ def stepped_nights_equal_the_spec(dsn, first, last, time_zone="UTC"):
 # February's views and completions ending in March, and days after all activity.
 def test_day_after_day_the_step_equals_the_spec(migrated_dsn):
     stepped_nights_equal_the_spec(migrated_dsn, date(2026, 2, 20), date(2026, 4, 2))
+
+
+def test_the_step_reads_through_every_index_migrate_advises_partial_ones_included(migrated_dsn):
+    """The advised indexes as a DBA creates them from migrate's note (on a nullable timestamp,
+    partial: only the rows that have one). Each must be one the step's plans can use, so with
+    sequential scans priced out every one is scanned, and the nights stay exact."""
+    catalog = load_catalog(SQL_DIR / "catalog.toml")
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        advised = deployment.missing_step_indexes(conn, catalog, Settings())
+        assert {str(index) for index in advised if index.nullable} >= {"public.bookings(completed_at)",
+                                                                        "public.messages(read_at)"}
+        assert "public.bookings(created_at)" in map(str, advised)
+        names = []
+        for index in advised:
+            names.append(f"{index.table}_{index.column}_advised")
+            conn.execute(index.statement(names[-1]))
+        assert deployment.missing_step_indexes(conn, catalog, Settings()) == []  # the partial ones count
+        conn.execute("analyze")
+        conn.execute("select aggregate_daily_statistics('2026-03-09'), aggregate_user_statistics(null, '2026-03-09')")
+        conn.execute("select pg_stat_force_next_flush()")
+        scans = "select indexrelname, idx_scan from pg_stat_user_indexes where indexrelname = any (%s)"
+        before = dict(conn.execute(scans, [names]).fetchall())
+    with psycopg.connect(migrated_dsn, autocommit=True, options="-c enable_seqscan=off") as conn:
+        for day in days(date(2026, 3, 10), date(2026, 3, 12)):
+            run_night(conn, day)
+            assert problems_on(conn, day) == []
+        conn.execute("select pg_stat_force_next_flush()")
+        after = dict(conn.execute(scans, [names]).fetchall())
+    assert [name for name in names if after[name] == before[name]] == []
 
 
 def test_the_step_follows_the_configured_time_zone_across_dst(loaded_dsn):

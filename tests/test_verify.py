@@ -10,10 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import SQL_DIR, cron_connection
-from toolkit import api
+from toolkit import api, deployment
 from toolkit.catalog import load_catalog
 from toolkit.cli import cli
 from toolkit.render import FUNCTIONS
+from toolkit.settings import Settings
 
 WINDOW = ["--from", "2026-03-25", "--to", "2026-03-31"]
 
@@ -24,8 +25,8 @@ def deployed(migrated_dsn, run_cli):
     assert run_cli("backfill", "--from", "2026-03-25", "--to", "2026-03-31", "--quiet", "--dsn", migrated_dsn).exit_code == 0
     with psycopg.connect(migrated_dsn, autocommit=True) as conn:
         # the DBA followed migrate's advice: the nightly step's indexes
-        for table, column in load_catalog(SQL_DIR / "catalog.toml").step_lookups:
-            conn.execute(f"create index if not exists {table}_{column}_idx on {table} ({column})")
+        for index in deployment.missing_step_indexes(conn, load_catalog(SQL_DIR / "catalog.toml"), Settings()):
+            conn.execute(index.statement(f"{index.table}_{index.column}_idx"))
         conn.execute("select aggregate_daily_statistics(), aggregate_user_statistics()")  # what last night's jobs wrote
     dbname = psycopg.conninfo.conninfo_to_dict(migrated_dsn)["dbname"]
     with cron_connection() as conn:

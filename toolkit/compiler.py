@@ -6,6 +6,7 @@ template only loops over fragments and puts them where they go. No template buil
 pieces of strings.
 """
 
+import hashlib
 import re
 import textwrap
 from dataclasses import dataclass
@@ -247,18 +248,21 @@ def partition_lists(source: Source) -> tuple[list[str], list[str]]:
 # -- change capture -------------------------------------------------------------------------
 
 # The transition tables each capture trigger hands its function, by event. `changed_rows` holds
-# the rows a statement wrote (inserted, or updated: their new version) or deleted, so one query
-# reads an insert's and a delete's rows alike; an update also has its rows as they were.
+# the rows a statement wrote (inserted) or deleted, so one query reads an insert's and a delete's
+# rows alike. An update's trigger is a row trigger instead, with none: its WHEN condition lets
+# only the rows that moved a statistic before today call the function (most updates are of
+# today's events: a read receipt, a completion, a status), where a statement trigger's transition
+# tables and call cost every update.
 TRIGGERS = (
     ("insert", None, "changed_rows"),
-    ("update", "old_rows", "changed_rows"),
+    ("update", None, None),
     ("delete", "changed_rows", None),
 )
 
 
 @dataclass(frozen=True)
 class CapturedTable:
-    """A source table as its capture function reads it: the users a row counts for, and the
+    """A source table as its capture functions read it: the users a row counts for, and the
     first moment at which it can have moved a statistic."""
 
     table: SourceTable
@@ -286,24 +290,23 @@ class CapturedTable:
 
     def logged(self, update: bool) -> list[str]:
         """Each user the changed rows count for, with the earliest moment before today one of its
-        rows can have moved a statistic at: an insert's or a delete's rows (`r`), or an
-        update's pairs. The moment, when it is more than a column, is named once (a lateral
-        select PostgreSQL flattens), so rows with none before today leave before their owners
-        are looked up."""
-        key = self.table.key
+        rows can have moved a statistic at: an insert's or a delete's rows (`r`), or an updated
+        row as it was (`old`) and is (`new`). The moment, when it is more than a column, is named
+        once (a select PostgreSQL flattens), so rows with none before today leave before their
+        owners are looked up."""
         if update:
-            lines, users, moment = ["from old_rows o", f"full join changed_rows n on n.{key} = o.{key}"], \
-                self.users("o", "n"), self.update_moment()
+            lines, users, moment = [], self.users("old", "new"), self.update_moment()
         else:
             lines, users, moment = ["from changed_rows r"], self.users("r"), [self.first_moment("r")]
+        joined = "cross join lateral (" if lines else "from ("
         if len(moment) == 1 and re.fullmatch(r"\w+\.\w+", moment[0]):
             named = moment[0]
         elif len(moment) == 1:
             named = "changed.moment"
-            lines.append(f"cross join lateral (select {moment[0]} as moment) as changed")
+            lines.append(f"{joined}select {moment[0]} as moment) as changed")
         else:
             named = "changed.moment"
-            lines += ["cross join lateral (", f"    select {moment[0]}", *(f"    {line}" for line in moment[1:-1]),
+            lines += [joined, f"    select {moment[0]}", *(f"    {line}" for line in moment[1:-1]),
                       f"    {moment[-1]} as moment", ") as changed"]
         user = users[0] if len(users) == 1 else "affected.user_id"
         if len(users) > 1:
@@ -311,31 +314,35 @@ class CapturedTable:
         user_id = user if user.endswith(".user_id") else f"{user} as user_id"
         return [f"select {user_id}, min({named}) as moment", *lines, f"where {named} < v_today_start", "group by 1"]
 
-    def updated_before_today(self) -> list[str]:
-        """A query with a row when an update moved a statistic before today (update_moment): it
-        reads only the statement's own two transition tables."""
-        key, moment = self.table.key, self.update_moment()
-        return ["select from old_rows o", f"full join changed_rows n on n.{key} = o.{key}",
-                f"where {moment[0]}", *moment[1:-1], f"{moment[-1]} < v_today_start"]
-
     def update_moment(self) -> list[str]:
-        """For an updated row (`o` as it was, `n` as it is; one of them missing when the key
-        changed): the first moment the update can have moved a statistic at. Every moment of
-        the row, when a value statskit reads changed (it changes the row's numbers on all its
-        days); else the earliest of each changed timestamp's old and new value; NULL when
-        nothing statskit reads changed."""
-        key, values = self.table.key, self.table.values
-        whole = [f"o.{key} is null", f"n.{key} is null"]
-        if values:
-            whole.append(f"({', '.join('o.' + v for v in values)}) is distinct from ({', '.join('n.' + v for v in values)})")
-        changed = [f"case when o.{c} is distinct from n.{c} then least(o.{c}, n.{c}) end" for c in self.table.timestamps]
-        everything = [f"o.{c}" for c in self.table.timestamps] + [f"n.{c}" for c in self.table.timestamps]
-        lines = ["case", f"    when {' or '.join(whole)}", f"        then least({', '.join(everything)})"]
+        """For an updated row (`old` as it was, `new` as it is): the first moment the update can
+        have moved a statistic at. Every moment of the row, when its key or a value statskit reads
+        changed (it changes the row's numbers on all its days); else the earliest of each changed
+        timestamp's old and new value; NULL when nothing statskit reads changed."""
+        columns = (self.table.key, *(v for v in self.table.values if v != self.table.key))
+        whole = (f"old.{columns[0]} is distinct from new.{columns[0]}" if len(columns) == 1 else
+                 f"({', '.join('old.' + v for v in columns)}) is distinct from ({', '.join('new.' + v for v in columns)})")
+        changed = [f"case when old.{c} is distinct from new.{c} then least(old.{c}, new.{c}) end"
+                   for c in self.table.timestamps]
+        everything = [f"old.{c}" for c in self.table.timestamps] + [f"new.{c}" for c in self.table.timestamps]
+        lines = ["case", f"    when {whole}", f"        then least({', '.join(everything)})"]
         if len(changed) == 1:
             lines.append(f"    else {changed[0]}")
         else:
             lines += ["    else least(", *(f"        {c}," for c in changed[:-1]), f"        {changed[-1]}", "    )"]
         return lines + ["end"]
+
+    def update_when(self, today_start: str) -> list[str]:
+        """The update trigger's WHEN: the update moved a statistic before `today_start`. PostgreSQL
+        evaluates it for each row, before any call: only timestamps compared, nothing that can
+        raise but what would fail the statement anyway (a cancel, out of memory)."""
+        moment = self.update_moment()
+        return [f"({moment[0]}", *moment[1:-1], f"{moment[-1]} < {today_start})"]
+
+    def update_digest(self, today_start: str) -> str:
+        """The update trigger's argument: a digest of its condition (its function ignores it), so
+        migrate re-creates the trigger (a lock on the table) only when the condition differs."""
+        return hashlib.sha256("\n".join(self.update_when(today_start)).encode()).hexdigest()[:16]
 
 
 def captured_tables(source_tables: dict[str, SourceTable], source: str) -> list[CapturedTable]:

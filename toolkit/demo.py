@@ -39,12 +39,10 @@ class DemoStory:
 def create_advised_indexes(target: migrate.Target) -> None:
     """The demo's tables are its own: it creates the indexes migrate advises (the one-user lookups,
     the nightly step's timestamps), as a DBA who accepts them would."""
-    columns = deployment.missing_lookup_indexes(target.conn, target.catalog, target.settings)
-    columns += deployment.missing_step_indexes(target.conn, target.catalog, target.settings)
-    for column in columns:
-        table, name = column.rstrip(")").split("(")
-        target.conn.execute(sql.SQL("create index on {} ({})").format(
-            sql.Identifier(*table.split(".")), sql.Identifier(name)))
+    advised = deployment.missing_lookup_indexes(target.conn, target.catalog, target.settings)
+    advised += deployment.missing_step_indexes(target.conn, target.catalog, target.settings)
+    for index in advised:
+        target.conn.execute(index.statement(concurrently=False))
 
 
 def fresh_database(cluster: LocalCluster, name: str) -> str:

@@ -198,28 +198,67 @@ def check_source_tables(conn: psycopg.Connection, catalog: Catalog, settings: Se
                             f"(docs/contract.md): {'; '.join(problems)}; nothing changed")
 
 
-def _not_indexed(conn: psycopg.Connection, settings: Settings, columns: list[tuple[str, str]]) -> list[str]:
-    """The (table, column) of the source schema that no index leads with, as schema.table(column)."""
+@dataclass(frozen=True)
+class AdvisedIndex:
+    """An index migrate advises on a source column (`table` and `column` as PostgreSQL quotes them).
+    Partial on a nullable column the nightly step reads (`nullable`): its rows without a value never
+    enter it, and the step's range of timestamps implies a value, so PostgreSQL proves it usable.
+    The one-user lookups' are whole: a join's key does not prove a partial index's predicate."""
+
+    schema: str
+    table: str
+    column: str
+    nullable: bool
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.table}({self.column})"
+
+    def statement(self, name: str = "", concurrently: bool = True) -> str:
+        how = "concurrently " if concurrently else ""
+        where = f" where {self.column} is not null" if self.nullable else ""
+        return f"create index {how}{name + ' ' if name else ''}on {self.schema}.{self.table} ({self.column}){where}"
+
+    @property
+    def cost(self) -> str:
+        """What it costs the application's writes, for the advice."""
+        if self.nullable:
+            return "an entry for each row once it has a value; an UPDATE that sets or moves it is not HOT"
+        return "an entry for each row inserted"
+
+
+def _not_indexed(conn: psycopg.Connection, catalog: Catalog, settings: Settings,
+                 columns: list[tuple[str, str]], partial: bool) -> list[AdvisedIndex]:
+    """The indexes advised on the (table, column) of the source schema that no index leads with:
+    partial on nullable columns if asked (and then a partial index counts if it is that one, every
+    row with a value; otherwise only a whole index counts)."""
     indexed = {(table, column) for table, column in conn.execute(
         "select c.relname, a.attname from pg_index i join pg_class c on c.oid = i.indrelid"
         " join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]"
-        " where c.relnamespace = %s::regnamespace", [quote_ident(settings.source_schema)]).fetchall()}
-    return [f"{settings.source_schema}.{table}({column})" for table, column in columns if (table, column) not in indexed]
+        " where c.relnamespace = %s::regnamespace"
+        " and (i.indpred is null or %s and pg_get_expr(i.indpred, i.indrelid) = '(' || quote_ident(a.attname) || ' IS NOT NULL)')",
+        [quote_ident(settings.source_schema), partial]).fetchall()}
+    missing = [(table, column) for table, column in columns if (table, column) not in indexed]
+    names = conn.execute("select quote_ident(%s), quote_ident(t), quote_ident(c)"
+                         " from unnest(%s::text[], %s::text[]) with ordinality n (t, c, i) order by i",
+                         [settings.source_schema, [t for t, _ in missing], [c for _, c in missing]]).fetchall()
+    return [AdvisedIndex(schema, table, column, partial and catalog.source_tables[name].column(plain).nullable)
+            for (schema, table, column), (name, plain) in zip(names, missing)]
 
 
-def missing_lookup_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[str]:
+def missing_lookup_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[AdvisedIndex]:
     """Source columns the one-user paths look users up by that no index leads with: advice."""
-    return _not_indexed(conn, settings, [(name, column) for name, table in catalog.source_tables.items()
-                                         for column in table.lookup])
+    return _not_indexed(conn, catalog, settings, [(name, column) for name, table in catalog.source_tables.items()
+                                                  for column in table.lookup], partial=False)
 
 
-def missing_step_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[str]:
+def missing_step_indexes(conn: psycopg.Connection, catalog: Catalog, settings: Settings) -> list[AdvisedIndex]:
     """Source columns the nightly step finds a day's rows by that no index leads with (with change
     capture only: without it there is no step). Advice: each costs the application's writes."""
     if not settings.capture:
         return []
-    lookups = set(missing_lookup_indexes(conn, catalog, settings))
-    return [c for c in _not_indexed(conn, settings, catalog.step_lookups) if c not in lookups]
+    lookups = {(name, column) for name, table in catalog.source_tables.items() for column in table.lookup}
+    return _not_indexed(conn, catalog, settings, [c for c in catalog.step_lookups if c not in lookups],
+                        partial=True)
 
 
 def check_can_deploy(conn: psycopg.Connection, catalog: Catalog, settings: Settings, plan) -> None:
@@ -342,14 +381,15 @@ def stale_overloads(conn: psycopg.Connection, settings: Settings, key_type: str)
 
 
 def capture_triggers(conn: psycopg.Connection, settings: Settings, catalog: Catalog) -> int:
-    """How many of statskit's capture triggers the source tables carry with the transition tables
-    their functions read (3 per table when installed; one an earlier statskit made counts once
-    migrate has re-created it)."""
+    """How many of statskit's capture triggers the source tables carry as their functions read them:
+    with their transition tables, and the update trigger for each row (3 per table when installed;
+    one an earlier statskit made counts once migrate has re-created it)."""
     return conn.execute(
         "select count(*) from pg_trigger t"
         " join unnest(%s::text[], %s::text[], %s::text[]) as wanted (event, old_table, new_table)"
         "   on t.tgname = 'statskit_capture_' || wanted.event"
         "  and (t.tgoldtable, t.tgnewtable) is not distinct from (wanted.old_table::name, wanted.new_table::name)"
+        "  and (t.tgtype & 1 = 1) = (wanted.old_table is null and wanted.new_table is null)"
         " where t.tgrelid in (select to_regclass(r) from unnest(%s::text[]) r)",
         [*map(list, zip(*compiler.TRIGGERS)),
          [f"{quote_ident(settings.source_schema)}.{name}" for name in catalog.source_tables]]).fetchone()[0]

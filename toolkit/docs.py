@@ -122,6 +122,10 @@ def _source_table_section(catalog: Catalog) -> str:
         if step:
             advice += (f" With change capture, the nightly step reads a day's rows through "
                        f"{', '.join(f'`{c}`' for c in step)}: an index on each is advised too.")
+            partial = [c for c in step if table.column(c).nullable]
+            if partial:
+                advice += (f" Those on {', '.join(f'`{c}`' for c in partial)} are partial (`WHERE … IS NOT NULL`):"
+                           f" a row enters one only once it has that timestamp.")
         owners = "".join(f" A row counts for the home user of the `{owned}` row its `{column}` names."
                          for column, owned in table.owners.items())
         out.append(f"### `{table.name}`\n\n{table.meaning}{owners} Home: `{table.home}`.{advice}\n\n"

@@ -343,14 +343,15 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
             cron.check_can_schedule(cron_conn, cron.wanted_jobs(target.settings))
         checked = plan(target, cron_conn)  # raises on a cron name conflict before anything changes
         deployment.check_can_deploy(conn, target.catalog, target.settings, checked)
-        advice = [f"no index leads with {column}: the one-user function and verify's sample look users up by it "
-                  f"(CREATE INDEX CONCURRENTLY on {column})"
-                  for column in deployment.missing_lookup_indexes(conn, target.catalog, target.settings)]
+        advice = [f"no index leads with {index}: the one-user function and verify's sample look users up by it "
+                  f"({index.statement()})"
+                  for index in deployment.missing_lookup_indexes(conn, target.catalog, target.settings)]
         step = deployment.missing_step_indexes(conn, target.catalog, target.settings)
         if step:
-            advice.append(f"no index leads with {', '.join(step)}: the nightly step reads each day's rows through "
-                          f"them, and without them scans every table every night (CREATE INDEX CONCURRENTLY; "
-                          f"docs/performance.md weighs their cost on the application's writes)")
+            advice.append(f"no index leads with {', '.join(map(str, step))}: the nightly step reads each day's rows "
+                          f"through them, and without them scans every table every night. Each costs the "
+                          f"application's writes (docs/performance.md measures them); advised:"
+                          + "".join(f"\n  {index.statement()};  -- {index.cost}" for index in step))
         if target.stored and target.stored.cron and not target.settings.cron:
             advice.append("--no-cron: this deployment now has no pg_cron jobs for statskit to keep; jobs an "
                           "earlier migrate scheduled are left as they are (cron.unschedule removes them)")

@@ -144,9 +144,9 @@ def _check_partitions(conn, settings: Settings, table: str) -> Check:
 def _check_source_indexes(conn, target: Target) -> Check:
     missing = deployment.missing_lookup_indexes(conn, target.catalog, target.settings)
     step = deployment.missing_step_indexes(conn, target.catalog, target.settings)
-    warnings = [f"no index leads with {', '.join(missing)}: the one-user function and "
+    warnings = [f"no index leads with {', '.join(map(str, missing))}: the one-user function and "
                 f"this sample read a user's rows through them"] if missing else []
-    warnings += [f"no index leads with {', '.join(step)}: the nightly step scans whole tables "
+    warnings += [f"no index leads with {', '.join(map(str, step))}: the nightly step scans whole tables "
                  f"instead of reading the day's rows"] if step else []
     return _result("keys source tables", [], warnings,
                    ok="every column a user's rows and a day's rows are looked up by leads an index")
