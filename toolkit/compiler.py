@@ -262,7 +262,7 @@ TRIGGERS = (
 
 @dataclass(frozen=True)
 class CapturedTable:
-    """A source table as its capture functions read it: the users a row counts for, and the
+    """A source table as its capture function reads it: the users a row counts for, and the
     first moment at which it can have moved a statistic."""
 
     table: SourceTable
