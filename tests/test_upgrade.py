@@ -18,8 +18,10 @@ from spec_oracle import differences, expected_user_rows, stored_user_rows
 # the last that landed before the writer lock and whole-day backfills (issue 21), the last that
 # landed before this one's capture and sums (issue 23), and the last before the sums of one day
 # (issue 25), which already partitioned its rollup (issue 24), the last before the fleet
-# (issue 26), and the last before the sources' rows created after the last day computed were
-# dropped before their days are (the sums' definition changed). Each stores 90 days of history.
+# (issue 26), the last before the sources' rows created after the last day computed were
+# dropped before their days are (the sums' definition changed), and the last before an update's
+# capture trigger became a row trigger (its statement trigger is replaced). Each stores 90 days
+# of history.
 RELEASES = {
     "788e7e9": ["aggregate_user_statistics_range(date, date, uuid, uuid, uuid[])",
                 "aggregate_daily_statistics_range(date, date)"],
@@ -27,10 +29,13 @@ RELEASES = {
     "9465da4": [],
     "e59f60c": [],
     "db93537": [],
+    "e9b3e5f": [],
 }
-PARTITIONED = {"9465da4", "e59f60c", "db93537"}
+PARTITIONED = {"9465da4", "e59f60c", "db93537", "e9b3e5f"}
 # releases whose platform sums are defined as this one's: migrate keeps them
-SAME_PLATFORM_SUMS = {"e59f60c", "db93537"}
+SAME_PLATFORM_SUMS = {"e59f60c", "db93537", "e9b3e5f"}
+# releases whose aggregation functions are this one's (only their change capture differs)
+SAME_FUNCTIONS = {"e9b3e5f"}
 FIRST, LAST, NEXT = date(2026, 1, 1), date(2026, 3, 31), date(2026, 4, 1)
 
 
@@ -88,13 +93,14 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
     assert sorted(line for line in upgraded.output.splitlines() if "(an older signature)" in line) == sorted(
         f'dropped function "public".{signature} (an older signature)' for signature in RELEASES[revision])
     assert stored(loaded_dsn) == before
-    assert "created function public.aggregate_user_statistics\n" in upgraded.output
+    assert ("created function public.aggregate_user_statistics\n" in upgraded.output) != (revision in SAME_FUNCTIONS)
+    assert "installed change capture (capture.sql)" in upgraded.output
     # the sums the previous release kept are defined otherwise now: migrate says so and rebuilds
     # them as of the last stored day, so the next night steps from them
     for table in ("user_statistics_daily", "platform_statistics_daily"):
         rebuilt = (f"the nightly step's sums of {table} are defined otherwise now: migrate re-creates them and "
                    f"rebuilds them as of {LAST}")
-        kept = table == "platform_statistics_daily" and revision in SAME_PLATFORM_SUMS
+        kept = revision in SAME_FUNCTIONS or table == "platform_statistics_daily" and revision in SAME_PLATFORM_SUMS
         assert (rebuilt in upgraded.output) != kept, upgraded.output
     with psycopg.connect(loaded_dsn) as conn:
         users = conn.execute("select count(*) from user_statistics_daily where date = %s", [LAST]).fetchone()[0]
