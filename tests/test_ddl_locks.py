@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from conftest import SQL_DIR
+from toolkit.catalog import load_catalog
 from test_catalog_growth import NEW_METRIC, add_migration
 
 LOCK_TIMEOUT = 0.5
@@ -105,3 +106,40 @@ def test_a_change_that_needs_the_table_waits_at_most_the_lock_timeout_then_says_
 
     done = run_cli("migrate", "--dsn", dsn, "--sql-dir", sql, "--lock-timeout", LOCK_TIMEOUT)
     assert done.exit_code == 0 and "applied migration 0002_payments_made" in done.output, done.output
+
+
+def test_a_deadlock_with_another_session_is_tried_again(loaded_dsn, run_cli):
+    """An application's transaction that locks a source table migrate is about to change, then
+    one migrate has changed: PostgreSQL breaks the cycle by rolling migrate's attempt back, and
+    migrate, one transaction, tries it again once that transaction is gone."""
+    tables = list(load_catalog(SQL_DIR / "catalog.toml").source_tables)
+    application = psycopg.connect(loaded_dsn)
+    application.execute("set deadlock_timeout = '60s'")  # migrate, waiting first, finds the cycle
+    held = {}
+
+    def migrate():
+        held["result"] = run_cli("migrate", "--dsn", loaded_dsn, "--lock-timeout", 20, "--no-cron")
+
+    try:
+        application.execute("lock table caas_scores in share mode")  # blocks migrate's capture trigger on it
+        runner = threading.Thread(target=migrate, daemon=True)
+        runner.start()
+        with psycopg.connect(loaded_dsn, autocommit=True) as watcher:
+            for _ in range(600):
+                taken = watcher.execute(
+                    "select c.relname from pg_locks l join pg_class c on c.oid = l.relation"
+                    " where l.pid = (select pid from pg_locks w where w.relation = 'caas_scores'::regclass and not w.granted"
+                    " limit 1) and l.granted and l.mode = 'ShareRowExclusiveLock' and c.relname = any (%s)",
+                    [tables]).fetchall()
+                if taken:
+                    break
+                time.sleep(0.05)
+        assert taken, "migrate never waited for caas_scores while holding another source table"
+        application.execute(f"lock table {taken[0][0]} in share mode")  # waits for migrate: the cycle
+        application.commit()
+        runner.join(120)
+    finally:
+        application.close()
+    result = held["result"]
+    assert result.exit_code == 0, result.output
+    assert "installed change capture (capture.sql)" in result.output, result.output

@@ -291,7 +291,8 @@ class LockPolicy:
     """How DDL waits for locks: PostgreSQL's lock_timeout on every statement, then whole retries.
 
     A statement that waits for an ACCESS EXCLUSIVE lock queues every later reader behind it;
-    lock_timeout bounds that queue, and the deployment, one transaction, is simply tried again.
+    lock_timeout bounds that queue, and the deployment, one transaction, is simply tried again;
+    as it is when PostgreSQL breaks a deadlock with another session by rolling it back.
     """
 
     lock_timeout: float = 2.0  # seconds
@@ -311,13 +312,16 @@ def _in_one_transaction(backend, policy: LockPolicy, work, what: str):
             result = work()
             backend.commit()
             return result
-        except psycopg.errors.LockNotAvailable as exc:
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+            # A deadlock is another session's locks taken in another order than ours (an
+            # application's transaction, autovacuum): PostgreSQL rolled this attempt back whole.
             backend.rollback()
             if attempt > policy.retries:
+                why = (f"a lock was not granted within {{lock_timeout}} {policy.lock_timeout:g} s"
+                       if isinstance(exc, psycopg.errors.LockNotAvailable) else "another session deadlocked with it")
                 raise StatskitError(
-                    f"{what}: a lock was not granted within {{lock_timeout}} {policy.lock_timeout:g} s, "
-                    f"{attempt} attempt{'s' if attempt > 1 else ''} ({db.describe_error(exc)}); nothing changed. "
-                    f"Retry when the table is quiet, or allow more with {{lock_timeout}}/{{retries}}"
+                    f"{what}: {why}, {attempt} attempt{'s' if attempt > 1 else ''} ({db.describe_error(exc)}); "
+                    f"nothing changed. Retry when the table is quiet, or allow more with {{lock_timeout}}/{{retries}}"
                 ) from None
             time.sleep(policy.backoff(attempt))
         except BaseException:
