@@ -36,24 +36,37 @@ def problems_on(conn, day, time_zone="UTC"):
     return found + [f"platform {m}: spec {v!r}, stored {stored[m]!r}" for m, v in expected.items() if stored[m] != v]
 
 
+def created_by(conn, day, time_zone="UTC"):
+    return conn.execute("select count(*) from profiles where (created_at at time zone %s)::date <= %s",
+                        [time_zone, day]).fetchone()[0]
+
+
+def said_by_the_night(conn, day):
+    """Run the night of `day`; what its user step says of where its users' sums come from."""
+    said = []
+
+    def hear(notice):
+        said.append(notice.message_primary)
+
+    conn.add_notice_handler(hear)
+    conn.execute("set client_min_messages = debug1")
+    run_night(conn, day)
+    conn.execute("reset client_min_messages")
+    conn.remove_notice_handler(hear)
+    return [m for m in said if m.startswith("statskit: ")]
+
+
 def stepped_nights_equal_the_spec(dsn, first, last, time_zone="UTC"):
     with psycopg.connect(dsn, autocommit=True) as conn:
-        said = []
-        conn.add_notice_handler(lambda notice: said.append(notice.message_primary))
-        conn.execute("set client_min_messages = debug1")
         for day in days(first, last):
-            said.clear()
-            run_night(conn, day)
-            users = conn.execute("select count(*) from profiles where (created_at at time zone %s)::date <= %s",
-                                 [time_zone, day]).fetchone()[0]
+            stepped = said_by_the_night(conn, day)
+            users = created_by(conn, day, time_zone)
             # every user's sums move to D, so the next night steps from them
             assert sums_days(conn) == {day: users}
-            stepped = [m for m in said if m.startswith("statskit: ")]
             if day == first:
                 assert stepped == ["statskit: no user from the sums of the day before, every user summed from history"]
             else:  # from the sums, but for the users created on D
-                new = conn.execute("select count(*) from profiles where (created_at at time zone %s)::date = %s",
-                                   [time_zone, day]).fetchone()[0]
+                new = users - created_by(conn, day - timedelta(days=1), time_zone)
                 assert stepped == [f"statskit: {users - new} users from the sums of the day before, "
                                    f"{new} users summed from history"]
             problems = problems_on(conn, day, time_zone)
@@ -112,7 +125,8 @@ def add_old_review(conn, user, id_):
 def test_the_step_reads_only_what_changes_on_the_day(migrated_dsn, run_cli):
     """A row written behind capture's back (triggers off) on an old day is not reread by the
     step: proof that it starts from the sums. statskit backfill, the documented repair, discards
-    the sums of the users it rewrites, and the next night is right again."""
+    the sums of the users it rewrites and sums them again from history for its last day, and the
+    next night is right again."""
     with psycopg.connect(migrated_dsn, autocommit=True) as conn:
         for day in days(date(2026, 3, 10), date(2026, 3, 12)):
             run_night(conn, day)
@@ -128,10 +142,36 @@ def test_the_step_reads_only_what_changes_on_the_day(migrated_dsn, run_cli):
     assert run_cli("backfill", "--from", "2026-03-13", "--to", "2026-03-13", "--quiet", "--dsn", migrated_dsn).exit_code == 0
     with psycopg.connect(migrated_dsn, autocommit=True) as conn:
         assert problems_on(conn, date(2026, 3, 13)) == []
-        assert sums_days(conn) == {}  # discarded: the next night sums every user from history once
+        assert sums_days(conn) == {date(2026, 3, 13): created_by(conn, date(2026, 3, 13))}  # summed again from history, the stale one too
         for day in days(date(2026, 3, 14), date(2026, 3, 15)):
             run_night(conn, day)
             assert problems_on(conn, day) == []
+
+
+def test_a_backfill_leaves_the_sums_of_its_last_day_so_the_next_night_steps(migrated_dsn, run_cli):
+    """The range functions discard the sums of the users they rewrite; backfill ends with the
+    nightly step of its last day, which sums them from history and keeps them (rewriting none of
+    that day's rows), so the night after it steps instead of summing every user from history.
+    A backfill of days before the sums' day leaves none (they never move back)."""
+    result = run_cli("backfill", "--from", "2026-03-01", "--to", "2026-03-10", "--dsn", migrated_dsn)
+    assert result.exit_code == 0, result.output
+    assert "the sums of 2026-03-10 kept, the next night steps from them" in result.output
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        users = created_by(conn, date(2026, 3, 10))
+        assert sums_days(conn) == {date(2026, 3, 10): users}
+        assert conn.execute("select date from statskit.platform_statistics_daily_sums_day").fetchone()[0] == date(2026, 3, 10)
+        new = created_by(conn, date(2026, 3, 11)) - users
+        assert said_by_the_night(conn, date(2026, 3, 11)) == [
+            f"statskit: {users} users from the sums of the day before, {new} users summed from history"]
+        assert problems_on(conn, date(2026, 3, 11)) == []
+        night = stored_user_rows(conn, date(2026, 3, 11))
+
+    result = run_cli("backfill", "--from", "2026-03-01", "--to", "2026-03-05", "--dsn", migrated_dsn)
+    assert result.exit_code == 0 and "kept" not in result.output, result.output
+    with psycopg.connect(migrated_dsn, autocommit=True) as conn:
+        assert sums_days(conn) == {}  # the sums of 2026-03-11 are not moved back to the 5th
+        assert stored_user_rows(conn, date(2026, 3, 11)) == night
+        assert problems_on(conn, date(2026, 3, 5)) == []
 
 
 def test_a_profile_deleted_behind_captures_back_gets_no_row_the_next_night(migrated_dsn):

@@ -22,7 +22,7 @@ import psycopg
 from . import db, partitions
 from .catalog import Catalog, UserKey
 from .dates import check_range, yesterday
-from .deployment import mark_filled, require_deployment
+from .deployment import kept_sums_day, mark_filled, require_deployment, write_day_keeping_sums
 from .errors import StatskitError, UsageError
 from .migrate import Target
 from .render import quote_ident, writer_lock
@@ -82,6 +82,7 @@ class Unit:
 
     chunk: tuple[date, date]
     table: str  # "users" or "platform", as the ledger's scope says
+    keeps_sums: bool = False  # the nightly step of a day already written, for its sums (sums_units)
 
     @property
     def days(self) -> list[date]:
@@ -97,6 +98,7 @@ class Progress:
     days_skipped: int = 0  # committed by an earlier run (--resume)
     rows_written: int = 0
     started: float = field(default_factory=time.monotonic)
+    sums_of: date | None = None  # the day whose sums the run left for the next night (sums_units)
 
     @property
     def days_total(self) -> int:
@@ -240,6 +242,20 @@ def plan_units(request: Request, committed: dict[str, set[date]], costs: ChunkCo
     return [Unit(chunk, "platform") for chunk in platform_chunks] + [Unit(chunk, "users") for chunk in user_chunks]
 
 
+def sums_units(conn: psycopg.Connection, catalog: Catalog, settings, request: Request) -> list[Unit]:
+    """The nightly step of the request's last day, once every chunk is committed. A range function
+    discards the kept sums of the users it rewrites (they may be older than a row the change log
+    missed), so the next night would sum every user from history; the step of the last day sums
+    them from history now and keeps them, rewriting none of that day's rows (its numbers are the
+    range's), and the next night steps. None without capture (no sums), for one user (the step
+    writes its days itself), or where the sums kept are of a later day (they never move back:
+    the next night sums from history)."""
+    if not settings.capture or request.user_id is not None:
+        return []
+    return [Unit((request.last, request.last), table, keeps_sums=True) for table in request.tables
+            if (kept := kept_sums_day(conn, rollup_table(catalog, table))) is None or kept <= request.last]
+
+
 def joined_chunks(chunks: list[tuple[date, date]], longest: int) -> list[tuple[date, date]]:
     """Consecutive chunks joined, in order, while the whole stays within `longest` days."""
     out: list[tuple[date, date]] = []
@@ -344,6 +360,11 @@ def backfill(target: Target, request: Request,
         units = plan_units(request, progress.committed, costs)
         _run(target, request, units, progress, report, notify, cancel)
         _settle(run_conn)
+        sums = sums_units(run_conn, target.catalog, settings, request)
+        # on the target's own connection: each step takes the writer lock whole
+        _run(target, dataclasses.replace(request, jobs=1), sums, progress, report, notify, cancel)
+        if sums:
+            progress.sums_of = request.last
         if request.user_id is None:  # every user's rows of these days are now computed with every metric
             for table in request.tables:
                 mark_filled(run_conn, rollup_table(target.catalog, table), request.first, request.last)
@@ -381,6 +402,8 @@ def _run(target: Target, request: Request, units: list[Unit], progress: Progress
                 written = _write_with_retries(conn, settings, target.catalog.users.key_type, request, unit, notify)
                 with guard:
                     progress.rows_written += written
+                    if unit.keeps_sums:  # its day was committed and reported by its chunk
+                        continue
                     progress.committed.setdefault(unit.table, set()).update(unit.days)
                     whole = set(progress.committed_days)  # of the unit's days, none was whole before it
                     for run in day_runs([day for day in unit.days if day in whole]):
@@ -447,12 +470,15 @@ def _write_with_retries(conn: psycopg.Connection, settings, key_type: str, reque
 
 
 def _write_unit(conn: psycopg.Connection, settings, key_type: str, request: Request, unit: Unit, notify) -> int:
-    """One transaction: the unit's days for every user (or the one user), then its ledger row."""
+    """One transaction: the unit's days for every user (or the one user), then its ledger row; or
+    the nightly step of a unit that keeps sums (no ledger row: its day is the chunk's)."""
     schema = quote_ident(settings.schema)
     first, last = unit.chunk
-    shared = request.user_id is None
+    shared = request.user_id is None and not unit.keeps_sums
     with conn.transaction():
         _wait_for_other_writers(conn, settings, shared, notify)
+        if unit.keeps_sums:
+            return write_day_keeping_sums(conn, settings, "platform" if unit.table == "platform" else "user", last)
         if unit.table == "platform":
             written = conn.execute(f"select {schema}.aggregate_daily_statistics_range(%s, %s, p_shared => true)",
                                    [first, last]).fetchone()[0]

@@ -114,7 +114,8 @@ def lock_options(command):
                   help="PostgreSQL lock_timeout for every statement: how long a dashboard query may queue "
                        "behind a statement that waits for a table lock.")
     @click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True,
-                  help="Times the whole transaction is tried again after a lock timeout (with back-off).")
+                  help="Times the whole transaction is tried again after a lock timeout or a deadlock with "
+                       "another session (with back-off).")
     @click.option("--wait", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
                   help="How long to wait for another statskit migrate or rollback to finish.")
     @functools.wraps(command)
@@ -557,7 +558,9 @@ def backfill(dsn, fleet, parallel, first, last, user, only, resume, chunk_days, 
     in flight, says how many days are committed and exits 130 (143); after any stop, even a
     kill, the same command with --resume writes the rest, and the result equals one clean run.
     Rows outside the range are untouched. The nightly jobs wait for a chunk in flight, and it
-    for them.
+    for them. With change capture it ends with the nightly step of --to, which keeps the sums of
+    that day (the chunks discard those of the users they rewrite), so the next night steps from
+    them instead of summing every user from history.
 
     \b
     Examples:
@@ -587,8 +590,9 @@ def backfill(dsn, fleet, parallel, first, last, user, only, resume, chunk_days, 
     if not quiet:
         rate = done.rows_written / done.seconds if done.seconds else 0
         skipped = f", {done.days_skipped} days committed earlier skipped" if done.days_skipped else ""
+        kept = f"; the sums of {done.sums_of} kept, the next night steps from them" if done.sums_of else ""
         click.echo(f"backfill done: {done.days_total} days, {done.rows_written} rows written in "
-                   f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}")
+                   f"{done.seconds:.1f} s ({rate:.0f} rows/s){skipped}{kept}")
 
 
 def _backfilled(done) -> str:

@@ -404,6 +404,20 @@ def _sums_table(table: str, suffix: str = "_sums") -> str:
     return f"{STATSKIT_SCHEMA}.{quote_ident(table + suffix)}"
 
 
+def kept_sums_day(conn: psycopg.Connection, table: str) -> date | None:
+    """The day the nightly step's kept sums of a rollup table are of (None before a first night)."""
+    row = conn.execute(f"select date from {_sums_table(table, '_sums_day')}").fetchone()
+    return row[0] if row else None
+
+
+def write_day_keeping_sums(conn: psycopg.Connection, settings: Settings, rollup: str, day: date) -> int:
+    """The nightly function of a rollup ("user" or "platform") on a stored day: the keys without
+    sums of the day before are summed from history, and the sums of the day are kept (if it is
+    not before the day they were of). Returns the rows it wrote (none where they were right)."""
+    arguments = "null, %s" if rollup == "user" else "%s"
+    return conn.execute(f"select {quote_ident(settings.schema)}.{ONE_DAY[rollup]}({arguments})", [day]).fetchone()[0]
+
+
 @dataclass(frozen=True)
 class SumsRebuild:
     rollup: str  # "user" or "platform"
@@ -439,9 +453,8 @@ def rebuild_sums(conn: psycopg.Connection, settings: Settings, rebuild: SumsRebu
     change stay as stored; a backfill rewrites them), and the copies go back into the re-created
     tables."""
     tables = [_sums_table(rebuild.table), _sums_table(rebuild.table, "_sums_day")]
-    arguments = "null, %s" if rebuild.rollup == "user" else "%s"
     conn.execute("savepoint statskit_sums")
-    conn.execute(f"select {quote_ident(settings.schema)}.{ONE_DAY[rebuild.rollup]}({arguments})", [rebuild.day])
+    write_day_keeping_sums(conn, settings, rebuild.rollup, rebuild.day)
     copies = {}
     for table in tables:
         with conn.cursor().copy(f"copy {table} to stdout") as copy:
