@@ -77,7 +77,7 @@ def step_indexes(conn, tables=None):
         if tables is None or index.table in tables:
             names.append(f"{index.table}_{index.column}_step_idx")
             conn.execute(index.statement(names[-1], concurrently=False))
-    conn.execute("analyze")
+    conn.execute("analyze" if tables is None else f"analyze {', '.join(tables)}")
     return names
 
 
@@ -249,11 +249,12 @@ def footprint(conn, table, slices, measure):
     slice and dropped after it). A durable commit is most of a single-row statement, and this
     disk's commit latency drifts by ±20% from one tenth of a second to the next, and a checkpoint
     slows a second of them: slices short, interleaved and rotated weigh the drift, and whatever a
-    state's predecessor leaves, on each alike, and the median slice (single_row_seconds) leaves
+    state's predecessor leaves, on each alike, and the median slice (state_seconds) leaves
     a slow second out."""
     timings = {state: [] for state in FOOTPRINT_STATES}
     for number in range(slices):
-        for state in FOOTPRINT_STATES[number % 3:] + FOOTPRINT_STATES[:number % 3]:
+        turn = number % len(FOOTPRINT_STATES)
+        for state in FOOTPRINT_STATES[turn:] + FOOTPRINT_STATES[:turn]:
             conn.execute(f"alter table {table} {'disable' if state == 'off' else 'enable'} trigger user")
             created = step_indexes(conn, [table]) if state == "indexed" else []
             timings[state].append(measure(number))
@@ -263,9 +264,10 @@ def footprint(conn, table, slices, measure):
     return timings
 
 
-def single_row_seconds(slices):
-    """The time of all the slices' statements, from the median slice."""
-    return statistics.median(slices) * len(slices)
+def state_seconds(timings, single):
+    """A state's time: of single-row statements, all the slices' from the median slice; of bulk
+    ones, the median round."""
+    return statistics.median(timings) * (len(timings) if single else 1)
 
 
 def bench_capture(cluster, users, rounds=3):
@@ -311,8 +313,7 @@ def bench_capture(cluster, users, rounds=3):
                 timings = footprint(conn, "bookings", SINGLE_ROW_SLICES if single else rounds,
                                     lambda _: insert_bookings(per_slice, days_back, single))
                 for state, seconds in timings.items():
-                    row[f"{label}_{days_back}_{state}_s"] = (single_row_seconds(seconds) if single
-                                                            else statistics.median(seconds))
+                    row[f"{label}_{days_back}_{state}_s"] = state_seconds(seconds, single)
 
         first, last = conn.execute("select min(date), max(date) from user_statistics_daily").fetchone()
         late_first = max(first, last - timedelta(days=89))
@@ -404,7 +405,7 @@ def bench_updates(cluster, users, count=2000, rounds=3):
                     timings = footprint(conn, table, rounds, lambda _: run(ids, False))
                 for state, measured in timings.items():
                     seconds = [t for t, _, _ in measured]
-                    row[f"{state}_s"] = single_row_seconds(seconds) if single else statistics.median(seconds)
+                    row[f"{state}_s"] = state_seconds(seconds, single)
                     row[f"{state}_hot"] = sum(hot for _, hot, _ in measured) / max(1, sum(n for _, _, n in measured))
                 rows.append(row)
                 print(row, flush=True)
