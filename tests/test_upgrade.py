@@ -20,7 +20,8 @@ from spec_oracle import differences, expected_user_rows, stored_user_rows
 # (issue 25), which already partitioned its rollup (issue 24), the last before the fleet
 # (issue 26), the last before the sources' rows created after the last day computed were
 # dropped before their days are (the sums' definition changed), and the last before an update's
-# capture trigger became a row trigger (its statement trigger is replaced). Each stores 90 days
+# capture trigger became a row trigger (its statement trigger is replaced), and the last landing,
+# whose SQL is this one's (its backfill left no sums; this one's keeps them). Each stores 90 days
 # of history.
 RELEASES = {
     "788e7e9": ["aggregate_user_statistics_range(date, date, uuid, uuid, uuid[])",
@@ -30,12 +31,15 @@ RELEASES = {
     "e59f60c": [],
     "db93537": [],
     "e9b3e5f": [],
+    "68eb99e": [],
 }
-PARTITIONED = {"9465da4", "e59f60c", "db93537", "e9b3e5f"}
+PARTITIONED = {"9465da4", "e59f60c", "db93537", "e9b3e5f", "68eb99e"}
 # releases whose platform sums are defined as this one's: migrate keeps them
-SAME_PLATFORM_SUMS = {"e59f60c", "db93537", "e9b3e5f"}
+SAME_PLATFORM_SUMS = {"e59f60c", "db93537", "e9b3e5f", "68eb99e"}
 # releases whose aggregation functions are this one's (only their change capture differs)
-SAME_FUNCTIONS = {"e9b3e5f"}
+SAME_FUNCTIONS = {"e9b3e5f", "68eb99e"}
+# releases whose change capture is this one's
+SAME_CAPTURE = {"68eb99e"}
 FIRST, LAST, NEXT = date(2026, 1, 1), date(2026, 3, 31), date(2026, 4, 1)
 
 
@@ -94,7 +98,7 @@ def test_a_deployment_of_the_previous_release_upgrades_with_its_rows_unchanged(l
         f'dropped function "public".{signature} (an older signature)' for signature in RELEASES[revision])
     assert stored(loaded_dsn) == before
     assert ("created function public.aggregate_user_statistics\n" in upgraded.output) != (revision in SAME_FUNCTIONS)
-    assert "installed change capture (capture.sql)" in upgraded.output
+    assert ("installed change capture (capture.sql)" in upgraded.output) != (revision in SAME_CAPTURE)
     # the sums the previous release kept are defined otherwise now: migrate says so and rebuilds
     # them as of the last stored day, so the next night steps from them
     for table in ("user_statistics_daily", "platform_statistics_daily"):
