@@ -26,7 +26,7 @@ def test_two_migrates_at_once_both_succeed_and_apply_once(loaded_dsn):
     assert [run.returncode for run in runs] == [0, 0], outputs
     applied = [out for out, _ in outputs if "applied migration 0001_statistics_tables" in out]
     assert len(applied) == 1, outputs
-    assert sum("nothing to do" in out for out, _ in outputs) == 1
+    assert sum("nothing to do" in out for out, _ in outputs) == 1, outputs
     names = [o[1] for o in objects(loaded_dsn) if o[0] == "public"]
     assert names.count("user_statistics_daily") == 1
     with cron_connection() as conn:

@@ -329,6 +329,31 @@ def _in_one_transaction(backend, policy: LockPolicy, work, what: str):
             raise
 
 
+def _finish_committed(target: Target, cron_conn: psycopg.Connection | None, todo: MigratePlan,
+                      policy: LockPolicy) -> None:
+    """What follows the deployment's transaction, each its own: the partitions ahead, and the
+    jobs of a pg_cron in another database."""
+    conn = target.conn
+    if target.settings.partitioned:
+        try:
+            # every day a row can have gets its partition, so that a day re-run by hand finds one
+            partitions.maintain(conn, target.settings, partitions.first_day(conn, target.settings, target.catalog),
+                                lock_timeout=policy.lock_timeout)
+        except psycopg.Error as exc:
+            raise StatskitError(
+                f"the deployment is committed but its partitions ahead are not ({db.describe_error(exc)}): "
+                f"run statskit migrate again"
+            ) from None
+    if cron_conn is not None and todo.jobs:
+        try:
+            cron.schedule(cron_conn, todo.jobs, conn.info.dbname)
+        except psycopg.Error as exc:
+            raise StatskitError(
+                f"the deployment is committed but its pg_cron jobs are not ({db.describe_error(exc)}): "
+                f"run statskit migrate again to schedule them, or statskit rollback to undo"
+            ) from None
+
+
 def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
             policy: LockPolicy = LockPolicy(), break_lock: bool = False) -> MigratePlan:
     """Check everything first, then apply pending migrations, changed functions, grants and
@@ -367,6 +392,7 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
         if dry_run:
             return checked
         first_deployment = not deployment.table_exists(conn, f"{STATSKIT_SCHEMA}.settings")
+        committed = False
         try:
             _ensure_bookkeeping(conn, target.catalog.users.key_type)
             notes = clear_stale_lock(conn, break_lock)
@@ -412,30 +438,15 @@ def migrate(target: Target, cron_dsn: str | None = None, dry_run: bool = False,
                     return todo
 
                 todo = _in_one_transaction(backend, policy, deploy, f"migrate {conn.info.dbname}")
+                committed = True
                 target.stored = target.settings  # what the database holds now
                 todo.notes = notes + advice
+                # still under the lock, so a migrate waiting for it finds these done too
+                _finish_committed(target, cron_conn if not jobs_inside else None, todo, policy)
         except BaseException:
-            if first_deployment:
+            if first_deployment and not committed:
                 deployment.drop_bookkeeping(conn)  # nothing was committed: leave no trace either
             raise
-        if target.settings.partitioned:
-            try:
-                # every day a row can have gets its partition, so that a day re-run by hand finds one
-                partitions.maintain(conn, target.settings, partitions.first_day(conn, target.settings, target.catalog),
-                                    lock_timeout=policy.lock_timeout)
-            except psycopg.Error as exc:
-                raise StatskitError(
-                    f"the deployment is committed but its partitions ahead are not ({db.describe_error(exc)}): "
-                    f"run statskit migrate again"
-                ) from None
-        if cron_conn is not None and not jobs_inside and todo.jobs:
-            try:
-                cron.schedule(cron_conn, todo.jobs, conn.info.dbname)
-            except psycopg.Error as exc:
-                raise StatskitError(
-                    f"the deployment is committed but its pg_cron jobs are not ({db.describe_error(exc)}): "
-                    f"run statskit migrate again to schedule them, or statskit rollback to undo"
-                ) from None
         return todo
     finally:
         if cron_conn is not None:
