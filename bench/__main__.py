@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from toolkit import deployment
+from toolkit import deployment, partitions
 from toolkit.catalog import load_catalog
 from toolkit.cluster import LocalCluster
 from toolkit.migrate import Target, migrate
@@ -81,11 +81,14 @@ def step_indexes(conn, tables=None):
     return names
 
 
-def copy_floor(dsn, day=None, rounds=1):
+def copy_floor(dsn, day=None, rounds=1, logged=True):
     """(seconds, user rows) to COPY the stored rows of both rollups, of `day` or of all days, into
-    identical empty tables with their indexes: the physical cost of writing them at all (the
-    median of `rounds`, each into tables made afresh)."""
+    identical empty tables with their indexes: the physical cost of writing them at all, durably
+    (logged tables, after a checkpoint as each night; `logged=False`: temporary tables, which
+    write no WAL, the floor of the runs before issue 25's last measurements). The median of
+    `rounds`, each into tables made afresh."""
     tables = ("user_statistics_daily", "platform_statistics_daily")
+    persistence = "" if logged else "temporary"
     with psycopg.connect(dsn) as conn:
         data = {}
         for table in tables:
@@ -96,7 +99,9 @@ def copy_floor(dsn, day=None, rounds=1):
         for _ in range(rounds):
             for table in tables:
                 conn.execute(f"drop table if exists {table}_floor")
-                conn.execute(f"create temporary table {table}_floor (like {table} including all)")
+                conn.execute(f"create {persistence} table {table}_floor (like {table} including all)")
+            conn.commit()
+            conn.execute("checkpoint")
             conn.commit()
             started = time.perf_counter()
             for table in tables:
@@ -105,7 +110,31 @@ def copy_floor(dsn, day=None, rounds=1):
                         copy.write(block)
             conn.commit()
             times.append(time.perf_counter() - started)
-        return statistics.median(times), conn.execute("select count(*) from user_statistics_daily_floor").fetchone()[0]
+        rows = conn.execute("select count(*) from user_statistics_daily_floor").fetchone()[0]
+        for table in tables:
+            conn.execute(f"drop table {table}_floor")
+        conn.commit()
+        return statistics.median(times), rows
+
+
+def month_written_before(conn, first_night):
+    """Empty the month partition of `first_night` in both rollups and write its days before
+    `first_night` as backfill writes them; return the user rows it holds then. The nights then
+    append to a partition holding the month's earlier days, as mid-month in production (a
+    partition emptied by DELETE would have them refill its vacuumed pages, each page's first
+    change after a checkpoint a full page in the WAL, which an append-only partition never pays)."""
+    month = first_night.replace(day=1)
+    for table in ("user_statistics_daily", "platform_statistics_daily"):
+        holding = next(p.name for p in partitions.partitions(conn, Settings(), table)
+                       if (p.first_day or month) <= month and (p.after_day is None or month < p.after_day))
+        conn.execute(f"truncate {holding}")
+    if month < first_night:
+        last = first_night - timedelta(days=1)
+        conn.execute("select aggregate_daily_statistics_range(%s, %s), aggregate_user_statistics_range(%s, %s)",
+                     [month, last, month, last])
+    for table in ("user_statistics_daily", "platform_statistics_daily"):
+        conn.execute(f"vacuum analyze {table}")
+    return conn.execute("select count(*) from user_statistics_daily where date >= %s", [month]).fetchone()[0]
 
 
 def night(conn, day):
@@ -160,12 +189,10 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
         # the step (dropped again below: the write benches run without them): a night from history,
         # then steps from the day before, the last of them onto the 1st of a month (month windows end).
         created = step_indexes(conn)
+        nights = [last_day - timedelta(days=n) for n in range(4, -1, -1)]
+        row["month_rows_before"] = month_written_before(conn, nights[0])  # each night writes its rows afresh
         conn.execute("truncate statskit.user_statistics_daily_sums, statskit.user_statistics_daily_sums_day,"
                      " statskit.platform_statistics_daily_sums, statskit.platform_statistics_daily_sums_day")
-        nights = [last_day - timedelta(days=n) for n in range(4, -1, -1)]
-        for table in ("user_statistics_daily", "platform_statistics_daily"):  # each night writes its rows afresh
-            conn.execute(f"delete from {table} where date >= %s", [nights[0]])
-            conn.execute(f"vacuum analyze {table}")
         conn.execute("select aggregate_daily_statistics(%s), aggregate_user_statistics(null, %s)", [nights[0]] * 2)
         steps = [night(conn, day) for day in nights[1:]]
         row["step_platform_s"] = statistics.median(platform for platform, _, _ in steps)
@@ -191,6 +218,7 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
         for name in created:
             conn.execute(f"drop index {name}")
     row["step_copy_s"], _ = copy_floor(dsn, unwritten_day, rounds=3)
+    row["step_copy_temporary_s"], _ = copy_floor(dsn, unwritten_day, rounds=3, logged=False)
     return row
 
 
@@ -521,9 +549,20 @@ def backfill_markdown(rows) -> str:
     return "\n".join(out) + "\n"
 
 
+def cpu_seconds() -> float:
+    """A Python loop of 10 million additions: the machine's speed, so runs on machines of the same
+    description but not the same speed can be told apart."""
+    started = time.perf_counter()
+    total = 0
+    for n in range(10_000_000):
+        total += n
+    return time.perf_counter() - started
+
+
 def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
+            f" (a Python loop of 10 million additions: {cpu_seconds():.1f} s)")
 
 
 def markdown(rows, args, server_version, seconds) -> str:
@@ -544,17 +583,21 @@ def markdown(rows, args, server_version, seconds) -> str:
         "",
         "Nights as the jobs run them (change capture on): a step from the day before, with the indexes "
         "migrate advises for it, each after a checkpoint (median of four nights, and the WAL they wrote; then "
-        "the night after, May 1st at 120 days: the month windows end), against a COPY of the rows a night "
-        "writes (user and platform, into empty tables with the same indexes; median of three):",
+        "the night after, May 1st at 120 days: the month windows end; the nights append to a month partition "
+        "holding the month's earlier days), against a COPY of the rows a night writes (user and platform, into "
+        "empty logged tables with the same indexes, after a checkpoint; median of three; and into temporary "
+        "tables, which write no WAL, as the runs before measured it):",
         "",
-        "| users | user step | platform step | WAL | COPY of the day's rows | both ÷ COPY | next night: user step "
-        "| platform step |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| users | user step | platform step | WAL | COPY of the day's rows | both ÷ COPY | COPY, temporary tables "
+        "| both ÷ it | next night: user step | platform step |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        night_s = r['step_s'] + r['step_platform_s']
         out.append(
             f"| {r['users']:,} | {r['step_s']:.2f} s | {r['step_platform_s']:.3f} s | {r['step_wal'] / mib:.1f} MiB "
-            f"| {r['step_copy_s']:.3f} s | {(r['step_s'] + r['step_platform_s']) / r['step_copy_s']:.1f}× "
+            f"| {r['step_copy_s']:.3f} s | {night_s / r['step_copy_s']:.1f}× "
+            f"| {r['step_copy_temporary_s']:.3f} s | {night_s / r['step_copy_temporary_s']:.1f}× "
             f"| {r['month_step_s']:.2f} s | {r['month_step_platform_s']:.3f} s |")
     out += [
         "",

@@ -90,6 +90,10 @@ def test_settings_are_rendered_quoted(sql_copy):
     assert 'create or replace function "stats".aggregate_user_statistics(' in fn
     assert 'from "app".bookings b' in fn
     assert "at time zone 'Europe/Berlin'" in fn
+    assert "v_time_zone constant text := 'Europe/Berlin';" in fn
+    # UTC converts by its offset (the day-after-day oracle tests hold its days to the zone's)
+    utc = render_all(sql_copy, Settings())["functions/aggregate_user_statistics.sql"]
+    assert "v_time_zone constant interval := interval '00:00';" in utc and "constant text := 'UTC'" not in utc
 
 
 @pytest.mark.parametrize("field, value", [

@@ -77,7 +77,7 @@ set jit = off
 set work_mem = '64MB'
 as $function$
 declare
-    v_time_zone constant text := 'UTC';
+    v_time_zone constant interval := interval '00:00'; -- UTC, as its offset: no zone looked up per row
     v_until constant timestamptz := (p_date + 1)::timestamp at time zone v_time_zone;
     v_today constant date := (now() at time zone v_time_zone)::date;
     v_from_0 constant timestamptz := p_date::timestamp at time zone 'UTC';
@@ -990,6 +990,9 @@ begin
         case when caas_rows > 0 then profile_completeness end as profile_completeness,
         now() as updated_at
     from sums
+    -- in key order: consecutive rows change the same leaf of the (user, date) key, where rows in
+    -- hash order land on a random leaf each
+    order by sums.user_id
     on conflict (user_id, date) do update
     set
         total_earnings = excluded.total_earnings,

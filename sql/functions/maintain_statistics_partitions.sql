@@ -24,7 +24,7 @@ create or replace procedure "public".maintain_statistics_partitions(
 language plpgsql
 as $function$
 declare
-    v_time_zone constant text := 'UTC';
+    v_time_zone constant interval := interval '00:00'; -- UTC, as its offset: no zone looked up per row
     v_today date := (pg_catalog.now() at time zone v_time_zone)::date;
     v_lock_timeout text := (pg_catalog.date_part('epoch', p_lock_timeout) * 1000)::bigint || 'ms';
     v_name text;
