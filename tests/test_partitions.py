@@ -104,6 +104,41 @@ def test_a_new_deployment_is_partitioned_and_both_layouts_store_the_spec(loaded_
     assert refused.exit_code == 2 and "partitioned by month" in refused.output and "\n" == refused.output[-1:]
 
 
+def test_a_deployment_by_week_has_a_partition_per_week_and_converts_both_ways(loaded_dsn, run_cli):
+    deploy(loaded_dsn, time_zone=TIME_ZONE, partition_period="week")
+    settings = Settings(time_zone=TIME_ZONE, partition_period="week")
+    first, _ = data_days(loaded_dsn)
+    with psycopg.connect(loaded_dsn) as conn:
+        assert partitions.missing_periods(conn, settings, "user_statistics_daily", first) == []
+        assert partitions.missing_periods(conn, settings, "platform_statistics_daily", first) == []
+        bounds = [(p.first_day, p.after_day) for p in partitions.partitions(conn, settings, "user_statistics_daily")]
+    # Mondays (date_trunc's weeks), seven days each, one after another from the first signup's week
+    assert bounds[0][0] == first - timedelta(days=first.weekday())
+    assert all(start.weekday() == 0 and end - start == timedelta(days=7) for start, end in bounds)
+    assert all(end == start for (_, end), (start, _) in zip(bounds, bounds[1:]))
+    backfill(loaded_dsn, date(2026, 2, 20), date(2026, 3, 10))  # three week ends and a month end
+    assert oracle_problems(loaded_dsn, TIME_ZONE) == []
+    with psycopg.connect(loaded_dsn) as conn:
+        homes = dict(conn.execute("select date::text, tableoid::regclass::text from user_statistics_daily"
+                                  " where date in ('2026-03-01', '2026-03-02') group by 1, 2").fetchall())
+    assert homes == {"2026-03-01": "user_statistics_daily_20260223", "2026-03-02": "user_statistics_daily_20260302"}
+    assert run_cli("verify", "--dsn", loaded_dsn, "--from", "2026-02-20", "--to", "2026-03-10").exit_code == 0
+    assert "nothing to do" in run_cli("migrate", "--dsn", loaded_dsn).output  # the stored period is kept
+    refused = run_cli("migrate", "--dsn", loaded_dsn, "--partition-period", "month")
+    assert refused.exit_code == 2 and "partitioned by week" in refused.output
+
+    before, reads = stored(loaded_dsn), dashboard(loaded_dsn, date(2026, 3, 2))  # its week compares with the last
+    plain = run_cli("migrate", "--dsn", loaded_dsn, "--partition-period", "none")
+    assert plain.exit_code == 0, plain.output
+    assert stored(loaded_dsn) == before and dashboard(loaded_dsn, date(2026, 3, 2)) == reads
+    again = run_cli("migrate", "--dsn", loaded_dsn, "--partition-period", "week")
+    assert again.exit_code == 0, again.output
+    assert "partitioned public.user_statistics_daily by week (its rows stay where they are)" in again.output
+    assert stored(loaded_dsn) == before and dashboard(loaded_dsn, date(2026, 3, 2)) == reads
+    backfill(loaded_dsn, date(2026, 3, 11), date(2026, 3, 17))  # into the converted table, attached whole
+    assert oracle_problems(loaded_dsn, TIME_ZONE) == []
+
+
 def test_retention_drops_whole_partitions_and_no_writer_goes_past_its_edge(migrated_dsn, run_cli):
     backfill(migrated_dsn, date(2026, 1, 1), date(2026, 4, 30))
     with psycopg.connect(migrated_dsn) as conn:

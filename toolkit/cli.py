@@ -262,10 +262,11 @@ def render(sql_dir, check):
               help="Triggers on the source tables log late and corrected rows, and the nightly jobs rewrite "
                    "exactly the users and days they touched (default). --no-capture: the lookback days only; "
                    "older corrections need statskit backfill.")
-@click.option("--partition-period", type=click.Choice(["month", "quarter", "year", "none"]),
+@click.option("--partition-period", type=click.Choice(["week", "month", "quarter", "year", "none"]),
               help="One partition of the rollup tables per period of days (default: month; or [deployment] "
-                   "partition_period in statskit.toml). none: one plain table. A deployment made unpartitioned "
-                   "is converted in place, without rewriting its rows.")
+                   "partition_period in statskit.toml). week: a night writes about half the WAL of a month's, "
+                   "for 52 partitions a year, which the dashboard's plans lock. none: one plain table. A "
+                   "deployment made unpartitioned is converted in place, without rewriting its rows.")
 @click.option("--retention", metavar="'N months'",
               help="Days older than this (e.g. '25 months', '400 days') are dropped with their partitions by the "
                    "partitions job, and never written again. Default: kept forever (or [deployment] retention).")

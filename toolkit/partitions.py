@@ -28,7 +28,7 @@ from .catalog import Catalog, Rollup
 from .deployment import table_exists
 from .errors import StatskitError
 from .render import quote_ident
-from .settings import PERIOD_MONTHS, Settings
+from .settings import PERIOD_LENGTHS, Settings
 
 # The CHECK constraint that lets ATTACH PARTITION skip its scan of a converted table.
 BOUND_CHECK = "{table}_partition_bound"
@@ -73,10 +73,10 @@ def wanted_periods(conn: psycopg.Connection, settings: Settings, first: date | N
     """The first day of each period from first's (default: today's) to two periods after today's."""
     return [day for day, in conn.execute(
         "select day::date from generate_series(date_trunc(%(period)s, least(%(first)s, (now() at time zone %(tz)s)::date)),"
-        " date_trunc(%(period)s, (now() at time zone %(tz)s)::date) + 2 * make_interval(months => %(months)s),"
-        " make_interval(months => %(months)s)) as day",
+        " date_trunc(%(period)s, (now() at time zone %(tz)s)::date) + 2 * %(length)s::interval,"
+        " %(length)s::interval) as day",
         {"period": settings.partition_period, "tz": settings.time_zone, "first": first,
-         "months": PERIOD_MONTHS[settings.partition_period]})]
+         "length": PERIOD_LENGTHS[settings.partition_period]})]
 
 
 def missing_periods(conn: psycopg.Connection, settings: Settings, table: str, first: date | None = None) -> list[date]:
@@ -117,9 +117,9 @@ def conversion_bound(conn: psycopg.Connection, settings: Settings, table: str) -
     """The first day the converted table will not hold: the period after the one two periods
     from today (or after its last stored day): slack for the nights until the swap commits."""
     return conn.execute(
-        f"select (date_trunc(%s, greatest(max(date), (now() at time zone %s)::date)) + make_interval(months => %s))::date"
+        f"select (date_trunc(%s, greatest(max(date), (now() at time zone %s)::date)) + 3 * %s::interval)::date"
         f" from {_qualified(settings, table)}",
-        [settings.partition_period, settings.time_zone, 3 * PERIOD_MONTHS[settings.partition_period]]).fetchone()[0]
+        [settings.partition_period, settings.time_zone, PERIOD_LENGTHS[settings.partition_period]]).fetchone()[0]
 
 
 def _bound_check(conn: psycopg.Connection, settings: Settings, table: str) -> tuple[str, bool] | None:

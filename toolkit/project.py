@@ -26,7 +26,7 @@ sql_dir = "sql"
 # Settings every deployment of this project gets (migrate's options of the same name override
 # them); the first migrate stores them in the database. For example:
 # [deployment]
-# partition_period = "month"   # one partition per month of days (quarter, year; none: one table)
+# partition_period = "month"   # one partition per month of days (week, quarter, year; none: one table)
 # retention = "25 months"      # older days are dropped with their partitions; default: kept
 """
 

@@ -13,7 +13,7 @@ from . import compiler, project
 from .compiler import quote_literal
 from .catalog import Catalog, Rollup, load_catalog
 from .errors import StatskitError, UsageError
-from .settings import FLEET_CLUSTER, PERIOD_MONTHS, READER_ROLE, ROUTER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
+from .settings import FLEET_CLUSTER, PERIOD_LENGTHS, READER_ROLE, ROUTER_ROLE, STATSKIT_SCHEMA, WRITER_ROLE, Settings
 
 # An installed package carries sql/ as toolkit/sql; a checkout (or editable install) has it beside toolkit/.
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -168,8 +168,8 @@ def _render(sql_dir: Path, settings: Settings, catalog: Catalog, placement: str,
         "source": source,
         "time_zone": settings.time_zone,
         "partition_period": settings.partition_period,
-        # one period, as an interval ('3 months' for a quarter: date_trunc knows quarters, intervals do not)
-        "period": f"{PERIOD_MONTHS.get(settings.partition_period, 0)} months",
+        # one period, as an interval
+        "period": PERIOD_LENGTHS.get(settings.partition_period, "0 months"),
         "retention": settings.retention,
         "user": user,
         "platform": platform,

@@ -14,8 +14,9 @@ TIME_ZONE = re.compile(r"^[A-Za-z0-9_+\-/]{1,64}$")
 # expression only: no statement separator, no comment that could hide the rest of the policy.
 ROW_SECURITY = re.compile(r"^(?!.*(;|--|/\*))[\w\s.'():,=<>+\-]{1,200}$")
 # The rollup's partitions each hold one period of days (date_trunc's unit); "none": one plain table.
-PARTITION_PERIODS = ("month", "quarter", "year", "none")
-PERIOD_MONTHS = {"month": 1, "quarter": 3, "year": 12}
+PARTITION_PERIODS = ("week", "month", "quarter", "year", "none")
+# each period's length as an interval (date_trunc knows weeks and quarters, an interval no quarter)
+PERIOD_LENGTHS = {"week": "7 days", "month": "1 months", "quarter": "3 months", "year": "12 months"}
 RETENTION = re.compile(r"^([1-9][0-9]{0,3}) (day|month|year)s?$")
 
 # statskit's own bookkeeping (yoyo's tables, function checksums, settings, backfill ledger)
