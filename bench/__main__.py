@@ -53,7 +53,7 @@ def wal_bytes(conn, start, end):
     return conn.execute("select pg_wal_lsn_diff(%s, %s)", [end, start]).fetchone()[0]
 
 
-def generated_database(cluster, dbname, users, days, bookings_per_user, seed, first_day):
+def generated_database(cluster, dbname, users, days, bookings_per_user, seed, first_day, partition_period="month"):
     """Create `dbname` afresh with the generated source tables and migrate it; return its DSN, the
     row count of each source table and the seconds the generation took."""
     with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
@@ -64,7 +64,7 @@ def generated_database(cluster, dbname, users, days, bookings_per_user, seed, fi
         started = time.perf_counter()
         counts = generate(conn, users, days, bookings_per_user, seed, first_day)
         seconds = time.perf_counter() - started
-    with Target.open(dsn, REPO / "sql", dict(cron=False)) as target:
+    with Target.open(dsn, REPO / "sql", dict(cron=False, partition_period=partition_period)) as target:
         migrate(target)
     return dsn, counts, seconds
 
@@ -117,24 +117,24 @@ def copy_floor(dsn, day=None, rounds=1, logged=True):
         return statistics.median(times), rows
 
 
-def month_written_before(conn, first_night):
-    """Empty the month partition of `first_night` in both rollups and write its days before
+def period_written_before(conn, first_night):
+    """Empty the partition of `first_night` in both rollups and write its days before
     `first_night` as backfill writes them; return the user rows it holds then. The nights then
-    append to a partition holding the month's earlier days, as mid-month in production (a
+    append to a partition holding its period's earlier days, as mid-period in production (a
     partition emptied by DELETE would have them refill its vacuumed pages, each page's first
     change after a checkpoint a full page in the WAL, which an append-only partition never pays)."""
-    month = first_night.replace(day=1)
     for table in ("user_statistics_daily", "platform_statistics_daily"):
-        holding = next(p.name for p in partitions.partitions(conn, Settings(), table)
-                       if (p.first_day or month) <= month and (p.after_day is None or month < p.after_day))
-        conn.execute(f"truncate {holding}")
-    if month < first_night:
+        holding = next(p for p in partitions.partitions(conn, Settings(), table)
+                       if (p.first_day or first_night) <= first_night and (p.after_day is None or first_night < p.after_day))
+        conn.execute(f"truncate {holding.name}")
+    first = holding.first_day
+    if first < first_night:
         last = first_night - timedelta(days=1)
         conn.execute("select aggregate_daily_statistics_range(%s, %s), aggregate_user_statistics_range(%s, %s)",
-                     [month, last, month, last])
+                     [first, last, first, last])
     for table in ("user_statistics_daily", "platform_statistics_daily"):
         conn.execute(f"vacuum analyze {table}")
-    return conn.execute("select count(*) from user_statistics_daily where date >= %s", [month]).fetchone()[0]
+    return conn.execute("select count(*) from user_statistics_daily where date >= %s", [first]).fetchone()[0]
 
 
 def job_seconds(conn, query, params=()):
@@ -156,11 +156,11 @@ def night(conn, day):
     return platform_s, user_s, wal_bytes(conn, start, conn.execute("select pg_current_wal_lsn()").fetchone()[0])
 
 
-def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
+def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample, partition_period="month"):
     first_day = date(2026, 1, 1)
     last_day = first_day + timedelta(days=days - 1)
     dsn, counts, generate_s = generated_database(cluster, f"bench_{users}", users, days, bookings_per_user, seed,
-                                                 first_day)
+                                                 first_day, partition_period)
     row = {"users": users, "generate_s": generate_s, "source_rows": sum(counts.values()), "bookings": counts["bookings"]}
 
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -198,7 +198,7 @@ def bench_size(cluster, users, days, bookings_per_user, seed, loop_sample):
         # then steps from the day before, the last of them onto the 1st of a month (month windows end).
         created = step_indexes(conn)
         nights = [last_day - timedelta(days=n) for n in range(4, -1, -1)]
-        row["month_rows_before"] = month_written_before(conn, nights[0])  # each night writes its rows afresh
+        row["period_rows_before"] = period_written_before(conn, nights[0])  # each night writes its rows afresh
         conn.execute("truncate statskit.user_statistics_daily_sums, statskit.user_statistics_daily_sums_day,"
                      " statskit.platform_statistics_daily_sums, statskit.platform_statistics_daily_sums_day")
         conn.execute("select aggregate_daily_statistics(%s), aggregate_user_statistics(null, %s)", [nights[0]] * 2)
@@ -592,8 +592,9 @@ def markdown(rows, args, server_version, seconds) -> str:
         "Nights as the jobs run them (change capture on): a step from the day before, with the indexes "
         "migrate advises for it, each job on its own connection as pg_cron runs it, each night after a "
         "checkpoint (median of four nights, and the WAL they wrote; then "
-        "the night after, May 1st at 120 days: the month windows end; the nights append to a month partition "
-        "holding the month's earlier days), against a COPY of the rows a night writes (user and platform, into "
+        "the night after, May 1st at 120 days: the month windows end; the nights append to a "
+        f"{args.partition_period} partition holding the {args.partition_period}'s earlier days), against a COPY "
+        "of the rows a night writes (user and platform, into "
         "empty logged tables with the same indexes, after a checkpoint; median of three; and into temporary "
         "tables, which write no WAL, as the runs before measured it):",
         "",
@@ -623,7 +624,8 @@ def markdown(rows, args, server_version, seconds) -> str:
     out += [
         "",
         f"Command: `python -m bench --users {' '.join(str(u) for u in args.users)} --days {args.days} "
-        f"--bookings-per-user {args.bookings_per_user} --loop-sample {args.loop_sample}` "
+        f"--bookings-per-user {args.bookings_per_user} --loop-sample {args.loop_sample}"
+        f"{'' if args.partition_period == 'month' else ' --partition-period ' + args.partition_period}` "
         f"{'--fsync-off ' if args.fsync_off else ''}({seconds:.0f} s in all). Machine: {machine()}; PostgreSQL "
         f"{server_version} with default settings{durability}. Set-based and platform times are the median of three "
         f"days; the user-by-user day is {args.loop_sample:,} users through aggregate_single_user_statistics "
@@ -644,6 +646,8 @@ def main():
                         help="sizes (among --users) whose whole period is also backfilled and timed")
     parser.add_argument("--history-users", type=int, default=10000,
                         help="users of the history-length bench (120 and 720 days, same daily activity); 0 skips it")
+    parser.add_argument("--partition-period", default="month",
+                        help="the rollup's partitions of the first table's databases (migrate's option)")
     parser.add_argument("--markdown", type=Path, help="write the tables here, between the BENCH markers")
     parser.add_argument("--fsync-off", action="store_true",
                         help="a cluster with fsync, synchronous_commit and full_page_writes off (faster, unlike production)")
@@ -665,7 +669,8 @@ def main():
     started = time.perf_counter()
     rows, backfills, captures, updates = [], [], [], []
     for users in args.users:
-        rows.append(bench_size(cluster, users, args.days, args.bookings_per_user, args.seed, args.loop_sample))
+        rows.append(bench_size(cluster, users, args.days, args.bookings_per_user, args.seed, args.loop_sample,
+                               args.partition_period))
         print(rows[-1], flush=True)
         if users in args.backfill_users:
             backfills.append(bench_backfill(cluster, users, args.days))

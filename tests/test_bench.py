@@ -19,12 +19,12 @@ def test_bench_smoke_run_and_rerun_rewrites_only_what_changed():
         assert row["step_s"] > 0 and row["month_step_s"] > 0 and row["step_platform_s"] > 0 and row["step_copy_s"] > 0
         assert row["step_wal"] > 0 and row["first_write_wal"] > 0 and row["step_copy_temporary_s"] > 0
         # the nights (January 11th to 15th) append to a partition holding January's ten days before them
-        assert row["month_rows_before"] >= 10 * 200
+        assert row["period_rows_before"] >= 10 * 200
         assert (row["rerun_rows_written"], row["rerun_updated"], row["rerun_dead"]) == (0, 0, 0)
         assert row["late_rows_written"] == row["late_updated"] == row["late_users"] == 3
 
         class Args:
-            users, days, bookings_per_user, loop_sample, fsync_off = [300], 15, 20, 40, False
+            users, days, bookings_per_user, loop_sample, fsync_off, partition_period = [300], 15, 20, 40, False, "month"
         table = markdown([row], Args, "15", 1.0)
         assert table.startswith("| users |") and "| 300 |" in table
         filled = bench_backfill(cluster, users=300, days=15)

@@ -264,7 +264,7 @@ def render(sql_dir, check):
                    "older corrections need statskit backfill.")
 @click.option("--partition-period", type=click.Choice(["week", "month", "quarter", "year", "none"]),
               help="One partition of the rollup tables per period of days (default: month; or [deployment] "
-                   "partition_period in statskit.toml). week: a night writes about half the WAL of a month's, "
+                   "partition_period in statskit.toml). week: a night writes a third of the WAL of a month's, "
                    "for 52 partitions a year, which the dashboard's plans lock. none: one plain table. A "
                    "deployment made unpartitioned is converted in place, without rewriting its rows.")
 @click.option("--retention", metavar="'N months'",
