@@ -125,7 +125,8 @@ def period_written_before(conn, first_night):
     change after a checkpoint a full page in the WAL, which an append-only partition never pays)."""
     for table in ("user_statistics_daily", "platform_statistics_daily"):
         holding = next(p for p in partitions.partitions(conn, Settings(), table)
-                       if (p.first_day or first_night) <= first_night and (p.after_day is None or first_night < p.after_day))
+                       if (p.first_day or first_night) <= first_night
+                       and (p.after_day is None or first_night < p.after_day))
         conn.execute(f"truncate {holding.name}")
     first = holding.first_day
     if first < first_night:
@@ -138,8 +139,9 @@ def period_written_before(conn, first_night):
 
 
 def job_seconds(conn, query, params=()):
-    """Seconds of `query` on a new connection to `conn`'s database, as pg_cron runs each job: its
-    statements planned afresh, where a second call on one connection reuses the plans."""
+    """Seconds of `query` on a new connection to `conn`'s database, as pg_cron runs each job: the
+    function compiled and the catalog entries it names loaded afresh, where a second call on one
+    connection finds them cached."""
     with psycopg.connect(conn.info.dsn, autocommit=True) as job:
         return timed(job, query, params)[0]
 
