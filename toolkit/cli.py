@@ -18,6 +18,7 @@ from . import demo_fleet, fleet as fleet_core, router as router_core
 from .dates import parse_date
 from .errors import StatskitError, UsageError
 from .render import PACKAGED_SQL_DIR, default_sql_dir
+from .settings import PARTITION_PERIODS
 
 # The library's errors name the parameter they concern by its Python name; here each is the flag.
 FLAGS = {"first": "--from", "scope": "--only", "user_id": "--user", "lookback_days": "--lookback-days",
@@ -262,7 +263,7 @@ def render(sql_dir, check):
               help="Triggers on the source tables log late and corrected rows, and the nightly jobs rewrite "
                    "exactly the users and days they touched (default). --no-capture: the lookback days only; "
                    "older corrections need statskit backfill.")
-@click.option("--partition-period", type=click.Choice(["week", "month", "quarter", "year", "none"]),
+@click.option("--partition-period", type=click.Choice(PARTITION_PERIODS),
               help="One partition of the rollup tables per period of days (default: month; or [deployment] "
                    "partition_period in statskit.toml). week: a night writes a third of the WAL of a month's, "
                    "for 52 partitions a year, which the dashboard's plans lock. none: one plain table. A "

@@ -168,7 +168,7 @@ def _render(sql_dir: Path, settings: Settings, catalog: Catalog, placement: str,
         "source": source,
         "time_zone": settings.time_zone,
         "partition_period": settings.partition_period,
-        # one period, as an interval
+        # one period, as an interval (none: no partitions, so no period the SQL steps by)
         "period": PERIOD_LENGTHS.get(settings.partition_period, "0 months"),
         "retention": settings.retention,
         "user": user,
